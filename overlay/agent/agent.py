@@ -1,0 +1,483 @@
+"""overlayd: the node agent, as one supervised set of asyncio tasks.
+
+Start-up: serve the CNI socket and the local API at once (answering "not
+ready" until the node is), read the network config, find the underlay, lease
+a subnet, reconcile the kernel once from a fresh listing of the leases (so
+entries of peers that vanished while we were down go away), then run the
+lease keep-alive, the lease watch, the reconciler and the config watch
+together. If any of them dies the others are cancelled and overlayd exits
+non-zero; the kernel state and the lease are left in place, so a restart
+does not disturb running pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from overlay import __version__, metrics
+from overlay.agent import state
+from overlay.agent.cniserver import CniService, NodeNet
+from overlay.agent.lease import LeaseManager, Template
+from overlay.agent.peers import PeerTable
+from overlay.agent.reconciler import Reconciler, Specs
+from overlay.cni.ipam import Ipam
+from overlay.cni.wiring import PodWiring
+from overlay.dataplane.devices import (
+    BRIDGE_NAME,
+    VXLAN_OVERHEAD_V4,
+    BridgeSpec,
+    VxlanSpec,
+    stable_mac,
+    vxlan_name,
+)
+from overlay.dataplane.kernel import NetlinkKernel, Underlay, find_underlay
+from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
+from overlay.etcdstore import EtcdOptions, EtcdStore, WatchLost
+from overlay.model import LeaseEntry, NetworkConfig, validate_network
+
+log = logging.getLogger("overlayd")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    etcd: EtcdOptions = field(default_factory=EtcdOptions)
+    node_name: str | None = None
+    iface: str | None = None
+    iface_regex: str | None = None
+    public_ip: str | None = None
+    mtu: int | None = None
+    vtep_mac: str | None = None
+    grpc_listen: str = "0.0.0.0:7946"
+    grpc_advertise: str | None = None
+    run_dir: Path = Path("/run/overlay")
+    state_dir: Path = Path("/var/lib/overlay")
+    lease_ttl: int = 60
+    reconcile_interval: float = 1.0
+    health_addr: str | None = None
+    metrics_addr: str | None = None
+    ip_masq: bool = False
+
+
+@dataclass
+class Condition:
+    ok: bool = False
+    message: str = "not checked yet"
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.started = time.time()
+        self.cfg: NetworkConfig | None = None
+        self.underlay: Underlay | None = None
+        self.mtu = 0
+        self.store: EtcdStore | None = None
+        self.lease: LeaseManager | None = None
+        self.peers: PeerTable | None = None
+        self.reconciler: Reconciler | None = None
+        self.kernel: NetlinkKernel | None = None
+        self.node = ""
+        self.vtep_mac = ""
+        self.conditions: dict[str, Condition] = {
+            k: Condition() for k in ("etcd", "config", "lease", "device", "reconciled")
+        }
+        self._closers: list[Any] = []
+        self._stop = asyncio.Event()
+        self._leave = False
+
+    # --- what other parts ask -------------------------------------------------
+
+    def set_condition(self, name: str, ok: bool, message: str = "") -> None:
+        c = self.conditions.setdefault(name, Condition())
+        c.ok, c.message = ok, message or ("ok" if ok else "failing")
+
+    def ready(self) -> bool:
+        return all(self.conditions[k].ok for k in ("lease", "device", "reconciled"))
+
+    def not_ready_reason(self) -> str:
+        bad = [f"{k}: {c.message}" for k, c in self.conditions.items()
+               if not c.ok and k in ("config", "lease", "device", "reconciled")]
+        return "; ".join(bad) or "starting"
+
+    def node_net(self) -> NodeNet:
+        subnet = self.lease.subnet if self.lease else None
+        ready = self.ready() and subnet is not None
+        return NodeNet(
+            ready=ready,
+            reason="" if ready else self.not_ready_reason(),
+            subnet=subnet,
+            mtu=self.mtu or 1450,
+            bridge=BRIDGE_NAME,
+            bridge_mac=self.bridge_mac,
+        )
+
+    @property
+    def bridge_mac(self) -> str:
+        return stable_mac(f"bridge:{self.node}") if self.node else ""
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def run(self) -> int:
+        opts = self.opts
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig, main)
+        opts.run_dir.mkdir(parents=True, exist_ok=True)
+        opts.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._start_servers()
+            await self._main()
+            return 0
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                log.info("stopped%s", " after leaving the cluster" if self._leave else
+                         "; the kernel state and the lease are kept for the next start")
+                return 0
+            raise
+        except PermanentError as exc:
+            log.error("%s", exc)
+            return 2
+        finally:
+            for closer in reversed(self._closers):
+                with contextlib.suppress(Exception):
+                    res = closer()
+                    if asyncio.iscoroutine(res):
+                        await res
+
+    def _on_signal(self, sig: int, main: asyncio.Task[Any]) -> None:
+        log.info("received %s, stopping", signal.Signals(sig).name)
+        self._stop.set()
+        main.cancel()
+
+    def request_leave(self) -> None:
+        self._leave = True
+        self._stop.set()
+        self._leave_event.set()
+
+    async def _start_servers(self) -> None:
+        from overlay.agent.localapi import start_local_api
+
+        opts = self.opts
+        self.kernel = NetlinkKernel()
+        self._closers.append(self.kernel.close)
+        from pyroute2 import AsyncIPRoute
+
+        cni_ipr = AsyncIPRoute()
+        self._closers.append(cni_ipr.close)
+        ipam = Ipam(opts.run_dir / "ipam")
+        fixed = ipam.repair()
+        if fixed:
+            log.warning("IPAM: repaired %d records left inconsistent by a crash", fixed)
+        masq = None
+        if opts.ip_masq:
+            from overlay.agent.masq import NftMasquerade
+
+            masq = NftMasquerade(self)
+            self._closers.append(masq.close)
+        self.cni = CniService(ipam, PodWiring(cni_ipr, BRIDGE_NAME), self.node_net, masq)
+        self.masq = masq
+        await self.cni.start(opts.run_dir / "cni.sock")
+        self._closers.append(self.cni.close)
+        server = await start_local_api(self, opts.run_dir / "overlayd.sock")
+        self._closers.append(lambda: server.stop(0.5))
+        if opts.health_addr or opts.metrics_addr:
+            from overlay.agent.http import HttpServer, json_route, metrics_route, split_hostport
+
+            def health() -> tuple[bool, dict[str, object]]:
+                return True, {"status": "alive", "version": __version__}
+
+            def ready() -> tuple[bool, dict[str, object]]:
+                ok = self.ready()
+                return ok, {"ready": ok, "conditions": {k: {"ok": c.ok, "message": c.message}
+                                                        for k, c in self.conditions.items()}}
+
+            routes = {"/healthz": json_route(health), "/readyz": json_route(ready)}
+            if opts.health_addr:
+                srv = HttpServer({**routes, "/metrics": metrics_route})
+                await srv.start(*split_hostport(opts.health_addr, "--health-addr"))
+                self._closers.append(srv.close)
+            if opts.metrics_addr and opts.metrics_addr != opts.health_addr:
+                msrv = HttpServer({"/metrics": metrics_route, **routes})
+                await msrv.start(*split_hostport(opts.metrics_addr, "--metrics-addr"))
+                self._closers.append(msrv.close)
+
+    async def _main(self) -> None:
+        opts = self.opts
+        assert self.kernel is not None
+        self.store = store = EtcdStore(opts.etcd)
+        await store.connect()
+        self._closers.append(store.close)
+
+        self.cfg = cfg = await self._wait_config(store)
+        self.underlay = underlay = await find_underlay(
+            self.kernel.ipr, opts.iface, opts.iface_regex, opts.public_ip)
+        try:
+            validate_network(cfg, (underlay.network,))
+        except ConfigError as exc:
+            raise ConfigError(exc.field, f"{exc.message} (underlay {underlay.ifname})") from None
+        self.mtu = opts.mtu or underlay.mtu - VXLAN_OVERHEAD_V4
+        if opts.mtu and opts.mtu > underlay.mtu - VXLAN_OVERHEAD_V4:
+            log.warning("--mtu %d exceeds %s's MTU %d minus the %d-byte VXLAN overhead: large "
+                        "packets will be dropped", opts.mtu, underlay.ifname, underlay.mtu,
+                        VXLAN_OVERHEAD_V4)
+        if self.mtu < 576:
+            raise ConfigError("--mtu", f"overlay MTU {self.mtu} is below 576")
+        log.info("underlay %s, address %s, MTU %d: overlay MTU %d", underlay.ifname,
+                 underlay.ip, underlay.mtu, self.mtu)
+
+        ident = state.resolve(opts.state_dir, opts.node_name, opts.vtep_mac)
+        self.node, self.vtep_mac = ident.node, ident.vtep_mac
+        grpc_addr = opts.grpc_advertise or f"{underlay.ip}:{opts.grpc_listen.rpartition(':')[2]}"
+        template = Template(ident.node, str(underlay.ip), ident.vtep_mac, grpc_addr)
+        self.peers = PeerTable(ident.node)
+        self.lease = LeaseManager(store, cfg, template, opts.lease_ttl, ident.subnet)
+        self.lease.on_change = self._lease_changed
+        self.set_condition("lease", False, "acquiring a subnet lease")
+        entry = await self.lease.acquire()
+        metrics.LEASE_ACQUISITIONS.inc()
+        self.set_condition("lease", True, f"holding {entry.record.subnet}")
+        self.set_condition("etcd", True, "reachable")
+        state.save(opts.state_dir, state.Identity(ident.node, ident.vtep_mac,
+                                                  entry.record.subnet))
+
+        self.reconciler = Reconciler(self.kernel, self.peers.peer_records,
+                                     opts.reconcile_interval)
+        self.reconciler.set_specs(self._specs(entry))
+        snap = await self._list_until_ok(store)
+        self.peers.reset(snap)
+        enable_forwarding()
+        await self._first_reconcile()
+        log.info("node %s ready: subnet %s, %d peers", self.node, entry.record.subnet,
+                 len(self.peers.peer_records()))
+        metrics.READY.set(1)
+
+        self._leave_event = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.lease.keep_alive(), name="lease-keepalive")
+            tg.create_task(self._watch(store, snap.revision), name="lease-watch")
+            tg.create_task(self._run_reconciler(), name="reconciler")
+            tg.create_task(self._watch_config(store), name="config-watch")
+            tg.create_task(self._conditions_loop(), name="conditions")
+            tg.create_task(self._wait_leave(), name="leave")
+
+    async def _wait_leave(self) -> None:
+        await self._leave_event.wait()
+        await self.leave()
+        raise asyncio.CancelledError
+
+    async def leave(self) -> None:
+        """Graceful leave: give the subnet back and remove our devices."""
+        log.info("leaving the cluster: releasing the lease and removing the devices")
+        if self.lease is not None:
+            with contextlib.suppress(TemporaryError):
+                await self.lease.release()
+        if self.kernel is not None and self.reconciler is not None and self.reconciler.specs:
+            from overlay.dataplane.devices import DeviceOp
+
+            specs = self.reconciler.specs
+            for name in (specs.vxlan.name, specs.bridge.name):
+                with contextlib.suppress(Exception):
+                    await self.kernel.apply_device_ops([DeviceOp("delete", name, None, "leave")])
+
+    async def _first_reconcile(self) -> None:
+        assert self.reconciler is not None
+        delay = 0.2
+        while True:
+            try:
+                res = await self.reconciler.reconcile_once()
+                if res.ok:
+                    break
+                msg = "; ".join(res.errors[:3])
+            except TemporaryError as exc:
+                msg = str(exc)
+            self.set_condition("reconciled", False, msg)
+            log.warning("first reconcile incomplete: %s; retrying", msg)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+        self.reconciler.first_done.set()
+        self.set_condition("device", True, f"{self.reconciler.specs.vxlan.name} up"
+                           if self.reconciler.specs else "up")
+        self.set_condition("reconciled", True, "kernel matches the leases")
+
+    async def _run_reconciler(self) -> None:
+        assert self.reconciler is not None
+        await self.reconciler.run()
+
+    async def _conditions_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            lease, rec = self.lease, self.reconciler
+            if lease is not None:
+                if lease.current is None:
+                    self.set_condition("lease", False, "no subnet lease")
+                else:
+                    self.set_condition("lease", True, f"holding {lease.subnet}")
+                self.set_condition("etcd", lease.healthy,
+                                   "reachable" if lease.healthy else "cannot renew the lease")
+                metrics.ETCD_UP.set(1 if lease.healthy else 0)
+            if rec is not None and rec.last_error:
+                self.set_condition("reconciled", False, rec.last_error)
+            elif rec is not None:
+                self.set_condition("reconciled", True, "kernel matches the leases")
+            metrics.READY.set(1 if self.ready() else 0)
+
+    def _specs(self, entry: LeaseEntry) -> Specs:
+        assert self.cfg is not None and self.underlay is not None
+        rec = entry.record
+        vx = VxlanSpec(
+            name=vxlan_name(self.cfg.vni),
+            vni=self.cfg.vni,
+            port=self.cfg.port,
+            local=self.underlay.ip,
+            mtu=self.mtu,
+            mac=self.vtep_mac,
+            address=IPv4Interface(f"{rec.vtep_ip}/32"),
+            underlay_ifindex=self.underlay.ifindex,
+        )
+        br = BridgeSpec(BRIDGE_NAME, self.bridge_mac, self.mtu, rec.gateway)
+        return Specs(self.node, vx, br, self.cfg.network)
+
+    async def _lease_changed(self, entry: LeaseEntry) -> None:
+        assert self.reconciler is not None
+        state.save(self.opts.state_dir, state.Identity(self.node, self.vtep_mac,
+                                                       entry.record.subnet))
+        self.reconciler.set_specs(self._specs(entry))
+        metrics.LEASE_ACQUISITIONS.inc()
+
+    async def _wait_config(self, store: EtcdStore) -> NetworkConfig:
+        last = ""
+        while True:
+            try:
+                cfg = await store.get_config()
+                self.set_condition("etcd", True, "reachable")
+                self.set_condition("config", True, str(cfg.network))
+                log.info("network config: %s, /%d per node, VNI %d, UDP port %d", cfg.network,
+                         cfg.subnet_len, cfg.vni, cfg.port)
+                return cfg
+            except NotFound as exc:
+                msg = str(exc)
+                self.set_condition("config", False, msg)
+            except ConfigError as exc:
+                msg = f"invalid network config: {exc}"
+                self.set_condition("config", False, msg)
+            except TemporaryError as exc:
+                msg = f"{exc}"
+                self.set_condition("etcd", False, msg)
+            if msg != last:
+                log.warning("waiting for the network config: %s", msg)
+                last = msg
+            await asyncio.sleep(1)
+
+    async def _list_until_ok(self, store: EtcdStore) -> Any:
+        while True:
+            try:
+                return await store.list_leases()
+            except TemporaryError as exc:
+                log.warning("cannot list leases: %s; retrying", exc)
+                await asyncio.sleep(1)
+
+    async def _watch(self, store: EtcdStore, revision: int) -> None:
+        assert self.peers is not None and self.reconciler is not None
+        peers, rec = self.peers, self.reconciler
+        while True:
+            try:
+                async for batch in store.watch_leases(revision + 1):
+                    if peers.apply(batch):
+                        rec.wake()
+                    revision = max(revision, peers.revision)
+                    self._check_own_lease()
+            except WatchLost as exc:
+                log.info("lease watch restarts from a fresh listing: %s", exc)
+            except TemporaryError as exc:
+                log.warning("lease watch failed: %s; relisting", exc)
+                await asyncio.sleep(1)
+            try:
+                snap = await store.list_leases()
+            except TemporaryError as exc:
+                log.warning("cannot list leases: %s; retrying", exc)
+                await asyncio.sleep(1)
+                continue
+            if peers.reset(snap):
+                rec.wake()
+            revision = snap.revision
+            self._check_own_lease()
+
+    def _check_own_lease(self) -> None:
+        lease, peers = self.lease, self.peers
+        if lease is None or lease.current is None or peers is None:
+            return
+        e = peers.entries.get(lease.current.record.subnet)
+        if e is None:
+            lease.lost("its key was deleted from etcd")
+        elif e.record.node != self.node:
+            lease.lost(f"node {e.record.node} now holds it")
+
+    async def _watch_config(self, store: EtcdStore, interval: float = 5.0) -> None:
+        last_bad = ""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                cfg = await store.get_config()
+            except (ConfigError, NotFound) as exc:
+                msg = str(exc)
+                if msg != last_bad:
+                    log.error("refusing the network config now in etcd (%s); keeping the last "
+                              "good one (%s)", msg, self.cfg.network if self.cfg else "-")
+                    last_bad = msg
+                self.set_condition("config", False, f"refused: {msg}; using the last good one")
+                continue
+            except TemporaryError:
+                continue
+            last_bad = ""
+            if self.cfg is not None and cfg != self.cfg:
+                msg = (f"the network config changed in etcd ({self.cfg.to_json()} -> "
+                       f"{cfg.to_json()}); restart overlayd on every node to apply it")
+                self.set_condition("config", True, msg)
+                if self.conditions["config"].message != getattr(self, "_cfg_msg", ""):
+                    log.warning("%s", msg)
+                    self._cfg_msg = msg
+            else:
+                self.set_condition("config", True, str(cfg.network))
+
+    # --- status for the local API ---------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        me = self.lease.current.record if self.lease and self.lease.current else None
+        peers = []
+        if self.peers is not None:
+            for e in sorted(self.peers.entries.values(), key=lambda e: e.record.node):
+                if e.record.node == self.node:
+                    continue
+                peers.append({
+                    "record": e.record,
+                    "lease_revision": e.mod_revision,
+                    "programmed": bool(self.reconciler and self.reconciler.is_programmed(e.record)),
+                })
+        return {"self": me, "ready": self.ready(), "conditions": self.conditions,
+                "peers": peers, "mtu": self.mtu, "cfg": self.cfg,
+                "started": self.started}
+
+
+def enable_forwarding() -> None:
+    path = Path("/proc/sys/net/ipv4/ip_forward")
+    try:
+        if path.read_text().strip() != "1":
+            path.write_text("1\n")
+            log.info("enabled net.ipv4.ip_forward (pods' traffic is routed through this host)")
+    except OSError as exc:
+        log.warning("cannot enable net.ipv4.ip_forward: %s; pod traffic will not be forwarded",
+                    exc)
+
+
+def cluster_of(cfg: NetworkConfig) -> IPv4Network:
+    return cfg.network

@@ -1,0 +1,355 @@
+"""The agent end of the CNI plugin: a unix socket server and the command handlers.
+
+The `overlay` executable forwards env, stdin and the pod's netns fd here
+(see overlay.cni.client for the wire format). Validation happens before any
+side effect; a failed ADD removes the veth and releases the address it
+allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Protocol
+
+from overlay import metrics
+from overlay.cni import spec
+from overlay.cni.client import MAGIC
+from overlay.cni.ipam import AddressesExhausted, Ipam
+from overlay.cni.spec import CniError
+from overlay.cni.wiring import PodWiring, WiringError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4 << 20
+
+
+@dataclass(frozen=True)
+class NodeNet:
+    """What the CNI handlers need to know about the node, right now."""
+
+    ready: bool
+    reason: str = ""
+    subnet: IPv4Network | None = None
+    mtu: int = 1450
+    bridge: str = "cni0"
+    bridge_mac: str = ""
+
+    @property
+    def gateway(self) -> IPv4Interface:
+        assert self.subnet is not None
+        return IPv4Interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+
+
+class Masquerade(Protocol):
+    async def add(self, ip: IPv4Address) -> None: ...
+    async def remove(self, ip: IPv4Address) -> None: ...
+
+
+class CniService:
+    def __init__(
+        self,
+        ipam: Ipam,
+        wiring: PodWiring,
+        node: Callable[[], NodeNet],
+        masq: Masquerade | None = None,
+    ) -> None:
+        self.ipam = ipam
+        self.wiring = wiring
+        self.node = node
+        self.masq = masq
+        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- dispatch ---------------------------------------------------------
+
+    async def handle(self, env: dict[str, str], stdin: bytes, ns_fd: int | None) -> tuple[int, bytes]:
+        command = env.get("CNI_COMMAND", "?")
+        t0 = time.perf_counter()
+        version = spec.version_of(stdin)
+        try:
+            e = spec.parse_env(env)
+            if e.command == "VERSION":
+                return 0, spec.version_doc(version)
+            conf = spec.parse_conf(stdin, e.command)
+            version = conf.cni_version
+            if e.command in ("ADD", "CHECK") and ns_fd is None:
+                raise CniError(spec.E_INVALID_ENV,
+                               f"CNI_NETNS {e.netns!r} cannot be opened",
+                               env.get("NETNS_ERROR", "no namespace file descriptor received"))
+            if e.command == "ADD":
+                out = await self.add(e, conf, ns_fd)  # type: ignore[arg-type]
+            elif e.command == "DEL":
+                out = await self.delete(e, conf, ns_fd)
+            elif e.command == "CHECK":
+                out = await self.check(e, conf, ns_fd)  # type: ignore[arg-type]
+            elif e.command == "GC":
+                out = await self.gc(conf)
+            else:
+                out = self.status()
+            metrics.CNI_REQUESTS.labels(command=e.command, result="ok").inc()
+            return 0, out
+        except CniError as err:
+            metrics.CNI_REQUESTS.labels(command=command, result=str(err.code)).inc()
+            log.info("CNI %s %s failed: [%d] %s %s", command, env.get("CNI_CONTAINERID", ""),
+                     err.code, err.msg, err.details)
+            return err.code, spec.error_doc(version, err)
+        except Exception as exc:
+            metrics.CNI_REQUESTS.labels(command=command, result="internal").inc()
+            log.exception("CNI %s failed unexpectedly", command)
+            err = CniError(spec.E_INTERNAL, f"internal error in the overlay agent: {exc}")
+            return err.code, spec.error_doc(version, err)
+        finally:
+            if command in spec.COMMANDS:
+                metrics.CNI_SECONDS.labels(command=command).observe(time.perf_counter() - t0)
+
+    async def add(self, e: spec.Env, conf: spec.NetConf, ns_fd: int) -> bytes:
+        node = self.node()
+        if not node.ready or node.subnet is None:
+            raise CniError(spec.E_TRY_AGAIN, "the overlay node agent is not ready; try again later",
+                           node.reason or "starting")
+        if conf.ip_masq and self.masq is None:
+            raise CniError(spec.E_INVALID_CONFIG, "ipMasq: masquerading is not enabled in this "
+                           "agent (start overlayd with --ip-masq)")
+        mtu = conf.mtu or node.mtu
+        if mtu > node.mtu:
+            raise CniError(spec.E_INVALID_CONFIG, f"mtu: {mtu} is larger than the overlay MTU "
+                           f"{node.mtu}; packets would be dropped")
+        existing = self.ipam.find(e.container_id, e.ifname)
+        try:
+            alloc = self.ipam.allocate(node.subnet, e.container_id, e.ifname)
+        except AddressesExhausted as exc:
+            raise CniError(spec.E_NO_ADDRESS, "no free pod address on this node", str(exc)) from None
+        address = IPv4Interface(f"{alloc.ip}/{node.subnet.prefixlen}")
+        gw = node.gateway.ip
+        success = False
+        try:
+            attached = await self.wiring.attach(ns_fd, e.container_id, e.ifname, address, gw,
+                                                mtu, conf.hairpin)
+            if conf.ip_masq and self.masq is not None:
+                await self.masq.add(alloc.ip)
+            success = True
+        except WiringError as exc:
+            code = spec.E_IFNAME_EXISTS if "already exists" in exc.what else spec.E_NETLINK
+            raise CniError(code, str(exc)) from None
+        finally:
+            if not success and existing is None:
+                self.ipam.release(e.container_id, e.ifname)
+        log.info("pod %s/%s attached: %s via %s", e.container_id[:12], e.ifname, address,
+                 attached.host_ifname)
+        ours = spec.Result(
+            interfaces=(
+                spec.Interface(node.bridge, node.bridge_mac),
+                spec.Interface(attached.host_ifname, attached.host_mac),
+                spec.Interface(e.ifname, attached.container_mac, e.netns),
+            ),
+            ips=(spec.IPConfig(address, gw, 2),),
+            routes=(spec.RouteR("0.0.0.0/0", str(gw)),),
+            dns=conf.dns,
+        )
+        if conf.prev_result:
+            ours = merge(spec.parse_result(conf.prev_result), ours)
+        return spec.render(ours, conf.cni_version)
+
+    async def delete(self, e: spec.Env, conf: spec.NetConf, ns_fd: int | None) -> bytes:
+        try:
+            await self.wiring.detach(e.container_id, e.ifname, ns_fd)
+        except WiringError as exc:
+            # Keep the address: the pod may still use it. The runtime retries DEL.
+            raise CniError(spec.E_NETLINK, str(exc)) from None
+        alloc = self.ipam.release(e.container_id, e.ifname)
+        if alloc is not None and self.masq is not None:
+            await self.masq.remove(alloc.ip)
+        if alloc is not None:
+            log.info("pod %s/%s detached, %s released", e.container_id[:12], e.ifname, alloc.ip)
+        return b""
+
+    async def check(self, e: spec.Env, conf: spec.NetConf, ns_fd: int) -> bytes:
+        if conf.prev_result is None:
+            raise CniError(spec.E_INVALID_CONFIG, "prevResult: CHECK needs the result of ADD")
+        prev = spec.parse_result(conf.prev_result)
+        problems = []
+        alloc = self.ipam.find(e.container_id, e.ifname)
+        ours = [ip for ip in prev.ips
+                if ip.interface is not None and ip.interface < len(prev.interfaces)
+                and prev.interfaces[ip.interface].name == e.ifname]
+        if alloc is None:
+            problems.append(f"no address is allocated to {e.container_id}/{e.ifname}")
+        elif not any(ip.address.ip == alloc.ip for ip in ours):
+            problems.append(f"allocated address {alloc.ip} is not in prevResult")
+        view = await self.wiring.container_view(ns_fd, e.ifname)
+        if not view.exists:
+            problems.append(f"{e.ifname} does not exist in the container")
+        else:
+            if view.kind != "veth":
+                problems.append(f"{e.ifname} is a {view.kind} device, not a veth")
+            if not view.up:
+                problems.append(f"{e.ifname} is down")
+            for ip in ours:
+                if ip.address not in view.addresses:
+                    problems.append(f"{e.ifname} lacks address {ip.address}")
+                if ip.gateway is not None and view.default_gw != ip.gateway:
+                    problems.append(f"default route is via {view.default_gw}, not {ip.gateway}")
+            mine = [i for i in prev.interfaces if i.name == e.ifname and i.sandbox]
+            if mine and mine[0].mac and mine[0].mac.lower() != view.mac:
+                problems.append(f"{e.ifname} has MAC {view.mac}, prevResult says {mine[0].mac}")
+        host, master, _ = await self.wiring.host_view(e.container_id, e.ifname)
+        if master is None:
+            problems.append(f"host veth {host} is missing or not attached to a bridge")
+        elif master != await self.wiring.bridge_index():
+            problems.append(f"host veth {host} is not attached to {self.wiring.bridge}")
+        if problems:
+            raise CniError(spec.E_CHECK_FAILED, "check failed", "; ".join(problems))
+        return b""
+
+    async def gc(self, conf: spec.NetConf) -> bytes:
+        for a in self.ipam.gc(conf.valid_attachments or ()):
+            with contextlib.suppress(WiringError):
+                await self.wiring.detach(a.container_id, a.ifname, None)
+            if self.masq is not None:
+                await self.masq.remove(a.ip)
+            log.info("GC released %s of %s/%s", a.ip, a.container_id[:12], a.ifname)
+        return b""
+
+    def status(self) -> bytes:
+        node = self.node()
+        if not node.ready:
+            raise CniError(spec.E_PLUGIN_NOT_AVAILABLE, "the overlay node agent is not ready",
+                           node.reason)
+        return b""
+
+    # --- transport ----------------------------------------------------------
+
+    async def start(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(256)
+        sock.setblocking(False)
+        self._sock = sock
+        self._path = path
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="cni-accept")
+
+    async def close(self) -> None:
+        task = getattr(self, "_accept_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            t = asyncio.create_task(self._serve(conn))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        ns_fd: int | None = None
+        try:
+            conn.setblocking(False)
+            data, fds = await _recv_with_fds(loop, conn)
+            ns_fd = fds[0] if fds else None
+            for extra in fds[1:]:
+                os.close(extra)
+            while len(data) < 12:
+                data += await _recv_some(loop, conn)
+            env, stdin = await _read_request(loop, conn, data)
+            code, out = await self.handle(env, stdin, ns_fd)
+            await loop.sock_sendall(conn, code.to_bytes(4, "big") + len(out).to_bytes(4, "big")
+                                    + out)
+        except (ConnectionError, ValueError, OSError) as exc:
+            log.warning("bad CNI request: %s", exc)
+        finally:
+            if ns_fd is not None:
+                os.close(ns_fd)
+            conn.close()
+
+
+async def _recv_some(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    chunk = await asyncio.wait_for(loop.sock_recv(conn, 65536), 30)
+    if not chunk:
+        raise ConnectionError("client closed the connection early")
+    return chunk
+
+
+async def _recv_with_fds(loop: asyncio.AbstractEventLoop, conn: socket.socket
+                         ) -> tuple[bytes, list[int]]:
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await asyncio.wait_for(fut, 30)
+    finally:
+        loop.remove_reader(conn.fileno())
+    data, fds, _, _ = socket.recv_fds(conn, 65536, 4)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("client closed the connection early")
+    return data, list(fds)
+
+
+async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes
+                        ) -> tuple[dict[str, str], bytes]:
+    if not data.startswith(MAGIC):
+        raise ValueError("not an overlay CNI request")
+    pos = len(MAGIC)
+
+    async def need(n: int) -> None:
+        nonlocal data
+        while len(data) < pos + n:
+            data += await _recv_some(loop, conn)
+
+    await need(4)
+    hlen = int.from_bytes(data[pos:pos + 4], "big")
+    if hlen > MAX_REQUEST:
+        raise ValueError("request header too large")
+    pos += 4
+    await need(hlen + 4)
+    head = data[pos:pos + hlen].decode("utf-8", "surrogateescape")
+    pos += hlen
+    blen = int.from_bytes(data[pos:pos + 4], "big")
+    if blen > MAX_REQUEST:
+        raise ValueError("request body too large")
+    pos += 4
+    await need(blen)
+    stdin = data[pos:pos + blen]
+    env = {}
+    for item in head.split("\x00"):
+        k, sep, v = item.partition("=")
+        if sep:
+            env[k] = v
+    return env, stdin
+
+
+def merge(prev: spec.Result, ours: spec.Result) -> spec.Result:
+    """Our result appended to a previous plugin's (we are not first in the chain)."""
+    off = len(prev.interfaces)
+    ips = tuple(
+        spec.IPConfig(ip.address, ip.gateway, None if ip.interface is None else ip.interface + off)
+        for ip in ours.ips
+    )
+    dns = ours.dns if ours.dns.to_json() else prev.dns
+    return spec.Result(prev.interfaces + ours.interfaces, prev.ips + ips,
+                       prev.routes + ours.routes, dns)

@@ -1,0 +1,79 @@
+"""/healthz, /readyz and /metrics: a minimal HTTP/1.1 GET server on asyncio.
+
+Three fixed routes do not justify a web framework; prometheus-client renders
+the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from overlay.metrics import REGISTRY
+
+log = logging.getLogger(__name__)
+
+Route = Callable[[], tuple[int, str, bytes]]
+
+
+def split_hostport(addr: str, flag: str) -> tuple[str, int]:
+    from overlay.errors import ConfigError
+
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(flag, f"{addr!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def metrics_route() -> tuple[int, str, bytes]:
+    return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+
+
+def json_route(fn: Callable[[], tuple[bool, dict[str, object]]]) -> Route:
+    def route() -> tuple[int, str, bytes]:
+        ok, doc = fn()
+        return (200 if ok else 503), "application/json", (json.dumps(doc) + "\n").encode()
+    return route
+
+
+class HttpServer:
+    def __init__(self, routes: dict[str, Route]) -> None:
+        self.routes = routes
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
+            route = self.routes.get(path)
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif route is None:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            else:
+                status, ctype, body = route()
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+                      503: "Service Unavailable"}.get(status, "")
+            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            writer.write(head + (b"" if parts and parts[0] == "HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,247 @@
+"""The node's subnet lease: acquire, keep alive, win it back.
+
+Allocation is an etcd transaction that succeeds only if the key does not
+exist; a lost race moves on to the next candidate (flannel exits instead).
+A node that finds its own key (by node name) after a restart takes it over
+in place, and a node whose lease expired asks for its old subnet first and
+moves, saying so, only if somebody else took it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Protocol
+
+from overlay import subnets
+from overlay.errors import TemporaryError
+from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+class LeaseStore(Protocol):
+    async def list_leases(self) -> LeaseSnapshot: ...
+    async def grant(self, ttl: int) -> int: ...
+    async def keepalive(self, lease_id: int) -> int: ...
+    async def create_lease(self, record: NodeRecord, lease_id: int) -> int | None: ...
+    async def replace_lease(
+        self, record: NodeRecord, lease_id: int, expect_mod: int
+    ) -> int | None: ...
+    async def delete_lease(self, subnet: IPv4Network, expect_mod: int | None = None) -> bool: ...
+    async def revoke(self, lease_id: int) -> None: ...
+
+
+class SubnetsExhausted(TemporaryError):
+    pass
+
+
+@dataclass(frozen=True)
+class Template:
+    """Everything in our lease record except the subnet."""
+
+    node: str
+    underlay_ip: str
+    vtep_mac: str
+    grpc_addr: str
+
+    def record(self, subnet: IPv4Network) -> NodeRecord:
+        from ipaddress import IPv4Address
+
+        return NodeRecord(self.node, subnet, IPv4Address(self.underlay_ip), self.vtep_mac,
+                          self.grpc_addr)
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        store: LeaseStore,
+        cfg: NetworkConfig,
+        template: Template,
+        ttl: int = 60,
+        preferred: IPv4Network | None = None,
+        rng: random.Random | None = None,
+        retry_max: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.template = template
+        self.ttl = ttl
+        self.preferred = preferred
+        self.rng = rng or random.Random()
+        self.retry_max = retry_max
+        self.current: LeaseEntry | None = None
+        self.lease_id = 0
+        self.healthy = False
+        self.last_renewal = 0.0
+        self.renewals = 0
+        self.failures = 0
+        self._lost = asyncio.Event()
+        self.on_change: Callable[[LeaseEntry], Awaitable[None]] | None = None
+
+    @property
+    def subnet(self) -> IPv4Network | None:
+        return self.current.record.subnet if self.current else None
+
+    async def acquire(self) -> LeaseEntry:
+        """Hold a subnet lease, retrying (with backoff) until etcd gives one."""
+        delay = 0.2
+        last_msg = ""
+        while True:
+            try:
+                entry = await self._try_acquire()
+                self.current = entry
+                self.preferred = entry.record.subnet
+                self.healthy = True
+                self.last_renewal = time.monotonic()
+                return entry
+            except TemporaryError as exc:
+                msg = str(exc)
+                if msg != last_msg:
+                    log.warning("cannot lease a subnet yet: %s; retrying", msg)
+                    last_msg = msg
+                self.healthy = False
+            await asyncio.sleep(delay * (0.5 + self.rng.random()))
+            delay = min(delay * 2, self.retry_max)
+
+    async def _try_acquire(self) -> LeaseEntry:
+        snap = await self.store.list_leases()
+        mine = sorted(
+            (e for e in snap.entries.values() if e.record.node == self.template.node),
+            key=lambda e: (e.record.subnet != self.preferred, e.record.subnet),
+        )
+        self.lease_id = await self.store.grant(self.ttl)
+        if mine:
+            keep, extra = mine[0], mine[1:]
+            rec = self.template.record(keep.record.subnet)
+            mod = await self.store.replace_lease(rec, self.lease_id, keep.mod_revision)
+            if mod is None:
+                raise TemporaryError(f"lease {keep.record.subnet} changed while taking it over")
+            for e in extra:
+                log.warning("removing duplicate lease %s also held by node %s",
+                            e.record.subnet, e.record.node)
+                await self.store.delete_lease(e.record.subnet, e.mod_revision)
+            what = "still held" if rec == keep.record else "taken over with new details"
+            log.info("subnet %s: this node's lease was %s (etcd lease %x)",
+                     rec.subnet, what, self.lease_id)
+            return LeaseEntry(rec, mod, self.lease_id)
+
+        taken = set(snap.entries)
+        pref = self.preferred
+        if pref is not None and pref in snap.entries:
+            owner = snap.entries[pref].record.node
+            log.warning("subnet %s, which this node held before, now belongs to node %s: "
+                        "moving to another subnet; pods on the old one must be restarted",
+                        pref, owner)
+        if pref is not None and not subnets.belongs(self.cfg, pref):
+            log.warning("subnet %s, which this node held before, is not in the cluster "
+                        "network %s any more", pref, self.cfg.network)
+            pref = None
+        for cand in subnets.candidates(self.cfg, taken, pref, self.rng):
+            rec = self.template.record(cand)
+            mod = await self.store.create_lease(rec, self.lease_id)
+            if mod is not None:
+                log.info("subnet %s: leased for node %s (etcd lease %x, ttl %ds)",
+                         cand, rec.node, self.lease_id, self.ttl)
+                return LeaseEntry(rec, mod, self.lease_id)
+            log.info("subnet %s was taken by another node at the same moment; "
+                     "trying another", cand)
+        free = subnets.free_count(self.cfg, taken)
+        await self._revoke_quietly()
+        if free <= 0:
+            raise SubnetsExhausted(
+                f"no free subnet in {self.cfg.network}: all {self.cfg.subnet_count} "
+                f"/{self.cfg.subnet_len} subnets are leased; waiting for one to be released"
+            )
+        raise TemporaryError("every candidate subnet was taken concurrently")
+
+    async def _revoke_quietly(self) -> None:
+        if self.lease_id:
+            try:
+                await self.store.revoke(self.lease_id)
+            except TemporaryError:
+                pass
+            self.lease_id = 0
+
+    def lost(self, why: str) -> None:
+        """Called by the watcher when our key disappears or changes owner."""
+        log.warning("lease for %s lost: %s", self.subnet, why)
+        self._lost.set()
+
+    async def keep_alive(self) -> None:
+        """Renew forever; win the lease back when it is lost. Never returns."""
+        assert self.current is not None, "acquire() first"
+        outage_since: float | None = None
+        while True:
+            interval = max(1.0, self.ttl / 4) if self.healthy else 1.0
+            try:
+                await asyncio.wait_for(self._lost.wait(), interval)
+            except TimeoutError:
+                pass
+            if self._lost.is_set():
+                self._lost.clear()
+                await self._reacquire("its key was deleted or changed")
+                continue
+            try:
+                left = await self.store.keepalive(self.lease_id)
+            except TemporaryError as exc:
+                self.failures += 1
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.warning("cannot renew lease for %s: %s (the kernel state is kept; "
+                                "retrying)", self.subnet, exc)
+                self.healthy = False
+                continue
+            if left <= 0:
+                self.failures += 1
+                await self._reacquire("it expired (etcd was unreachable for longer than "
+                                      f"the {self.ttl}s TTL?)")
+                outage_since = None
+                continue
+            if outage_since is not None:
+                log.info("lease for %s renewed again after %.1fs", self.subnet,
+                         time.monotonic() - outage_since)
+                outage_since = None
+            self.renewals += 1
+            self.healthy = True
+            self.last_renewal = time.monotonic()
+
+    async def _reacquire(self, why: str) -> None:
+        old = self.current
+        log.warning("lease for %s lost because %s; acquiring again", self.subnet, why)
+        self.healthy = False
+        entry = await self.acquire()
+        if old is not None and entry.record.subnet != old.record.subnet:
+            log.warning("node %s moved from subnet %s to %s", entry.record.node,
+                        old.record.subnet, entry.record.subnet)
+        if self.on_change is not None:
+            await self.on_change(entry)
+
+    async def update_record(self, template: Template) -> None:
+        """Publish changed details (new VTEP MAC or underlay IP) under the same subnet."""
+        self.template = template
+        if self.current is None:
+            return
+        rec = template.record(self.current.record.subnet)
+        if rec == self.current.record:
+            return
+        mod = await self.store.replace_lease(rec, self.lease_id, self.current.mod_revision)
+        if mod is None:
+            self.lost("it changed while we updated it")
+            return
+        self.current = LeaseEntry(rec, mod, self.lease_id)
+
+    async def release(self) -> None:
+        """Graceful leave: give the subnet back now instead of after the TTL."""
+        if self.current is None:
+            return
+        try:
+            await self.store.delete_lease(self.current.record.subnet, None)
+        finally:
+            await self._revoke_quietly()
+            self.current = None

@@ -1,0 +1,75 @@
+"""The agent's local API (gRPC over a unix socket): status and graceful leave."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from overlay import __version__
+from overlay.model import NodeRecord
+from overlay.v1 import overlay_pb2 as pb
+from overlay.v1 import overlay_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from overlay.agent.agent import Agent
+
+
+def record_pb(rec: NodeRecord, lease_revision: int = 0, incarnation: int = 0) -> Any:
+    return pb.NodeRecord(
+        name=rec.node, subnet=str(rec.subnet), underlay_ip=str(rec.underlay_ip),
+        vtep_mac=rec.vtep_mac, grpc_addr=rec.grpc_addr, backend=rec.backend,
+        incarnation=incarnation, lease_revision=lease_revision,
+    )
+
+
+class LocalService(pb_grpc.LocalServicer):  # type: ignore[misc]
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Status(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return status_reply(self.agent)
+
+    async def Leave(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.agent.request_leave()
+        return pb.LocalLeaveReply()
+
+
+def status_reply(agent: Agent) -> Any:
+    st = agent.status()
+    reply = pb.StatusReply(ready=st["ready"], version=__version__,
+                           started_unix_ms=int(st["started"] * 1000), mtu=st["mtu"])
+    if st["self"] is not None:
+        reply.self.CopyFrom(record_pb(st["self"]))
+    elif agent.node:
+        reply.self.name = agent.node
+    cfg = st["cfg"]
+    if cfg is not None:
+        reply.cluster_cidr, reply.vni, reply.port = str(cfg.network), cfg.vni, cfg.port
+    for name, c in st["conditions"].items():
+        reply.conditions.add(name=name, ok=c.ok, message=c.message)
+    membership = getattr(agent, "membership", None)
+    for p in st["peers"]:
+        ps = reply.peers.add(programmed=p["programmed"], in_etcd=True)
+        ps.record.CopyFrom(record_pb(p["record"], p["lease_revision"]))
+        if membership is not None:
+            membership.fill_peer_status(ps)
+        else:
+            ps.state = pb.PEER_STATE_UNSPECIFIED
+    if membership is not None:
+        membership.add_gossip_only_peers(reply)
+    return reply
+
+
+async def start_local_api(agent: Agent, path: Path) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    server = grpc.aio.server()
+    pb_grpc.add_LocalServicer_to_server(LocalService(agent), server)
+    server.add_insecure_port(f"unix:{path}")
+    await server.start()
+    os.chmod(path, 0o600)
+    return server

@@ -1,0 +1,145 @@
+"""Command line of overlayd, the node agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from overlay import __version__
+from overlay.errors import ConfigError, OverlayError
+
+DESCRIPTION = """\
+overlayd: the node agent of the overlay network.
+
+Leases a pod subnet for this node from etcd, creates the VXLAN device
+(overlay.<VNI>) and the pod bridge (cni0), programs a route, a neighbour
+entry and an FDB entry for every other node, and keeps the kernel that way.
+Serves the `overlay` CNI plugin on <run-dir>/cni.sock and a local API on
+<run-dir>/overlayd.sock (used by `overlayctl status`).
+
+The cluster network must exist in etcd first: `overlayctl network init`.
+"""
+
+EPILOG = """\
+environment: OVERLAYD_ETCD_ENDPOINTS and OVERLAYD_NODE_NAME supply defaults
+for --etcd-endpoints and --node-name.
+
+exit status: 0 after SIGTERM/SIGINT or a graceful leave, 1 on an unexpected
+failure, 2 on invalid configuration.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="overlayd", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"overlayd {__version__}")
+    g = p.add_argument_group("etcd")
+    g.add_argument("--etcd-endpoints",
+                   default=os.environ.get("OVERLAYD_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
+                   help="comma-separated etcd client URLs (default: %(default)s)")
+    g.add_argument("--etcd-prefix", default="/overlay/",
+                   help="key prefix of the network config and leases (default: %(default)s)")
+    g.add_argument("--etcd-cafile", help="CA bundle to verify etcd's certificate")
+    g.add_argument("--etcd-certfile", help="client certificate for etcd")
+    g.add_argument("--etcd-keyfile", help="client key for etcd")
+    g.add_argument("--etcd-server-name",
+                   help="name to verify in etcd's certificate (default: the endpoint host)")
+    g.add_argument("--etcd-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="timeout of one etcd request (default: %(default)s)")
+    g = p.add_argument_group("node")
+    g.add_argument("--node-name", default=os.environ.get("OVERLAYD_NODE_NAME"),
+                   help="this node's name, its identity in the cluster (default: the name "
+                        "persisted in --state-dir, else the hostname)")
+    g.add_argument("--iface", help="underlay interface for VXLAN traffic (default: the "
+                   "interface of the default route)")
+    g.add_argument("--iface-regex", help="pick the first interface whose name matches")
+    g.add_argument("--public-ip", help="underlay address to use (default: the interface's "
+                   "first address)")
+    g.add_argument("--mtu", type=int, help="pod and VXLAN MTU (default: underlay MTU - 50)")
+    g.add_argument("--vtep-mac", help="MAC of the VXLAN device (default: random once, then "
+                   "persisted in --state-dir)")
+    g.add_argument("--lease-ttl", type=int, default=60, metavar="SECONDS",
+                   help="TTL of the subnet lease in etcd: how long a dead node keeps its "
+                        "subnet (default: %(default)s)")
+    g.add_argument("--reconcile-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="period of the pass that repairs kernel drift (default: %(default)s)")
+    g.add_argument("--ip-masq", action="store_true",
+                   help="masquerade traffic from pods leaving the cluster network "
+                        "(nftables table 'overlay'), for pods whose CNI config sets ipMasq")
+    g = p.add_argument_group("local state")
+    g.add_argument("--run-dir", type=Path, default=Path("/run/overlay"),
+                   help="sockets and pod address allocations (default: %(default)s)")
+    g.add_argument("--state-dir", type=Path, default=Path("/var/lib/overlay"),
+                   help="identity kept across reboots (default: %(default)s)")
+    g = p.add_argument_group("membership (gRPC between agents)")
+    g.add_argument("--grpc-listen", default="0.0.0.0:7946",
+                   help="listen address of the membership service (default: %(default)s)")
+    g.add_argument("--grpc-advertise",
+                   help="address peers use to reach it (default: underlay IP and listen port)")
+    g = p.add_argument_group("observability")
+    g.add_argument("--health-addr", help="serve /healthz and /readyz here, e.g. 127.0.0.1:9181")
+    g.add_argument("--metrics-addr", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9182")
+    g.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log line format (default: %(default)s)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> object:
+    from overlay.agent.agent import AgentOptions
+    from overlay.etcdstore import EtcdOptions
+
+    if args.lease_ttl < 5:
+        raise ConfigError("--lease-ttl", "must be at least 5 seconds")
+    if args.reconcile_interval <= 0:
+        raise ConfigError("--reconcile-interval", "must be positive")
+    if args.mtu is not None and not 576 <= args.mtu <= 65535:
+        raise ConfigError("--mtu", f"{args.mtu} is outside 576..65535")
+    return AgentOptions(
+        etcd=EtcdOptions(
+            endpoints=(args.etcd_endpoints,), prefix=args.etcd_prefix, cafile=args.etcd_cafile,
+            certfile=args.etcd_certfile, keyfile=args.etcd_keyfile,
+            server_name=args.etcd_server_name, timeout=args.etcd_timeout,
+        ),
+        node_name=args.node_name, iface=args.iface, iface_regex=args.iface_regex,
+        public_ip=args.public_ip, mtu=args.mtu, vtep_mac=args.vtep_mac,
+        grpc_listen=args.grpc_listen, grpc_advertise=args.grpc_advertise,
+        run_dir=args.run_dir, state_dir=args.state_dir, lease_ttl=args.lease_ttl,
+        reconcile_interval=args.reconcile_interval, health_addr=args.health_addr,
+        metrics_addr=args.metrics_addr, ip_masq=args.ip_masq,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from overlay import log as logsetup
+
+    logsetup.setup(args.log_format, args.log_level)
+    log = logging.getLogger("overlayd")
+    if os.geteuid() != 0:
+        log.error("overlayd needs root (CAP_NET_ADMIN) to program the kernel")
+        return 2
+    try:
+        opts = options_from_args(args)
+        from overlay.agent.agent import Agent
+
+        log.info("overlayd %s starting", __version__)
+        return asyncio.run(Agent(opts).run())  # type: ignore[arg-type]
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    except OverlayError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Keeps the kernel equal to the desired state.
+
+One pass: ensure the bridge and the VXLAN device (recreate only if
+incompatible), read the entries the device has, diff against the desired
+state from the current peers, apply the difference, and only then record
+what is programmed. Passes run when something changes (`wake`) and on a
+timer, so an entry deleted by hand or a deleted device comes back by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from overlay import metrics
+from overlay.dataplane.desired import Entries, apply_ops, desired, explain, plan
+from overlay.dataplane.devices import BridgeSpec, VxlanSpec, bridge_ops, vxlan_ops
+from overlay.dataplane.kernel import Kernel, KernelError
+from overlay.errors import OverlayError
+from overlay.model import NodeRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Specs:
+    me: str
+    vxlan: VxlanSpec
+    bridge: BridgeSpec
+    cluster: IPv4Network
+
+
+@dataclass
+class PassResult:
+    device_ops: int = 0
+    applied: int = 0
+    failed: int = 0
+    repaired: int = 0
+    duration: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.errors
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kernel: Kernel,
+        peers: Callable[[], Iterable[NodeRecord]],
+        interval: float = 1.0,
+    ) -> None:
+        self.kernel = kernel
+        self.peers = peers
+        self.interval = interval
+        self.specs: Specs | None = None
+        self.programmed = Entries()
+        self.vxlan_index: int | None = None
+        self.passes = 0
+        self.first_done = asyncio.Event()
+        self.last_ok: float | None = None
+        self.last_error = ""
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def set_specs(self, specs: Specs) -> None:
+        if specs != self.specs:
+            self.specs = specs
+            self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def reconcile_once(self) -> PassResult:
+        async with self._lock:
+            return await self._pass()
+
+    async def _pass(self) -> PassResult:
+        assert self.specs is not None, "set_specs() first"
+        specs = self.specs
+        res = PassResult()
+        t0 = time.perf_counter()
+
+        br = await self.kernel.link(specs.bridge.name)
+        bops = bridge_ops(specs.bridge, br)
+        vx = await self.kernel.link(specs.vxlan.name)
+        vops = vxlan_ops(specs.vxlan, vx)
+        for op in (*bops, *vops):
+            log.info("%s: %s", op, op.why)
+            if op.action == "create" and self.passes > 0:
+                metrics.REPAIRS.labels(kind="device").inc()
+                res.repaired += 1
+        if bops:
+            await self.kernel.apply_device_ops(bops)
+        if vops:
+            await self.kernel.apply_device_ops(vops)
+            if any(op.action == "create" for op in vops):
+                # A new device starts empty: nothing we programmed survives.
+                self.programmed = Entries()
+        res.device_ops = len(bops) + len(vops)
+        if vx is None or vops:
+            vx = await self.kernel.link(specs.vxlan.name)
+        if vx is None:
+            raise KernelError(f"{specs.vxlan.name} missing right after creating it", 0)
+        self.vxlan_index = vx.index
+
+        observed = await self.kernel.observe(vx.index)
+        want = desired(self.peers(), specs.me, specs.cluster)
+        for node, why in want.rejected:
+            log.warning("not programming node %s: %s", node, why)
+        ops = plan(want, observed)
+        if ops:
+            reasons = [explain(op, want, self.programmed) for op in ops]
+            results = await self.kernel.apply(vx.index, ops)
+            done = []
+            for r, why in zip(results, reasons, strict=True):
+                if r.error is None:
+                    done.append(r.op)
+                    log.info("%s (%s)", r.op, why)
+                    metrics.KERNEL_CHANGES.labels(kind=r.op.kind, action=r.op.action).inc()
+                    if why.startswith("repair"):
+                        metrics.REPAIRS.labels(kind=r.op.kind).inc()
+                        res.repaired += 1
+                else:
+                    log.warning("failed: %s (%s): %s", r.op, why, r.error)
+                    metrics.NETLINK_ERRORS.labels(kind=r.op.kind).inc()
+                    res.errors.append(str(r.error))
+            res.applied = len(done)
+            res.failed = len(results) - len(done)
+            self.programmed = apply_ops(observed, done)
+        else:
+            self.programmed = observed
+        for kind, n in (("route", len(self.programmed.routes)),
+                        ("neigh", len(self.programmed.neighs)),
+                        ("fdb", len(self.programmed.fdbs))):
+            metrics.PEER_ENTRIES.labels(kind=kind).set(n)
+        res.duration = time.perf_counter() - t0
+        metrics.RECONCILE_SECONDS.observe(res.duration)
+        return res
+
+    def is_programmed(self, rec: NodeRecord) -> bool:
+        p = self.programmed
+        return (any(r.dst == rec.subnet and r.via == rec.vtep_ip for r in p.routes)
+                and any(n.ip == rec.vtep_ip and n.mac == rec.vtep_mac for n in p.neighs)
+                and any(f.mac == rec.vtep_mac and f.dst == rec.underlay_ip for f in p.fdbs))
+
+    async def run(self) -> None:
+        """Reconcile on every wake-up and at least every `interval` seconds. Never returns."""
+        backoff = self.interval
+        while True:
+            self._wake.clear()
+            try:
+                res = await self.reconcile_once()
+            except OverlayError as exc:
+                metrics.RECONCILE_PASSES.labels(result="error").inc()
+                if str(exc) != self.last_error:
+                    log.warning("reconcile failed: %s; retrying", exc)
+                self.last_error = str(exc)
+                backoff = min(backoff * 2, 10 * self.interval)
+                await self._sleep(backoff)
+                continue
+            self.passes += 1
+            if res.ok:
+                metrics.RECONCILE_PASSES.labels(result="ok").inc()
+                self.last_ok = time.monotonic()
+                self.last_error = ""
+                backoff = self.interval
+                self.first_done.set()
+                await self._sleep(self.interval)
+            else:
+                metrics.RECONCILE_PASSES.labels(result="partial").inc()
+                self.last_error = "; ".join(res.errors[:3])
+                backoff = min(backoff * 2, 10 * self.interval)
+                await self._sleep(backoff)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass

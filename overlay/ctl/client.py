@@ -1,0 +1,50 @@
+"""Talking to a local overlayd over its unix socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from overlay.v1 import overlay_pb2 as pb
+from overlay.v1 import overlay_pb2_grpc as pb_grpc
+
+STATE_NAMES = {
+    pb.PEER_STATE_UNSPECIFIED: "-",
+    pb.PEER_STATE_ALIVE: "alive",
+    pb.PEER_STATE_SUSPECT: "suspect",
+    pb.PEER_STATE_DEAD: "dead",
+    pb.PEER_STATE_LEFT: "left",
+}
+
+
+def local_status(socket_path: Path | str, timeout: float = 3.0) -> Any:
+    with grpc.insecure_channel(f"unix:{socket_path}") as ch:
+        return pb_grpc.LocalStub(ch).Status(pb.StatusRequest(), timeout=timeout)
+
+
+def local_leave(socket_path: Path | str, timeout: float = 10.0) -> None:
+    with grpc.insecure_channel(f"unix:{socket_path}") as ch:
+        pb_grpc.LocalStub(ch).Leave(pb.LocalLeaveRequest(), timeout=timeout)
+
+
+def status_json(st: Any) -> dict[str, Any]:
+    def rec(r: Any) -> dict[str, Any]:
+        return {"name": r.name, "subnet": r.subnet, "underlayIP": r.underlay_ip,
+                "vtepMAC": r.vtep_mac, "grpcAddr": r.grpc_addr}
+
+    peers = []
+    for p in st.peers:
+        d = rec(p.record)
+        d.update(state=STATE_NAMES.get(p.state, str(p.state)), sinceUnixMs=p.since_unix_ms,
+                 programmed=p.programmed, inEtcd=p.in_etcd,
+                 grpcRttUs=p.grpc_rtt_us if p.HasField("grpc_rtt_us") else None,
+                 tunnelRttUs=p.tunnel_rtt_us if p.HasField("tunnel_rtt_us") else None)
+        peers.append(d)
+    return {
+        "node": rec(st.self), "ready": st.ready, "version": st.version, "mtu": st.mtu,
+        "clusterCIDR": st.cluster_cidr, "vni": st.vni, "port": st.port,
+        "conditions": {c.name: {"ok": c.ok, "message": c.message} for c in st.conditions},
+        "peers": peers,
+    }

@@ -1,0 +1,140 @@
+"""`overlayctl sandbox up|check|status|down`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from overlay.sandbox.sandbox import Sandbox, SandboxError, tail
+
+
+def progress(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sandbox_cmd(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except SandboxError as exc:
+        print(f"\nFAILED at step: {exc.step}\n  {exc.message}", file=sys.stderr)
+        if exc.log:
+            print("---- log ----", file=sys.stderr)
+            print(exc.log, file=sys.stderr)
+            print("-------------", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    sb = Sandbox(args.name, progress=progress)
+    if args.sb_cmd == "up":
+        if args.nodes < 1 or args.pods_per_node < 0:
+            raise SandboxError("up", "--nodes must be >= 1 and --pods-per-node >= 0")
+        print(f"sandbox {args.name}: {args.nodes} nodes x {args.pods_per_node} pods, "
+              f"{args.etcd_members} etcd member(s)", flush=True)
+        try:
+            sb.up(args.nodes, args.pods_per_node, etcd_members=args.etcd_members,
+                  cidr=args.cidr, subnet_len=args.subnet_len)
+        except SandboxError:
+            print(f"(the partial sandbox is left for inspection; remove it with "
+                  f"`overlayctl sandbox down --name {args.name}`)", file=sys.stderr)
+            raise
+        return 0
+    if args.sb_cmd == "down":
+        existed = sb.state is not None
+        sb.down()
+        print(f"sandbox {args.name} removed" if existed else
+              f"sandbox {args.name}: nothing recorded; removed any leftover namespaces")
+        return 0
+    if args.sb_cmd == "check":
+        return check(sb)
+    if args.sb_cmd == "status":
+        return status(sb, args.json)
+    raise AssertionError(args.sb_cmd)
+
+
+def check(sb: Sandbox) -> int:
+    pods = sb.st.pods
+    if len(pods) < 2:
+        print("connectivity: fewer than two pods, nothing to check")
+        return 1
+    results, ok, total = sb.check()
+    matrix = {(a.name, b.name): good for a, b, good in results}
+    names = [p.name for p in pods]
+    w = max(len(n) for n in names)
+    print("from \\ to".ljust(w) + "  " + "  ".join(n.rjust(w) for n in names))
+    for a in names:
+        cells = []
+        for b in names:
+            cells.append("-" if a == b else ("ok" if matrix[(a, b)] else "FAIL"))
+        print(a.ljust(w) + "  " + "  ".join(c.rjust(w) for c in cells))
+    for a, b, good in results:
+        if not good:
+            print(f"unreachable: {a.name} ({a.ip}, node {a.node}) -> {b.name} ({b.ip}, node "
+                  f"{b.node})")
+    print(f"connectivity: {ok}/{total} pod pairs reachable")
+    return 0 if ok == total else 1
+
+
+def status_doc(sb: Sandbox) -> dict[str, Any]:
+    from overlay.ctl.client import status_json
+
+    st = sb.st
+    nodes = []
+    for h in st.nodes:
+        d: dict[str, Any] = {
+            "name": h.name, "namespace": h.netns, "underlayIP": h.underlay_ip, "pid": h.pid,
+            "conflist": str(sb.conflist_path(h.name)), "cniPath": sb.cni_path(),
+            "agentSocket": str(sb.agent_socket(h.name)), "cniSocket": str(sb.cni_socket(h.name)),
+            "log": h.log, "subnet": None, "ready": False, "peers": [],
+        }
+        try:
+            s = status_json(sb.status(h.name))
+            d.update(subnet=s["node"]["subnet"], ready=s["ready"], vtepMAC=s["node"]["vtepMAC"],
+                     mtu=s["mtu"], peers=s["peers"], conditions=s["conditions"])
+        except Exception as exc:
+            d["error"] = f"agent not answering: {str(exc).splitlines()[0][:160]}"
+        nodes.append(d)
+    return {
+        "name": st.name, "dir": st.dir, "underlayNamespace": st.underlay,
+        "etcd": [{"name": h.name, "namespace": h.netns, "endpoint": f"http://{h.underlay_ip}:2379",
+                  "pid": h.pid} for h in st.etcd],
+        "etcdEndpoints": sb.etcd_endpoints(),
+        "clusterCIDR": st.cidr,
+        "nodes": nodes,
+        "pods": [{"name": p.name, "node": p.node, "namespace": p.netns, "ip": p.ip,
+                  "containerID": p.container_id, "ifname": p.ifname} for p in st.pods],
+    }
+
+
+def status(sb: Sandbox, as_json: bool) -> int:
+    from overlay.ctl.main import print_table
+
+    doc = status_doc(sb)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"sandbox {doc['name']}: etcd {doc['etcdEndpoints']}, cluster {doc['clusterCIDR']}")
+    rows = [("NODE", "NAMESPACE", "UNDERLAY", "SUBNET", "READY", "PEERS (programmed)")]
+    for n in doc["nodes"]:
+        prog = sum(1 for p in n["peers"] if p["programmed"])
+        rows.append((n["name"], n["namespace"], n["underlayIP"], n["subnet"] or "-",
+                     "yes" if n["ready"] else "no", f"{len(n['peers'])} ({prog})"))
+    print_table(rows)
+    for n in doc["nodes"]:
+        if n.get("error"):
+            print(f"{n['name']}: {n['error']} (log: {n['log']}, last lines below)")
+            print(tail(__import__("pathlib").Path(n["log"]), 5))
+    print()
+    rows = [("PEERS SEEN FROM", "PEER", "SUBNET", "UNDERLAY", "STATE", "PROGRAMMED")]
+    for n in doc["nodes"]:
+        for p in n["peers"]:
+            rows.append((n["name"], p["name"], p["subnet"], p["underlayIP"], p["state"],
+                         "yes" if p["programmed"] else "no"))
+    print_table(rows)
+    print()
+    rows = [("POD", "NODE", "IP", "NAMESPACE")]
+    rows += [(p["name"], p["node"], p["ip"], p["namespace"]) for p in doc["pods"]]
+    print_table(rows)
+    return 0

@@ -1,0 +1,374 @@
+"""etcd access for the agent and the CLI, through etcd3aio.
+
+Every etcd3aio / grpc exception is translated here: unreachable, timed out or
+leaderless -> TemporaryError; refused credentials -> PermanentError. Nothing
+above this module imports etcd3aio or grpc for etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
+from overlay.model import (
+    LeaseEntry,
+    LeaseEvent,
+    LeaseSnapshot,
+    NetworkConfig,
+    NodeRecord,
+    config_key,
+    normalize_prefix,
+    parse_subnet_key,
+    subnet_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    prefix: str = "/overlay/"
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    server_name: str | None = None
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+
+
+def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """'http://10.0.0.1:2379,https://h:2379' -> (('10.0.0.1:2379', 'a.b.c.d:2379'), tls?).
+
+    grpc's ipv4: resolver wants literal addresses, so host names are resolved
+    here, once.
+    """
+    items = [raw] if isinstance(raw, str) else list(raw)
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("--etcd-endpoints", "no endpoint given")
+    out = []
+    tls = False
+    for p in parts:
+        u = urlsplit(p if "://" in p else f"//{p}")
+        if u.scheme in ("https", "unixs"):
+            tls = True
+        elif u.scheme not in ("", "http"):
+            raise ConfigError("--etcd-endpoints", f"{p!r}: unsupported scheme {u.scheme!r}")
+        try:
+            host, port = u.hostname, u.port or 2379
+        except ValueError:
+            raise ConfigError("--etcd-endpoints", f"{p!r} is not host:port") from None
+        if not host:
+            raise ConfigError("--etcd-endpoints", f"{p!r} is not host:port")
+        try:
+            addr = socket.gethostbyname(host)
+        except OSError:
+            raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r}") from None
+        out.append(f"{addr}:{port}")
+    return tuple(out), tls
+
+
+class WatchLost(TemporaryError):
+    """The watch cannot continue from where it was (compacted, cancelled): relist."""
+
+
+def _translate(op: str, exc: BaseException) -> Exception:
+    import grpc
+    from etcd3aio import (
+        EtcdConnectionError,
+        EtcdPermissionDeniedError,
+        EtcdTransientError,
+        EtcdUnauthenticatedError,
+    )
+
+    if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
+        return PermanentError(f"etcd refused {op}: {exc}")
+    if isinstance(exc, EtcdConnectionError | EtcdTransientError):
+        return TemporaryError(f"etcd {op} failed: {exc}")
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return TemporaryError(f"etcd {op} timed out")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return PermanentError(f"etcd refused {op}: {exc.details()}")
+        return TemporaryError(f"etcd {op} failed: {code.name} {exc.details() or ''}".strip())
+    if isinstance(exc, OSError):
+        return TemporaryError(f"etcd {op} failed: {exc}")
+    return TemporaryError(f"etcd {op} failed: {type(exc).__name__}: {exc}")
+
+
+@contextlib.contextmanager
+def _errors(op: str) -> Iterator[None]:
+    try:
+        yield
+    except (TemporaryError, PermanentError):
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise _translate(op, exc) from exc
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot read {path}: {exc.strerror}") from None
+
+
+class EtcdStore:
+    def __init__(self, opts: EtcdOptions) -> None:
+        from etcd3aio import Etcd3Client
+
+        self.opts = opts
+        self.prefix = opts.prefix
+        endpoints, scheme_tls = parse_endpoints(opts.endpoints)
+        ca = _read(opts.cafile, "--etcd-cafile")
+        cert = _read(opts.certfile, "--etcd-certfile")
+        key = _read(opts.keyfile, "--etcd-keyfile")
+        if (cert is None) != (key is None):
+            raise ConfigError("--etcd-certfile", "give both --etcd-certfile and --etcd-keyfile")
+        if cert is not None and ca is None:
+            raise ConfigError("--etcd-cafile", "a client certificate needs --etcd-cafile too")
+        if scheme_tls and ca is None:
+            raise ConfigError("--etcd-cafile", "https:// endpoints need --etcd-cafile")
+        kwargs: dict[str, Any] = {}
+        if ca is not None:
+            kwargs.update(ca_cert=ca, cert_key=key, cert_chain=cert)
+            server_name = opts.server_name
+            if server_name is None and len(endpoints) > 1:
+                server_name = "localhost"
+            kwargs["tls_server_name"] = server_name
+        self.endpoints = endpoints
+        self.tls = ca is not None
+        self._client = Etcd3Client(
+            list(endpoints),
+            rpc_max_attempts=2,
+            watch_reconnect_backoff_seconds=0.2,
+            watch_max_reconnect_backoff_seconds=2.0,
+            **kwargs,
+        )
+        self._connected = False
+
+    async def connect(self) -> None:
+        if not self._connected:
+            with _errors("connect"):
+                await self._client.connect()
+            self._connected = True
+
+    async def close(self) -> None:
+        if self._connected:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._connected = False
+
+    async def __aenter__(self) -> EtcdStore:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def _kv(self) -> Any:
+        assert self._client.kv is not None, "call connect() first"
+        return self._client.kv
+
+    @property
+    def _lease(self) -> Any:
+        assert self._client.lease is not None, "call connect() first"
+        return self._client.lease
+
+    # --- health -----------------------------------------------------------
+
+    async def ping(self) -> int:
+        """The current revision; raises TemporaryError if etcd cannot serve reads."""
+        with _errors("status"):
+            resp = await self._kv.get(config_key(self.prefix), timeout=self.opts.timeout)
+            return int(resp.header.revision)
+
+    # --- network config ---------------------------------------------------
+
+    async def get_config(self) -> NetworkConfig:
+        key = config_key(self.prefix)
+        with _errors(f"read {key}"):
+            resp = await self._kv.get(key, timeout=self.opts.timeout)
+        if not resp.kvs:
+            raise NotFound(f"no network config at {key}; run `overlayctl network init`")
+        try:
+            return NetworkConfig.from_json(resp.kvs[0].value)
+        except ConfigError as exc:
+            raise ConfigError(exc.field, f"{exc.message} (in {key})") from None
+
+    async def put_config(self, cfg: NetworkConfig, *, overwrite: bool = False) -> bool:
+        """Write the config; without `overwrite`, only if none exists. True if written."""
+        key = config_key(self.prefix)
+        kv = self._kv
+        with _errors(f"write {key}"):
+            if overwrite:
+                await kv.put(key, cfg.to_json(), timeout=self.opts.timeout)
+                return True
+            resp = await kv.txn(
+                compare=[kv.txn_compare_create_revision(key, 0)],
+                success=[kv.txn_op_put(key, cfg.to_json())],
+                timeout=self.opts.timeout,
+            )
+            return bool(resp.succeeded)
+
+    # --- leases -----------------------------------------------------------
+
+    def _decode(self, kv: Any) -> tuple[IPv4Network | None, LeaseEntry | None, str]:
+        key = kv.key.decode(errors="replace")
+        subnet = parse_subnet_key(self.prefix, key)
+        if subnet is None:
+            return None, None, f"{key}: not a subnet key"
+        try:
+            rec = NodeRecord.from_json(kv.value)
+        except ConfigError as exc:
+            return subnet, None, f"{key}: {exc}"
+        if rec.subnet != subnet:
+            return subnet, None, f"{key}: value names subnet {rec.subnet}"
+        return subnet, LeaseEntry(rec, int(kv.mod_revision), int(kv.lease)), ""
+
+    async def list_leases(self) -> LeaseSnapshot:
+        from etcd3aio import prefix_range_end
+
+        head = f"{self.prefix}subnets/"
+        with _errors(f"list {head}"):
+            resp = await self._kv.get(head, range_end=prefix_range_end(head),
+                                      timeout=self.opts.timeout)
+        entries: dict[IPv4Network, LeaseEntry] = {}
+        invalid = []
+        for kv in resp.kvs:
+            subnet, entry, err = self._decode(kv)
+            if entry is not None and subnet is not None:
+                entries[subnet] = entry
+            else:
+                invalid.append((kv.key.decode(errors="replace"), err))
+        return LeaseSnapshot(int(resp.header.revision), entries, invalid)
+
+    async def watch_leases(self, start_revision: int) -> AsyncIterator[list[LeaseEvent]]:
+        """Batches of lease changes from `start_revision` on.
+
+        Raises WatchLost when the history needed is gone (compacted) or the
+        server cancelled the watch: the caller relists and starts again.
+        """
+        from etcd3aio import prefix_range_end
+
+        head = f"{self.prefix}subnets/"
+        gen = self._client.watch.watch(  # type: ignore[union-attr]
+            head, range_end=prefix_range_end(head), start_revision=start_revision
+        )
+        try:
+            while True:
+                with _errors("watch"):
+                    try:
+                        resp = await gen.__anext__()
+                    except StopAsyncIteration:
+                        raise WatchLost("watch stream ended") from None
+                if resp.compact_revision:
+                    raise WatchLost(f"history compacted up to {resp.compact_revision}")
+                if resp.canceled:
+                    raise WatchLost(f"watch cancelled: {resp.cancel_reason or 'no reason'}")
+                batch = []
+                for ev in resp.events:
+                    key = ev.kv.key.decode(errors="replace")
+                    subnet = parse_subnet_key(self.prefix, key)
+                    if subnet is None:
+                        continue
+                    if ev.type == 1:  # DELETE
+                        batch.append(LeaseEvent(subnet, None, int(ev.kv.mod_revision)))
+                        continue
+                    _, entry, err = self._decode(ev.kv)
+                    if entry is None:
+                        log.warning("ignoring invalid lease %s", err)
+                        batch.append(LeaseEvent(subnet, None, int(ev.kv.mod_revision)))
+                        continue
+                    batch.append(LeaseEvent(subnet, entry, int(ev.kv.mod_revision)))
+                if batch:
+                    yield batch
+        finally:
+            await gen.aclose()
+
+    async def grant(self, ttl: int) -> int:
+        with _errors("grant lease"):
+            resp = await self._lease.grant(ttl, timeout=self.opts.timeout)
+            return int(resp.ID)
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Renew once; the remaining TTL, <= 0 if the lease no longer exists."""
+        with _errors("renew lease"):
+            call = self._lease.keep_alive(lease_id)
+            try:
+                async with asyncio.timeout(self.opts.timeout):
+                    async for resp in call:
+                        return int(resp.TTL)
+            finally:
+                call.cancel()
+        raise TemporaryError("etcd renew lease: stream closed without an answer")
+
+    async def revoke(self, lease_id: int) -> None:
+        with _errors("revoke lease"):
+            await self._lease.revoke(lease_id, timeout=self.opts.timeout)
+
+    async def create_lease(self, record: NodeRecord, lease_id: int) -> int | None:
+        """Claim `record.subnet` if nobody holds it. The new mod_revision, or None."""
+        key = subnet_key(self.prefix, record.subnet)
+        kv = self._kv
+        with _errors(f"claim {key}"):
+            resp = await kv.txn(
+                compare=[kv.txn_compare_create_revision(key, 0)],
+                success=[kv.txn_op_put(key, record.to_json(), lease=lease_id)],
+                timeout=self.opts.timeout,
+            )
+        return int(resp.header.revision) if resp.succeeded else None
+
+    async def replace_lease(self, record: NodeRecord, lease_id: int, expect_mod: int) -> int | None:
+        """Rewrite our own key (new etcd lease, new VTEP...) if unchanged since `expect_mod`."""
+        key = subnet_key(self.prefix, record.subnet)
+        kv = self._kv
+        with _errors(f"update {key}"):
+            resp = await kv.txn(
+                compare=[_compare_mod(key, expect_mod)],
+                success=[kv.txn_op_put(key, record.to_json(), lease=lease_id)],
+                timeout=self.opts.timeout,
+            )
+        return int(resp.header.revision) if resp.succeeded else None
+
+    async def delete_lease(self, subnet: IPv4Network, expect_mod: int | None = None) -> bool:
+        key = subnet_key(self.prefix, subnet)
+        kv = self._kv
+        with _errors(f"delete {key}"):
+            if expect_mod is None:
+                resp = await kv.delete(key, timeout=self.opts.timeout)
+                return bool(resp.deleted)
+            resp = await kv.txn(
+                compare=[_compare_mod(key, expect_mod)],
+                success=[kv.txn_op_delete(key)],
+                timeout=self.opts.timeout,
+            )
+            return bool(resp.succeeded)
+
+    async def put_raw(self, key: str, value: bytes | str) -> None:
+        with _errors(f"write {key}"):
+            await self._kv.put(key, value, timeout=self.opts.timeout)
+
+
+def _compare_mod(key: str, mod: int) -> Any:
+    from etcd3aio._protobuf import Compare
+
+    return Compare(key=key.encode(), target=Compare.MOD, result=Compare.EQUAL, mod_revision=mod)

@@ -1,0 +1,546 @@
+"""A whole cluster on one machine, built from network namespaces.
+
+  underlay   ovs-<name>-ul      a bridge (br0) joining every host's eth0
+  etcd       ovs-<name>-etcd1.. real etcd processes
+  nodes      ovs-<name>-n1..    a real overlayd each
+  pods       ovs-<name>-n1-p1.. attached by running the CNI conflist, like a runtime
+
+Nothing is created in the root namespace: every device lives in a namespace
+this module made, every process it starts is recorded by PID in
+/run/overlay-sandbox/<name>/state.json, and `down` removes all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overlay.ctl.install import InstallOptions, install
+from overlay.sandbox.runtime import NetworkList
+
+BASE = Path("/run/overlay-sandbox")
+UNDERLAY_NET = "172.30.0.0/16"
+NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
+
+
+class SandboxError(Exception):
+    """A step failed. `step` names it; `log` is the tail of the log that explains it."""
+
+    def __init__(self, step: str, message: str, log: str = "") -> None:
+        super().__init__(f"{step}: {message}")
+        self.step, self.message, self.log = step, message, log
+
+
+def sh(*args: str, check: bool = True, timeout: float = 60, input: bytes | None = None
+       ) -> subprocess.CompletedProcess[bytes]:
+    p = subprocess.run(list(args), capture_output=True, timeout=timeout, check=False,
+                       input=input)
+    if check and p.returncode != 0:
+        raise subprocess.CalledProcessError(p.returncode, args, p.stdout, p.stderr)
+    return p
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def tool(name: str) -> str:
+    """A console script of this installation (next to the running interpreter)."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise SandboxError("setup", f"{name} is not installed (run `make install`)")
+    return found
+
+
+@dataclass
+class Pod:
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    ifname: str = "eth0"
+    ip: str = ""
+    result: Any = None
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    underlay_ip: str
+    role: str  # "etcd", "node", "outside"
+    pid: int = 0
+    log: str = ""
+    dir: str = ""
+
+
+@dataclass
+class State:
+    name: str
+    dir: str
+    underlay: str
+    etcd: list[Host] = field(default_factory=list)
+    nodes: list[Host] = field(default_factory=list)
+    pods: list[Pod] = field(default_factory=list)
+    others: list[Host] = field(default_factory=list)
+    cidr: str = "10.244.0.0/16"
+    subnet_len: int = 24
+    vni: int = 1
+    port: int = 8472
+    agent_args: list[str] = field(default_factory=list)
+    etcd_tls: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        doc = json.loads(path.read_text())
+        doc["etcd"] = [Host(**h) for h in doc.get("etcd", [])]
+        doc["nodes"] = [Host(**h) for h in doc.get("nodes", [])]
+        doc["others"] = [Host(**h) for h in doc.get("others", [])]
+        doc["pods"] = [Pod(**p) for p in doc.get("pods", [])]
+        return cls(**doc)
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+class Sandbox:
+    def __init__(self, name: str = "demo", progress: Progress = _quiet,
+                 base: Path = BASE) -> None:
+        if not NAME_RE.match(name):
+            raise SandboxError("setup", f"sandbox name {name!r} must be 1-12 of [a-z0-9]")
+        self.name = name
+        self.dir = base / name
+        self.progress = progress
+        self.state_path = self.dir / "state.json"
+        self.state: State | None = State.load(self.state_path) if self.state_path.exists() \
+            else None
+
+    # --- naming -----------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return f"ovs-{self.name}-"
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}{host}"
+
+    @property
+    def st(self) -> State:
+        if self.state is None:
+            raise SandboxError("sandbox", f"sandbox {self.name!r} is not up "
+                               f"(no {self.state_path})")
+        return self.state
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.st), indent=2) + "\n")
+        os.replace(tmp, self.state_path)
+
+    @contextlib.contextmanager
+    def step(self, what: str, log: Path | None = None) -> Iterator[None]:
+        self.progress(f"  {what} ...")
+        t0 = time.monotonic()
+        try:
+            yield
+        except SandboxError:
+            raise
+        except subprocess.CalledProcessError as exc:
+            out = (exc.stderr or b"").decode(errors="replace") + (exc.stdout or b"").decode(
+                errors="replace")
+            raise SandboxError(what, f"`{' '.join(map(str, exc.cmd))}` exited {exc.returncode}",
+                               out.strip() or (tail(log) if log else "")) from None
+        except Exception as exc:
+            raise SandboxError(what, f"{type(exc).__name__}: {exc}",
+                               tail(log) if log else "") from None
+        self.progress(f"  {what}: done in {time.monotonic() - t0:.1f}s")
+
+    # --- hosts ----------------------------------------------------------------
+
+    def exec_prefix(self, host_ns: str) -> list[str]:
+        return ["ip", "netns", "exec", host_ns]
+
+    def run_in(self, host_ns: str, *cmd: str, check: bool = True, timeout: float = 60
+               ) -> subprocess.CompletedProcess[bytes]:
+        return sh(*self.exec_prefix(host_ns), *cmd, check=check, timeout=timeout)
+
+    def _new_ns(self, ns: str) -> None:
+        if ns in list_netns():
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def _plug(self, host: str, ns: str, ip: str, mtu: int = 1500) -> None:
+        """Connect host namespace `ns` to the underlay bridge as eth0 with `ip`."""
+        ul = self.st.underlay
+        port = f"u-{host}"[:15]
+        sh("ip", "-n", ul, "link", "add", port, "mtu", str(mtu), "type", "veth", "peer", "name",
+           "eth0", "netns", ns, "mtu", str(mtu))
+        sh("ip", "-n", ul, "link", "set", port, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/16", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def underlay_ip(self, role: str, index: int) -> str:
+        third = {"etcd": 0, "node": 1, "outside": 2}[role]
+        return f"172.30.{third}.{10 + index}"
+
+    # --- up -------------------------------------------------------------------
+
+    def up(self, nodes: int = 3, pods_per_node: int = 2, *, etcd_members: int = 1,
+           cidr: str = "10.244.0.0/16", subnet_len: int = 24, vni: int = 1,
+           port: int = 8472, agent_args: Sequence[str] = (), wait: float = 60) -> State:
+        if self.state is not None:
+            raise SandboxError("up", f"sandbox {self.name!r} already exists; run "
+                               f"`overlayctl sandbox down --name {self.name}` first")
+        if os.geteuid() != 0:
+            raise SandboxError("up", "the sandbox needs root (it creates network namespaces)")
+        for binary in ("ip", "etcd", "ping"):
+            if shutil.which(binary) is None:
+                raise SandboxError("up", f"{binary} is not installed (apt-get install iproute2 "
+                                   "etcd-server iputils-ping)")
+        leftovers = [n for n in list_netns() if n.startswith(self.prefix)]
+        for n in leftovers:
+            sh("ip", "netns", "del", n, check=False)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        self.state = State(name=self.name, dir=str(self.dir), underlay=self.ns("ul"),
+                           cidr=cidr, subnet_len=subnet_len, vni=vni, port=port,
+                           agent_args=list(agent_args))
+        self.save()
+        t0 = time.monotonic()
+        with self.step("underlay network"):
+            self._new_ns(self.st.underlay)
+            sh("ip", "-n", self.st.underlay, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.st.underlay, "link", "set", "br0", "up")
+        self.start_etcd(etcd_members)
+        with self.step("network config in etcd"):
+            self.etcdctl_overlay("network", "init", "--cidr", cidr, "--subnet-len",
+                                 str(subnet_len), "--vni", str(vni), "--port", str(port))
+        with self.step("CNI plugin"):
+            install(InstallOptions(bin_dir=self.dir / "cni" / "bin",
+                                   conf_dir=self.dir / "cni" / "unused"))
+        names = [f"n{i}" for i in range(1, nodes + 1)]
+        for n in names:
+            self.add_node(n, wait=False)
+        for n in names:
+            self.wait_ready(n, wait)
+        for n in names:
+            for _ in range(pods_per_node):
+                self.add_pod(n)
+        self.progress(f"sandbox {self.name} up in {time.monotonic() - t0:.1f}s: "
+                      f"{nodes} nodes, {nodes * pods_per_node} pods")
+        return self.st
+
+    def etcd_endpoints(self) -> str:
+        return ",".join(f"http://{h.underlay_ip}:2379" for h in self.st.etcd)
+
+    def start_etcd(self, members: int = 1) -> None:
+        st = self.st
+        hosts = []
+        for i in range(1, members + 1):
+            name = f"etcd{i}"
+            hosts.append(Host(name, self.ns(name), self.underlay_ip("etcd", i), "etcd",
+                              log=str(self.dir / "logs" / f"{name}.log"),
+                              dir=str(self.dir / name)))
+        cluster = ",".join(f"{h.name}=http://{h.underlay_ip}:2380" for h in hosts)
+        for h in hosts:
+            with self.step(f"etcd host {h.name} ({h.underlay_ip})", Path(h.log)):
+                self._new_ns(h.netns)
+                self._plug(h.name, h.netns, h.underlay_ip)
+                st.etcd.append(h)
+                self.save()
+                self._spawn_etcd(h, cluster, "new")
+        for h in hosts:
+            with self.step(f"etcd {h.name} healthy", Path(h.log)):
+                self.wait_etcd(h)
+
+    def _spawn_etcd(self, h: Host, cluster: str, cluster_state: str) -> None:
+        Path(h.dir).mkdir(parents=True, exist_ok=True)
+        cmd = [
+            "etcd", "--name", h.name, "--data-dir", h.dir,
+            "--listen-client-urls", f"http://{h.underlay_ip}:2379,http://127.0.0.1:2379",
+            "--advertise-client-urls", f"http://{h.underlay_ip}:2379",
+            "--listen-peer-urls", f"http://{h.underlay_ip}:2380",
+            "--initial-advertise-peer-urls", f"http://{h.underlay_ip}:2380",
+            "--initial-cluster", cluster, "--initial-cluster-state", cluster_state,
+            "--initial-cluster-token", f"ovs-{self.name}",
+            "--heartbeat-interval", "100", "--election-timeout", "1000",
+        ]
+        h.pid = self._spawn(h.netns, cmd, Path(h.log))
+        self.save()
+
+    def wait_etcd(self, h: Host, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.run_in(h.netns, "etcdctl", "--endpoints", "http://127.0.0.1:2379",
+                            "--command-timeout=2s", "endpoint", "health", check=False)
+            if p.returncode == 0:
+                return
+            if not pid_alive(h.pid):
+                raise RuntimeError(f"etcd {h.name} exited")
+            time.sleep(0.2)
+        raise TimeoutError(f"etcd {h.name} not healthy after {timeout:.0f}s")
+
+    def etcdctl_overlay(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """Run `overlayctl <args>` on the first etcd host, against the local etcd."""
+        h = self.st.etcd[0]
+        return self.run_in(h.netns, tool("overlayctl"), *args, "--etcd-endpoints",
+                           "http://127.0.0.1:2379")
+
+    def _spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str] | None = None
+               ) -> int:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as f:
+            p = subprocess.Popen([*self.exec_prefix(ns), *cmd], stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir,
+                                 env={**os.environ, **(env or {})})
+        return p.pid
+
+    # --- nodes ----------------------------------------------------------------
+
+    def node(self, name: str) -> Host:
+        for h in self.st.nodes:
+            if h.name == name:
+                return h
+        raise SandboxError("node", f"no node {name!r} in sandbox {self.name}")
+
+    def node_dir(self, name: str) -> Path:
+        return self.dir / "nodes" / name
+
+    def agent_socket(self, name: str) -> Path:
+        return self.node_dir(name) / "run" / "overlayd.sock"
+
+    def cni_socket(self, name: str) -> Path:
+        return self.node_dir(name) / "run" / "cni.sock"
+
+    def conflist_path(self, name: str) -> Path:
+        return self.node_dir(name) / "net.d" / "10-overlay.conflist"
+
+    def cni_path(self) -> str:
+        return f"{self.dir / 'cni' / 'bin'}:/usr/lib/cni"
+
+    def add_node(self, name: str | None = None, *, wait: bool = True,
+                 extra_args: Sequence[str] = ()) -> Host:
+        st = self.st
+        if name is None:
+            used = {h.name for h in st.nodes}
+            name = next(f"n{i}" for i in range(1, 10_000) if f"n{i}" not in used)
+        index = int(name[1:]) if name[1:].isdigit() else len(st.nodes) + 100
+        h = Host(name, self.ns(name), self.underlay_ip("node", index), "node",
+                 log=str(self.dir / "logs" / f"{name}.log"), dir=str(self.node_dir(name)))
+        with self.step(f"node {name} ({h.underlay_ip})"):
+            self._new_ns(h.netns)
+            self._plug(name, h.netns, h.underlay_ip)
+            d = self.node_dir(name)
+            (d / "run").mkdir(parents=True, exist_ok=True)
+            (d / "state").mkdir(parents=True, exist_ok=True)
+            install(InstallOptions(bin_dir=self.dir / "cni" / "bin", conf_dir=d / "net.d",
+                                   agent_socket=str(self.cni_socket(name))))
+            st.nodes.append(h)
+            self.save()
+            self.start_agent(name, extra_args)
+        if wait:
+            self.wait_ready(name)
+        return h
+
+    def agent_cmd(self, name: str, extra_args: Sequence[str] = ()) -> list[str]:
+        d = self.node_dir(name)
+        return [
+            tool("overlayd"), "--node-name", name, "--etcd-endpoints", self.etcd_endpoints(),
+            "--iface", "eth0", "--run-dir", str(d / "run"), "--state-dir", str(d / "state"),
+            "--health-addr", "127.0.0.1:9181", "--reconcile-interval", "0.5",
+            *self.st.agent_args, *extra_args,
+        ]
+
+    def start_agent(self, name: str, extra_args: Sequence[str] = ()) -> int:
+        h = self.node(name)
+        h.pid = self._spawn(h.netns, self.agent_cmd(name, extra_args), Path(h.log))
+        self.save()
+        return h.pid
+
+    def stop_agent(self, name: str, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        h = self.node(name)
+        if h.pid and pid_alive(h.pid):
+            kill_and_wait(h.pid, sig, timeout)
+        h.pid = 0
+        self.save()
+
+    def status(self, name: str, timeout: float = 2.0) -> Any:
+        from overlay.ctl.client import local_status
+
+        return local_status(self.agent_socket(name), timeout)
+
+    def wait_ready(self, name: str, timeout: float = 60) -> None:
+        h = self.node(name)
+        with self.step(f"agent {name} ready", Path(h.log)):
+            deadline = time.monotonic() + timeout
+            last = "no answer"
+            while time.monotonic() < deadline:
+                if not pid_alive(h.pid):
+                    raise RuntimeError(f"overlayd on {name} exited")
+                try:
+                    st = self.status(name)
+                    if st.ready:
+                        return
+                    last = "; ".join(f"{c.name}: {c.message}" for c in st.conditions if not c.ok)
+                except Exception as exc:  # not listening yet
+                    last = str(exc).splitlines()[0][:200]
+                time.sleep(0.1)
+            raise TimeoutError(f"not ready after {timeout:.0f}s ({last})")
+
+    # --- pods -----------------------------------------------------------------
+
+    def network(self, node: str) -> NetworkList:
+        return NetworkList(self.conflist_path(node), self.cni_path(),
+                           prefix=self.exec_prefix(self.node(node).netns))
+
+    def add_pod(self, node: str, name: str | None = None) -> Pod:
+        st = self.st
+        if name is None:
+            used = {p.name for p in st.pods}
+            name = next(f"{node}-p{i}" for i in range(1, 10_000) if f"{node}-p{i}" not in used)
+        pod = Pod(name=name, node=node, netns=self.ns(name), container_id=f"sandbox-{name}")
+        with self.step(f"pod {name}"):
+            self._new_ns(pod.netns)
+            st.pods.append(pod)
+            self.save()
+            pod.result = self.network(node).add(pod.container_id, f"/run/netns/{pod.netns}",
+                                                pod.ifname)
+            pod.ip = pod.result["ips"][0]["address"].split("/")[0]
+            self.save()
+        return pod
+
+    def del_pod(self, name: str) -> None:
+        pod = self.pod(name)
+        self.network(pod.node).delete(pod.container_id, f"/run/netns/{pod.netns}", pod.ifname,
+                                      pod.result)
+        sh("ip", "netns", "del", pod.netns, check=False)
+        self.st.pods = [p for p in self.st.pods if p.name != name]
+        self.save()
+
+    def pod(self, name: str) -> Pod:
+        for p in self.st.pods:
+            if p.name == name:
+                return p
+        raise SandboxError("pod", f"no pod {name!r}")
+
+    def ping(self, src_ns: str, dst: str, count: int = 1, timeout: float = 2,
+             size: int | None = None, dont_fragment: bool = False) -> bool:
+        args = ["ping", "-n", "-q", "-c", str(count), "-W", str(timeout)]
+        if count > 1:
+            args += ["-i", "0.2"]
+        if size is not None:
+            args += ["-s", str(size)]
+        if dont_fragment:
+            args += ["-M", "do"]
+        p = self.run_in(src_ns, *args, dst, check=False, timeout=timeout * count + 10)
+        return p.returncode == 0
+
+    def check(self, workers: int = 8) -> tuple[list[tuple[Pod, Pod, bool]], int, int]:
+        pods = self.st.pods
+        pairs = [(a, b) for a in pods for b in pods if a is not b]
+
+        def probe(pair: tuple[Pod, Pod]) -> bool:
+            a, b = pair
+            # One retry: the very first packet may wait on ARP inside a pod.
+            return self.ping(a.netns, b.ip) or self.ping(a.netns, b.ip, timeout=2)
+
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            oks = list(ex.map(probe, pairs))
+        results = [(a, b, ok) for (a, b), ok in zip(pairs, oks, strict=True)]
+        return results, sum(oks), len(pairs)
+
+    # --- other hosts ----------------------------------------------------------
+
+    def add_outside_host(self, name: str = "outside") -> Host:
+        st = self.st
+        h = Host(name, self.ns(name), self.underlay_ip("outside", len(st.others) + 1), "outside")
+        with self.step(f"outside host {name} ({h.underlay_ip})"):
+            self._new_ns(h.netns)
+            self._plug(name, h.netns, h.underlay_ip)
+            st.others.append(h)
+            self.save()
+        return h
+
+    # --- down -----------------------------------------------------------------
+
+    def down(self) -> None:
+        st = self.state
+        if st is not None:
+            procs = [h for h in (*st.nodes, *st.etcd, *st.others) if h.pid]
+            for h in procs:
+                if pid_alive(h.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(h.pid, signal.SIGTERM)
+            for h in procs:
+                kill_and_wait(h.pid, signal.SIGTERM, 10)
+        for n in list_netns():
+            if n.startswith(self.prefix):
+                sh("ip", "netns", "del", n, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.state = None
+
+
+def list_netns() -> list[str]:
+    p = sh("ip", "netns", "list", check=False)
+    return [line.split()[0] for line in p.stdout.decode().splitlines() if line.strip()]
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_and_wait(pid: int, sig: int, timeout: float) -> None:
+    """Stop a process we started (by PID), escalating to SIGKILL after `timeout`."""
+    if not pid_alive(pid):
+        _reap(pid)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        _reap(pid)
+        if not pid_alive(pid):
+            return
+        time.sleep(0.05)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)

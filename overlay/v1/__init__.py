@@ -1,0 +1,1 @@
+"""Generated gRPC modules (compiled from proto/overlay/v1 at build time)."""
