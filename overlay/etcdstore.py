@@ -270,7 +270,7 @@ class EtcdStore:
         from etcd3aio import prefix_range_end
 
         head = f"{self.prefix}subnets/"
-        gen = self._client.watch.watch(  # type: ignore[union-attr]
+        gen: Any = self._client.watch.watch(  # type: ignore[union-attr]
             head, range_end=prefix_range_end(head), start_revision=start_revision
         )
         try:

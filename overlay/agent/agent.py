@@ -92,6 +92,7 @@ class Agent:
         self._closers: list[Any] = []
         self._stop = asyncio.Event()
         self._leave = False
+        self._leave_event = asyncio.Event()
 
     # --- what other parts ask -------------------------------------------------
 
@@ -147,6 +148,14 @@ class Agent:
         except PermanentError as exc:
             log.error("%s", exc)
             return 2
+        except BaseExceptionGroup as group:
+            # A supervised task died: the others were cancelled; say which and why.
+            for failure in group.exceptions:
+                if isinstance(failure, PermanentError):
+                    log.error("%s", failure)
+                    return 2
+                log.error("task failed: %s", failure, exc_info=failure)
+            return 1
         finally:
             for closer in reversed(self._closers):
                 with contextlib.suppress(Exception):
@@ -178,12 +187,12 @@ class Agent:
         fixed = ipam.repair()
         if fixed:
             log.warning("IPAM: repaired %d records left inconsistent by a crash", fixed)
-        masq = None
-        if opts.ip_masq:
-            from overlay.agent.masq import NftMasquerade
+        from overlay.agent.masq import NftMasquerade
 
-            masq = NftMasquerade(self)
-            self._closers.append(masq.close)
+        masq = NftMasquerade(lambda: self.cfg.network if self.cfg else None,
+                             lambda: self.lease.subnet if self.lease else None,
+                             opts.run_dir / "masq", whole_node=opts.ip_masq)
+        self._closers.append(masq.close)
         self.cni = CniService(ipam, PodWiring(cni_ipr, BRIDGE_NAME), self.node_net, masq)
         self.masq = masq
         await self.cni.start(opts.run_dir / "cni.sock")
@@ -257,11 +266,12 @@ class Agent:
         self.peers.reset(snap)
         enable_forwarding()
         await self._first_reconcile()
+        if opts.ip_masq or self.masq.has_pods():
+            await self.masq.ensure()
         log.info("node %s ready: subnet %s, %d peers", self.node, entry.record.subnet,
                  len(self.peers.peer_records()))
         metrics.READY.set(1)
 
-        self._leave_event = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.lease.keep_alive(), name="lease-keepalive")
             tg.create_task(self._watch(store, snap.revision), name="lease-watch")
@@ -353,6 +363,8 @@ class Agent:
                                                        entry.record.subnet))
         self.reconciler.set_specs(self._specs(entry))
         metrics.LEASE_ACQUISITIONS.inc()
+        if self.masq.active:
+            await self.masq.ensure()
 
     async def _wait_config(self, store: EtcdStore) -> NetworkConfig:
         last = ""

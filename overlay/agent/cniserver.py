@@ -72,7 +72,9 @@ class CniService:
 
     # --- dispatch ---------------------------------------------------------
 
-    async def handle(self, env: dict[str, str], stdin: bytes, ns_fd: int | None) -> tuple[int, bytes]:
+    async def handle(
+        self, env: dict[str, str], stdin: bytes, ns_fd: int | None
+    ) -> tuple[int, bytes]:
         command = env.get("CNI_COMMAND", "?")
         t0 = time.perf_counter()
         version = spec.version_of(stdin)
@@ -106,8 +108,8 @@ class CniService:
         except Exception as exc:
             metrics.CNI_REQUESTS.labels(command=command, result="internal").inc()
             log.exception("CNI %s failed unexpectedly", command)
-            err = CniError(spec.E_INTERNAL, f"internal error in the overlay agent: {exc}")
-            return err.code, spec.error_doc(version, err)
+            internal = CniError(spec.E_INTERNAL, f"internal error in the overlay agent: {exc}")
+            return internal.code, spec.error_doc(version, internal)
         finally:
             if command in spec.COMMANDS:
                 metrics.CNI_SECONDS.labels(command=command).observe(time.perf_counter() - t0)
@@ -117,9 +119,6 @@ class CniService:
         if not node.ready or node.subnet is None:
             raise CniError(spec.E_TRY_AGAIN, "the overlay node agent is not ready; try again later",
                            node.reason or "starting")
-        if conf.ip_masq and self.masq is None:
-            raise CniError(spec.E_INVALID_CONFIG, "ipMasq: masquerading is not enabled in this "
-                           "agent (start overlayd with --ip-masq)")
         mtu = conf.mtu or node.mtu
         if mtu > node.mtu:
             raise CniError(spec.E_INVALID_CONFIG, f"mtu: {mtu} is larger than the overlay MTU "
@@ -128,7 +127,8 @@ class CniService:
         try:
             alloc = self.ipam.allocate(node.subnet, e.container_id, e.ifname)
         except AddressesExhausted as exc:
-            raise CniError(spec.E_NO_ADDRESS, "no free pod address on this node", str(exc)) from None
+            raise CniError(spec.E_NO_ADDRESS, "no free pod address on this node",
+                           str(exc)) from None
         address = IPv4Interface(f"{alloc.ip}/{node.subnet.prefixlen}")
         gw = node.gateway.ip
         success = False
@@ -297,7 +297,12 @@ async def _recv_some(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> by
 async def _recv_with_fds(loop: asyncio.AbstractEventLoop, conn: socket.socket
                          ) -> tuple[bytes, list[int]]:
     fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(conn.fileno(), lambda: fut.done() or fut.set_result(None))
+
+    def readable() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(conn.fileno(), readable)
     try:
         await asyncio.wait_for(fut, 30)
     finally:

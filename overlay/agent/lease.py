@@ -10,6 +10,7 @@ moves, saying so, only if somebody else took it meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -162,10 +163,8 @@ class LeaseManager:
 
     async def _revoke_quietly(self) -> None:
         if self.lease_id:
-            try:
+            with contextlib.suppress(TemporaryError):
                 await self.store.revoke(self.lease_id)
-            except TemporaryError:
-                pass
             self.lease_id = 0
 
     def lost(self, why: str) -> None:
@@ -179,10 +178,8 @@ class LeaseManager:
         outage_since: float | None = None
         while True:
             interval = max(1.0, self.ttl / 4) if self.healthy else 1.0
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), interval)
-            except TimeoutError:
-                pass
             if self._lost.is_set():
                 self._lost.clear()
                 await self._reacquire("its key was deleted or changed")

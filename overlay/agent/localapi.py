@@ -25,14 +25,14 @@ def record_pb(rec: NodeRecord, lease_revision: int = 0, incarnation: int = 0) ->
     )
 
 
-class LocalService(pb_grpc.LocalServicer):  # type: ignore[misc]
+class LocalService(pb_grpc.LocalServicer):  # type: ignore[misc,unused-ignore]
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def Status(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Status(self, request: Any, context: Any) -> Any:
         return status_reply(self.agent)
 
-    async def Leave(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Leave(self, request: Any, context: Any) -> Any:
         self.agent.request_leave()
         return pb.LocalLeaveReply()
 

@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reconcile-interval", type=float, default=1.0, metavar="SECONDS",
                    help="period of the pass that repairs kernel drift (default: %(default)s)")
     g.add_argument("--ip-masq", action="store_true",
-                   help="masquerade traffic from pods leaving the cluster network "
-                        "(nftables table 'overlay'), for pods whose CNI config sets ipMasq")
+                   help="masquerade all traffic from this node's pods that leaves the "
+                        "cluster network (nftables table 'ip overlay'); without it, only pods "
+                        "whose CNI config sets ipMasq are masqueraded")
     g = p.add_argument_group("local state")
     g.add_argument("--run-dir", type=Path, default=Path("/run/overlay"),
                    help="sockets and pod address allocations (default: %(default)s)")

@@ -10,6 +10,7 @@ timer, so an entry deleted by hand or a deleted device comes back by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -78,7 +79,10 @@ class Reconciler:
 
     async def reconcile_once(self) -> PassResult:
         async with self._lock:
-            return await self._pass()
+            try:
+                return await self._pass()
+            finally:
+                self.passes += 1
 
     async def _pass(self) -> PassResult:
         assert self.specs is not None, "set_specs() first"
@@ -164,7 +168,6 @@ class Reconciler:
                 backoff = min(backoff * 2, 10 * self.interval)
                 await self._sleep(backoff)
                 continue
-            self.passes += 1
             if res.ok:
                 metrics.RECONCILE_PASSES.labels(result="ok").inc()
                 self.last_ok = time.monotonic()
@@ -179,7 +182,5 @@ class Reconciler:
                 await self._sleep(backoff)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass

@@ -17,10 +17,9 @@ Wire format (both directions are length-prefixed, big-endian u32):
   response: u32 exit code | len | stdout bytes
 """
 
+import _socket
 import os
 import sys
-
-import _socket
 
 MAGIC = b"OVLCNI1\x00"
 DEFAULT_SOCKET = "/run/overlay/cni.sock"
@@ -47,7 +46,8 @@ def parse_json(data: bytes) -> object:
     i = 0
     while i < n and text[i] in " \t\r\n":
         i += 1
-    obj, end = _json.make_scanner(_Ctx())(text, i)  # raises StopIteration / ValueError
+    scanner = _json.make_scanner(_Ctx())  # type: ignore[arg-type]
+    obj, end = scanner(text, i)  # raises StopIteration / ValueError
     while end < n and text[end] in " \t\r\n":
         end += 1
     if end != n:

@@ -229,7 +229,9 @@ def parse_conf(stdin: bytes, command: str) -> NetConf:
     if ipam not in (None, {}):
         raise CniError(E_INVALID_CONFIG, "ipam: overlay allocates addresses from the node's "
                        "leased subnet itself; remove the ipam section")
-    dns_doc = doc.get("dns") or {}
+    dns_doc = doc.get("dns")
+    if dns_doc is None:
+        dns_doc = {}
     if not isinstance(dns_doc, dict):
         raise CniError(E_INVALID_CONFIG, "dns: expected an object")
     domain = dns_doc.get("domain", "")

@@ -201,6 +201,7 @@ def local_networks() -> list[Any]:
     out = []
     try:
         import fcntl  # noqa: F401
+
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -225,7 +226,7 @@ async def leases_cmd(args: argparse.Namespace) -> int:
                            "grpcAddr": e.record.grpc_addr, "etcdLease": e.lease_id,
                            "modRevision": e.mod_revision} for e in rows], indent=2))
         return 0
-    table = [("SUBNET", "NODE", "UNDERLAY", "VTEP MAC", "GRPC")]
+    table: list[tuple[str, ...]] = [("SUBNET", "NODE", "UNDERLAY", "VTEP MAC", "GRPC")]
     table += [(str(e.record.subnet), e.record.node, str(e.record.underlay_ip), e.record.vtep_mac,
                e.record.grpc_addr) for e in rows]
     print_table(table)
@@ -262,8 +263,8 @@ def peer_rows(st: Any) -> list[tuple[str, ...]]:
     from overlay.ctl.client import status_json
 
     doc = status_json(st)
-    rows = [("PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT", "TUNNEL RTT", "SINCE",
-             "PROGRAMMED")]
+    rows: list[tuple[str, ...]] = [("PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT",
+                                    "TUNNEL RTT", "SINCE", "PROGRAMMED")]
     for p in doc["peers"]:
         rows.append((p["name"], p["subnet"], p["underlayIP"], p["state"], fmt_rtt(p["grpcRttUs"]),
                      fmt_rtt(p["tunnelRttUs"]), fmt_since(p["sinceUnixMs"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from overlay.sandbox.sandbox import Sandbox, SandboxError, tail
@@ -69,10 +70,10 @@ def check(sb: Sandbox) -> int:
         for b in names:
             cells.append("-" if a == b else ("ok" if matrix[(a, b)] else "FAIL"))
         print(a.ljust(w) + "  " + "  ".join(c.rjust(w) for c in cells))
-    for a, b, good in results:
+    for pa, pb, good in results:
         if not good:
-            print(f"unreachable: {a.name} ({a.ip}, node {a.node}) -> {b.name} ({b.ip}, node "
-                  f"{b.node})")
+            print(f"unreachable: {pa.name} ({pa.ip}, node {pa.node}) -> {pb.name} ({pb.ip}, "
+                  f"node {pb.node})")
     print(f"connectivity: {ok}/{total} pod pairs reachable")
     return 0 if ok == total else 1
 
@@ -116,7 +117,8 @@ def status(sb: Sandbox, as_json: bool) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"sandbox {doc['name']}: etcd {doc['etcdEndpoints']}, cluster {doc['clusterCIDR']}")
-    rows = [("NODE", "NAMESPACE", "UNDERLAY", "SUBNET", "READY", "PEERS (programmed)")]
+    rows: list[tuple[str, ...]] = [
+        ("NODE", "NAMESPACE", "UNDERLAY", "SUBNET", "READY", "PEERS (programmed)")]
     for n in doc["nodes"]:
         prog = sum(1 for p in n["peers"] if p["programmed"])
         rows.append((n["name"], n["namespace"], n["underlayIP"], n["subnet"] or "-",
@@ -125,7 +127,7 @@ def status(sb: Sandbox, as_json: bool) -> int:
     for n in doc["nodes"]:
         if n.get("error"):
             print(f"{n['name']}: {n['error']} (log: {n['log']}, last lines below)")
-            print(tail(__import__("pathlib").Path(n["log"]), 5))
+            print(tail(Path(n["log"]), 5))
     print()
     rows = [("PEERS SEEN FROM", "PEER", "SUBNET", "UNDERLAY", "STATE", "PROGRAMMED")]
     for n in doc["nodes"]:

@@ -85,6 +85,13 @@ def _ok_missing(code: int) -> bool:
     return code in (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
 
 
+def harmless(op: Op, code: int) -> bool:
+    """Errors that mean the kernel already is as the op wants it."""
+    if op.action == "del":
+        return _ok_missing(code)
+    return isinstance(op.entry, Fdb) and code == errno.EEXIST
+
+
 async def collect(res: Any) -> list[Any]:
     """pyroute2 0.9 returns lists for single requests and async generators for dumps."""
     if hasattr(res, "__aiter__"):
@@ -265,9 +272,7 @@ class NetlinkKernel:
                 results.append(OpResult(op))
             except Exception as exc:
                 code = _nl_code(exc)
-                if op.action == "del" and _ok_missing(code):
-                    results.append(OpResult(op))
-                elif op.action == "add" and isinstance(op.entry, Fdb) and code == errno.EEXIST:
+                if harmless(op, code):
                     results.append(OpResult(op))
                 else:
                     results.append(OpResult(op, KernelError(str(op), code)))

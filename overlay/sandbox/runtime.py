@@ -108,9 +108,8 @@ class NetworkList:
 
     def __init__(self, conflist: dict[str, Any] | Path, cni_path: str,
                  prefix: Sequence[str] = ()) -> None:
-        if isinstance(conflist, Path):
-            conflist = json.loads(conflist.read_text())
-        self.conf = conflist
+        self.conf: dict[str, Any] = (json.loads(conflist.read_text())
+                                     if isinstance(conflist, Path) else conflist)
         self.cni_path = cni_path
         self.prefix = tuple(prefix)
 

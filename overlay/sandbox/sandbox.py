@@ -31,6 +31,9 @@ from overlay.ctl.install import InstallOptions, install
 from overlay.sandbox.runtime import NetworkList
 
 BASE = Path("/run/overlay-sandbox")
+# Daemons this process started, kept so they are reaped through their Popen
+# (processes started by an earlier `overlayctl sandbox up` are handled by PID).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 UNDERLAY_NET = "172.30.0.0/16"
 NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
 
@@ -304,6 +307,17 @@ class Sandbox:
             time.sleep(0.2)
         raise TimeoutError(f"etcd {h.name} not healthy after {timeout:.0f}s")
 
+    def signal_etcd(self, sig: int, members: Sequence[str] | None = None) -> None:
+        """Send `sig` to etcd members we started (all by default): SIGSTOP freezes one."""
+        for h in self.st.etcd:
+            if (members is None or h.name in members) and pid_alive(h.pid):
+                os.kill(h.pid, sig)
+
+    def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """Run etcdctl on the first etcd host against its local member."""
+        return self.run_in(self.st.etcd[0].netns, "etcdctl", "--endpoints",
+                           "http://127.0.0.1:2379", *args, check=check)
+
     def etcdctl_overlay(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         """Run `overlayctl <args>` on the first etcd host, against the local etcd."""
         h = self.st.etcd[0]
@@ -317,6 +331,7 @@ class Sandbox:
             p = subprocess.Popen([*self.exec_prefix(ns), *cmd], stdout=f, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir,
                                  env={**os.environ, **(env or {})})
+        _CHILDREN[p.pid] = p
         return p.pid
 
     # --- nodes ----------------------------------------------------------------
@@ -512,6 +527,7 @@ def list_netns() -> list[str]:
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
+    _reap(pid)
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[-1].split()[0] != "Z"
@@ -542,5 +558,10 @@ def kill_and_wait(pid: int, sig: int, timeout: float) -> None:
 
 
 def _reap(pid: int) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+        return
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)

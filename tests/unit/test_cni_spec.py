@@ -1,0 +1,138 @@
+import json
+from ipaddress import IPv4Address, IPv4Interface
+
+import pytest
+
+from overlay.cni import spec
+from overlay.cni.client import parse_json, socket_path
+
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/x",
+       "CNI_IFNAME": "eth0"}
+
+
+def conf(**kw):
+    d = {"cniVersion": "1.0.0", "name": "overlay", "type": "overlay"}
+    d.update(kw)
+    return json.dumps(d).encode()
+
+
+@pytest.mark.parametrize("missing", ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])
+def test_add_requires_each_env_var_and_names_it(missing):
+    env = {k: v for k, v in ENV.items() if k != missing}
+    with pytest.raises(spec.CniError) as ei:
+        spec.parse_env(env)
+    assert ei.value.code == spec.E_INVALID_ENV and missing in ei.value.msg
+
+
+def test_del_does_not_need_netns():
+    e = spec.parse_env({"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "a", "CNI_IFNAME": "eth0"})
+    assert e.netns == ""
+
+
+@pytest.mark.parametrize("name", ["", "a" * 16, ".", "..", "a/b", "a:b", "a b", "a\tb", "é\x00"])
+def test_bad_interface_names(name):
+    with pytest.raises(spec.CniError) as ei:
+        spec.parse_env({**ENV, "CNI_IFNAME": name})
+    assert ei.value.code == spec.E_INVALID_ENV
+
+
+def test_cni_args_parsed_and_malformed_refused():
+    e = spec.parse_env({**ENV, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=x"})
+    assert dict(e.args) == {"IgnoreUnknown": "1", "K8S_POD_NAME": "x"}
+    with pytest.raises(spec.CniError, match="CNI_ARGS"):
+        spec.parse_env({**ENV, "CNI_ARGS": "novalue"})
+
+
+def test_unknown_command():
+    with pytest.raises(spec.CniError) as ei:
+        spec.parse_env({**ENV, "CNI_COMMAND": "FROB"})
+    assert ei.value.code == spec.E_INVALID_ENV
+
+
+@pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
+def test_supported_versions_parse(version):
+    assert spec.parse_conf(conf(cniVersion=version), "ADD").cni_version == version
+
+
+@pytest.mark.parametrize(("doc", "code", "words"), [
+    (b"{", spec.E_DECODE, "decode"),
+    (b"[]", spec.E_DECODE, "object"),
+    (conf(cniVersion="0.2.0"), spec.E_INCOMPATIBLE_VERSION, "incompatible"),
+    (conf(cniVersion="2.0.0"), spec.E_INCOMPATIBLE_VERSION, "incompatible"),
+    (conf(cniVersion=None), spec.E_INVALID_CONFIG, "cniVersion"),
+    (conf(name="bad name"), spec.E_INVALID_CONFIG, "name"),
+    (conf(mtu=70000), spec.E_INVALID_CONFIG, "mtu"),
+    (conf(mtu=True), spec.E_INVALID_CONFIG, "mtu"),
+    (conf(hairpinMode="yes"), spec.E_INVALID_CONFIG, "hairpinMode"),
+    (conf(ipMasq=1), spec.E_INVALID_CONFIG, "ipMasq"),
+    (conf(dns=[]), spec.E_INVALID_CONFIG, "dns"),
+    (conf(dns={"nameservers": "1.1.1.1"}), spec.E_INVALID_CONFIG, "dns.nameservers"),
+    (conf(ipam={"type": "host-local"}), spec.E_INVALID_CONFIG, "ipam"),
+    (conf(prevResult=[]), spec.E_INVALID_CONFIG, "prevResult"),
+])
+def test_config_errors_have_the_right_code_and_name_the_key(doc, code, words):
+    with pytest.raises(spec.CniError) as ei:
+        spec.parse_conf(doc, "ADD")
+    assert ei.value.code == code
+    assert words in ei.value.msg + ei.value.details
+
+
+def test_tolerates_runtime_injected_keys():
+    c = spec.parse_conf(conf(runtimeConfig={"portMappings": []}, capabilities={"x": True},
+                             args={"cni": {"labels": []}}, somethingNew=1), "ADD")
+    assert c.runtime_config == {"portMappings": []}
+
+
+def test_check_gc_status_need_recent_versions():
+    with pytest.raises(spec.CniError) as ei:
+        spec.parse_conf(conf(cniVersion="0.3.1"), "CHECK")
+    assert ei.value.code == spec.E_INCOMPATIBLE_VERSION
+    with pytest.raises(spec.CniError):
+        spec.parse_conf(conf(cniVersion="1.0.0"), "GC")
+    c = spec.parse_conf(conf(cniVersion="1.1.0", **{"cni.dev/valid-attachments": [
+        {"containerID": "a", "ifname": "eth0"}]}), "GC")
+    assert c.valid_attachments == (("a", "eth0"),)
+
+
+RESULT = spec.Result(
+    interfaces=(spec.Interface("cni0", "02:00:00:00:00:aa"), spec.Interface("veth1", "02:01"),
+                spec.Interface("eth0", "02:02", "/run/netns/x")),
+    ips=(spec.IPConfig(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"), 2),),
+    routes=(spec.RouteR("0.0.0.0/0", "10.244.1.1"),),
+    dns=spec.Dns(("10.96.0.10",)),
+)
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0"])
+def test_legacy_results_carry_ip_version(version):
+    doc = json.loads(spec.render(RESULT, version))
+    assert doc["cniVersion"] == version
+    assert doc["ips"][0] == {"version": "4", "address": "10.244.1.5/24",
+                             "gateway": "10.244.1.1", "interface": 2}
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+def test_current_results_have_no_ip_version(version):
+    doc = json.loads(spec.render(RESULT, version))
+    assert "version" not in doc["ips"][0]
+    assert doc["interfaces"][2]["sandbox"] == "/run/netns/x"
+    assert doc["dns"] == {"nameservers": ["10.96.0.10"]}
+
+
+def test_result_round_trips_through_prev_result():
+    for v in spec.SUPPORTED_VERSIONS:
+        assert spec.parse_result(json.loads(spec.render(RESULT, v))) == RESULT
+
+
+def test_error_document_shape():
+    doc = json.loads(spec.error_doc("0.4.0", spec.CniError(7, "bad", "why")))
+    assert doc == {"cniVersion": "0.4.0", "code": 7, "msg": "bad", "details": "why"}
+
+
+def test_client_json_scanner_matches_json_module():
+    for text in [b'{"a": [1, 2.5, true, null, "x\\u00e9"]}', b'  {"agentSocket": "/x"}\n']:
+        assert parse_json(text) == json.loads(text)
+    with pytest.raises((ValueError, StopIteration)):
+        parse_json(b'{"a": 1} trailing')
+    assert socket_path(b'{"agentSocket": "/run/x.sock"}') == "/run/x.sock"
+    assert socket_path(b"garbage") == "/run/overlay/cni.sock"

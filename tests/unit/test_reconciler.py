@@ -1,0 +1,116 @@
+import asyncio
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from overlay.agent.reconciler import Reconciler, Specs
+from overlay.dataplane.desired import Fdb, Neigh, Route
+from overlay.dataplane.devices import BridgeSpec, VxlanSpec
+from overlay.dataplane.fake import FakeKernel
+from overlay.model import NodeRecord
+
+
+def rec(name, third, mac_last):
+    return NodeRecord(name, IPv4Network(f"10.244.{third}.0/24"),
+                      IPv4Address(f"172.30.1.{10 + third}"), f"02:00:00:00:00:{mac_last:02x}")
+
+
+SPECS = Specs(
+    "n1",
+    VxlanSpec("overlay.1", 1, 8472, IPv4Address("172.30.1.11"), 1450, "02:00:00:00:00:01",
+              IPv4Interface("10.244.1.0/32")),
+    BridgeSpec("cni0", "02:00:00:00:00:aa", 1450, IPv4Interface("10.244.1.1/24")),
+    IPv4Network("10.244.0.0/16"),
+)
+
+
+def make(peers):
+    k = FakeKernel()
+    r = Reconciler(k, lambda: peers)
+    r.set_specs(SPECS)
+    return k, r
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_first_pass_builds_devices_and_programs_peers():
+    peers = [rec("n2", 2, 2), rec("n3", 3, 3)]
+    k, r = make(peers)
+    res = run(r.reconcile_once())
+    assert res.ok and res.applied == 6
+    vx = k.links["overlay.1"]
+    assert vx.up and IPv4Interface("10.244.1.0/32") in vx.addresses
+    assert k.links["cni0"].up
+    assert len(k.entries[vx.index]) == 6
+    assert all(r.is_programmed(p) for p in peers)
+
+
+def test_second_pass_changes_nothing():
+    k, r = make([rec("n2", 2, 2)])
+    run(r.reconcile_once())
+    k.calls.clear()
+    res = run(r.reconcile_once())
+    assert res.applied == 0 and res.device_ops == 0
+    assert not any(c.startswith(("add", "del", "create")) for c in k.calls)
+
+
+def test_entry_deleted_by_hand_is_repaired_and_counted():
+    peer = rec("n2", 2, 2)
+    k, r = make([peer])
+    run(r.reconcile_once())
+    idx = k.links["overlay.1"].index
+    k.remove_entry(idx, Fdb(peer.vtep_mac, peer.underlay_ip))
+    res = run(r.reconcile_once())
+    assert res.repaired == 1 and r.is_programmed(peer)
+
+
+def test_deleted_device_is_recreated_with_its_entries():
+    peer = rec("n2", 2, 2)
+    k, r = make([peer])
+    run(r.reconcile_once())
+    del k.links["overlay.1"]
+    res = run(r.reconcile_once())
+    assert res.ok and res.repaired >= 1
+    assert r.is_programmed(peer)
+    assert len(k.entries[k.links["overlay.1"].index]) == 3
+
+
+def test_failed_op_is_not_recorded_as_programmed_and_is_retried():
+    peer = rec("n2", 2, 2)
+    k, r = make([peer])
+    k.fail_next[f"add {Route(peer.subnet, peer.vtep_ip)}"] = 1
+    res = run(r.reconcile_once())
+    assert not res.ok and res.failed == 1 and res.applied == 2
+    assert not r.is_programmed(peer)
+    assert Route(peer.subnet, peer.vtep_ip) not in r.programmed.routes
+    res = run(r.reconcile_once())
+    assert res.ok and res.applied == 1 and r.is_programmed(peer)
+
+
+def test_stale_peers_from_before_a_restart_are_removed():
+    k, r = make([])
+    run(r.reconcile_once())
+    gone = rec("n9", 9, 9)
+    idx = k.links["overlay.1"].index
+    from overlay.dataplane.desired import Entries
+    k.entries[idx] = Entries(frozenset({Route(gone.subnet, gone.vtep_ip)}),
+                             frozenset({Neigh(gone.vtep_ip, gone.vtep_mac)}),
+                             frozenset({Fdb(gone.vtep_mac, gone.underlay_ip)}))
+    res = run(r.reconcile_once())
+    assert res.applied == 3 and len(k.entries[idx]) == 0
+
+
+def test_observe_failure_raises_and_run_loop_survives_it():
+    peer = rec("n2", 2, 2)
+    k, r = make([peer])
+    r.interval = 0.01
+    k.fail_next["observe"] = 2
+
+    async def go():
+        task = asyncio.create_task(r.run())
+        await asyncio.wait_for(r.first_done.wait(), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(go())
+    assert r.is_programmed(peer)
