@@ -97,7 +97,7 @@ def test_drift_repair_of_each_entry_kind_within_2s(cluster3):
         times[kind] = _repair_time(cluster3, "n1", cmd,
                                    lambda p=present: p(kernel_entries(cluster3, "n1")))
     print(f"drift repair times: {times}")
-    results, ok, total = cluster3.check()
+    _results, ok, total = cluster3.check()
     assert ok == total
 
 
@@ -107,7 +107,7 @@ def test_deleted_vxlan_device_comes_back_with_its_peers(cluster3):
     took = wait_until(lambda: peer_entries_present(cluster3, "n1", "n2")
                       and peer_entries_present(cluster3, "n1", "n3"), timeout=2.0)
     print(f"device repair took {took:.2f}s")
-    results, ok, total = cluster3.check()
+    _results, ok, total = cluster3.check()
     assert ok == total
 
 

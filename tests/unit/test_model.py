@@ -62,7 +62,7 @@ def test_vni_bounds_are_inclusive():
 
 def test_overlap_with_the_underlay_is_refused():
     c = cfg(network="10.0.0.0/8")
-    with pytest.raises(ConfigError, match="overlaps 10.1.2.0/24"):
+    with pytest.raises(ConfigError, match=r"overlaps 10\.1\.2\.0/24"):
         validate_network(c, (IPv4Network("10.1.2.0/24"),))
     validate_network(c, (IPv4Network("192.168.1.0/24"),))
 
