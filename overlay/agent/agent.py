@@ -28,6 +28,7 @@ from overlay.agent.cniserver import CniService, NodeNet
 from overlay.agent.lease import LeaseManager, Template
 from overlay.agent.peers import PeerTable
 from overlay.agent.reconciler import Reconciler, Specs
+from overlay.agent.sdnotify import Notifier
 from overlay.cni.ipam import Ipam
 from overlay.cni.wiring import PodWiring
 from overlay.dataplane.devices import (
@@ -93,6 +94,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._leave = False
         self._leave_event = asyncio.Event()
+        self.notifier = Notifier()  # systemd Type=notify ($NOTIFY_SOCKET)
+        self._notified = ""
 
     # --- what other parts ask -------------------------------------------------
 
@@ -146,7 +149,7 @@ class Agent:
                 return 0
             raise
         except PermanentError as exc:
-            log.error("%s", exc)
+            log.error("invalid configuration: %s" if isinstance(exc, ConfigError) else "%s", exc)
             return 2
         except BaseExceptionGroup as group:
             # A supervised task died: the others were cancelled; say which and why.
@@ -165,10 +168,12 @@ class Agent:
 
     def _on_signal(self, sig: int, main: asyncio.Task[Any]) -> None:
         log.info("received %s, stopping", signal.Signals(sig).name)
+        self.notifier.stopping(f"stopping on {signal.Signals(sig).name}")
         self._stop.set()
         main.cancel()
 
     def request_leave(self) -> None:
+        self.notifier.stopping("leaving the cluster")
         self._leave = True
         self._stop.set()
         self._leave_event.set()
@@ -210,26 +215,31 @@ class Agent:
                 return ok, {"ready": ok, "conditions": {k: {"ok": c.ok, "message": c.message}
                                                         for k, c in self.conditions.items()}}
 
+            def scrape() -> tuple[int, str, bytes]:
+                self.refresh_metrics()
+                return metrics_route()
+
             routes = {"/healthz": json_route(health), "/readyz": json_route(ready)}
             if opts.health_addr:
-                srv = HttpServer({**routes, "/metrics": metrics_route})
+                srv = HttpServer({**routes, "/metrics": scrape})
                 await srv.start(*split_hostport(opts.health_addr, "--health-addr"))
                 self._closers.append(srv.close)
             if opts.metrics_addr and opts.metrics_addr != opts.health_addr:
-                msrv = HttpServer({"/metrics": metrics_route, **routes})
+                msrv = HttpServer({"/metrics": scrape, **routes})
                 await msrv.start(*split_hostport(opts.metrics_addr, "--metrics-addr"))
                 self._closers.append(msrv.close)
 
     async def _main(self) -> None:
         opts = self.opts
         assert self.kernel is not None
+        # The underlay first: a wrong --iface fails at once, even while etcd is down.
+        self.underlay = underlay = await find_underlay(
+            self.kernel.ipr, opts.iface, opts.iface_regex, opts.public_ip)
         self.store = store = EtcdStore(opts.etcd)
         await store.connect()
         self._closers.append(store.close)
 
         self.cfg = cfg = await self._wait_config(store)
-        self.underlay = underlay = await find_underlay(
-            self.kernel.ipr, opts.iface, opts.iface_regex, opts.public_ip)
         try:
             validate_network(cfg, (underlay.network,))
         except ConfigError as exc:
@@ -252,10 +262,12 @@ class Agent:
         self.lease = LeaseManager(store, cfg, template, opts.lease_ttl, ident.subnet)
         self.lease.on_change = self._lease_changed
         self.set_condition("lease", False, "acquiring a subnet lease")
+        self.notifier.status("acquiring a subnet lease")
         entry = await self.lease.acquire()
         metrics.LEASE_ACQUISITIONS.inc()
         self.set_condition("lease", True, f"holding {entry.record.subnet}")
         self.set_condition("etcd", True, "reachable")
+        metrics.ETCD_UP.set(1)
         state.save(opts.state_dir, state.Identity(ident.node, ident.vtep_mac,
                                                   entry.record.subnet))
 
@@ -271,6 +283,10 @@ class Agent:
         log.info("node %s ready: subnet %s, %d peers", self.node, entry.record.subnet,
                  len(self.peers.peer_records()))
         metrics.READY.set(1)
+        # systemd: started only now that the lease, the devices and the first
+        # reconcile are done, so pods scheduled after this get an address.
+        self._notified = self._ready_status()
+        self.notifier.ready(self._notified)
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.lease.keep_alive(), name="lease-keepalive")
@@ -340,6 +356,33 @@ class Agent:
             elif rec is not None:
                 self.set_condition("reconciled", True, "kernel matches the leases")
             metrics.READY.set(1 if self.ready() else 0)
+            status = self._ready_status()
+            if status != self._notified:
+                self._notified = status
+                self.notifier.status(status)
+
+    def _ready_status(self) -> str:
+        """One line for `systemctl status`."""
+        if not self.ready():
+            return f"not ready: {self.not_ready_reason()}"
+        npeers = len(self.peers.peer_records()) if self.peers else 0
+        return f"ready: node {self.node}, subnet {self.lease.subnet if self.lease else '-'}, " \
+               f"{npeers} peers"
+
+    def refresh_metrics(self) -> None:
+        """Gauges computed at scrape time: peers by membership state."""
+        from overlay.agent.localapi import status_reply
+        from overlay.v1 import overlay_pb2 as pb
+
+        names = {pb.PEER_STATE_UNSPECIFIED: "unknown", pb.PEER_STATE_ALIVE: "alive",
+                 pb.PEER_STATE_SUSPECT: "suspect", pb.PEER_STATE_DEAD: "dead",
+                 pb.PEER_STATE_LEFT: "left"}
+        counts = dict.fromkeys(names.values(), 0)
+        for p in status_reply(self).peers:
+            state = names.get(p.state, "unknown")
+            counts[state] += 1
+        for state, n in counts.items():
+            metrics.PEERS.labels(state=state).set(n)
 
     def _specs(self, entry: LeaseEntry) -> Specs:
         assert self.cfg is not None and self.underlay is not None
@@ -387,6 +430,7 @@ class Agent:
                 self.set_condition("etcd", False, msg)
             if msg != last:
                 log.warning("waiting for the network config: %s", msg)
+                self.notifier.status(f"waiting for the network config: {msg}")
                 last = msg
             await asyncio.sleep(1)
 

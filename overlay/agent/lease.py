@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Protocol
 
-from overlay import subnets
+from overlay import metrics, subnets
 from overlay.errors import TemporaryError
 from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
 
@@ -188,6 +188,7 @@ class LeaseManager:
                 left = await self.store.keepalive(self.lease_id)
             except TemporaryError as exc:
                 self.failures += 1
+                metrics.LEASE_RENEWALS.labels(result="error").inc()
                 if outage_since is None:
                     outage_since = time.monotonic()
                     log.warning("cannot renew lease for %s: %s (the kernel state is kept; "
@@ -196,6 +197,7 @@ class LeaseManager:
                 continue
             if left <= 0:
                 self.failures += 1
+                metrics.LEASE_RENEWALS.labels(result="expired").inc()
                 await self._reacquire("it expired (etcd was unreachable for longer than "
                                       f"the {self.ttl}s TTL?)")
                 outage_since = None
@@ -205,6 +207,7 @@ class LeaseManager:
                          time.monotonic() - outage_since)
                 outage_since = None
             self.renewals += 1
+            metrics.LEASE_RENEWALS.labels(result="ok").inc()
             self.healthy = True
             self.last_renewal = time.monotonic()
 

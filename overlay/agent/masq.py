@@ -25,6 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from overlay.errors import TemporaryError
+from overlay.log import change_fields
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,11 @@ class NftMasquerade:
         )
         await self._nft(script)
         self._built_for = (cluster, subnet)
-        log.info("nftables table ip %s: masquerading %s leaving %s", TABLE,
-                 f"{len(pods)} pod(s)" + (f" and all of {subnet}" if node_rule else ""), cluster)
+        why = ("overlayd --ip-masq" if node_rule else "pods whose CNI config sets ipMasq") + \
+            f"; the node subnet is {subnet}"
+        log.info("nftables table ip %s: masquerading %s leaving %s (%s)", TABLE,
+                 f"{len(pods)} pod(s)" + (f" and all of {subnet}" if node_rule else ""), cluster,
+                 why, extra=change_fields("nft", "create", why, table=f"ip {TABLE}"))
 
     async def add(self, ip: IPv4Address) -> None:
         async with self._lock:
@@ -112,6 +116,9 @@ class NftMasquerade:
                 await self._ensure_locked()  # the new element is included
                 return
             await self._nft(f"add element ip {TABLE} masq_pods {{ {ip} }}\n")
+            why = "its CNI config sets ipMasq"
+            log.info("nftables: masquerading pod %s (%s)", ip, why,
+                     extra=change_fields("nft", "add", why, element=str(ip)))
 
     async def remove(self, ip: IPv4Address) -> None:
         async with self._lock:
@@ -122,6 +129,9 @@ class NftMasquerade:
             if self._built_for is not None:
                 try:
                     await self._nft(f"delete element ip {TABLE} masq_pods {{ {ip} }}\n")
+                    why = "the pod was deleted"
+                    log.info("nftables: no longer masquerading %s (%s)", ip, why,
+                             extra=change_fields("nft", "del", why, element=str(ip)))
                 except TemporaryError as exc:
                     log.warning("could not remove %s from the masquerade set: %s", ip, exc)
 
@@ -130,7 +140,9 @@ class NftMasquerade:
             return
         try:
             await self._nft(f"delete table ip {TABLE}\n")
-            log.info("nftables table ip %s removed", TABLE)
+            why = "overlayd is stopping"
+            log.info("nftables table ip %s removed (%s)", TABLE, why,
+                     extra=change_fields("nft", "delete", why, table=f"ip {TABLE}"))
         except TemporaryError as exc:
             log.warning("could not remove nftables table ip %s: %s", TABLE, exc)
         self._built_for = None

@@ -22,6 +22,7 @@ from overlay.dataplane.desired import Entries, apply_ops, desired, explain, plan
 from overlay.dataplane.devices import BridgeSpec, VxlanSpec, bridge_ops, vxlan_ops
 from overlay.dataplane.kernel import Kernel, KernelError
 from overlay.errors import OverlayError
+from overlay.log import change_fields
 from overlay.model import NodeRecord
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,19 @@ class Reconciler:
     async def reconcile_once(self) -> PassResult:
         async with self._lock:
             try:
-                return await self._pass()
+                res = await self._pass()
+            except KernelError:
+                # A device could not be read or changed (entry failures are counted per op).
+                metrics.NETLINK_ERRORS.labels(kind="device").inc()
+                metrics.RECONCILE_PASSES.labels(result="error").inc()
+                raise
+            except OverlayError:
+                metrics.RECONCILE_PASSES.labels(result="error").inc()
+                raise
             finally:
                 self.passes += 1
+            metrics.RECONCILE_PASSES.labels(result="ok" if res.ok else "partial").inc()
+            return res
 
     async def _pass(self) -> PassResult:
         assert self.specs is not None, "set_specs() first"
@@ -95,7 +106,8 @@ class Reconciler:
         vx = await self.kernel.link(specs.vxlan.name)
         vops = vxlan_ops(specs.vxlan, vx)
         for op in (*bops, *vops):
-            log.info("%s: %s", op, op.why)
+            log.info("%s: %s", op, op.why,
+                     extra=change_fields("device", op.action, op.why, device=op.name))
             if op.action == "create" and self.passes > 0:
                 metrics.REPAIRS.labels(kind="device").inc()
                 res.repaired += 1
@@ -125,7 +137,9 @@ class Reconciler:
             for r, why in zip(results, reasons, strict=True):
                 if r.error is None:
                     done.append(r.op)
-                    log.info("%s (%s)", r.op, why)
+                    log.info("%s (%s)", r.op, why,
+                             extra=change_fields(r.op.kind, r.op.action, why,
+                                                 entry=str(r.op.entry)))
                     metrics.KERNEL_CHANGES.labels(kind=r.op.kind, action=r.op.action).inc()
                     if why.startswith("repair"):
                         metrics.REPAIRS.labels(kind=r.op.kind).inc()
@@ -161,7 +175,6 @@ class Reconciler:
             try:
                 res = await self.reconcile_once()
             except OverlayError as exc:
-                metrics.RECONCILE_PASSES.labels(result="error").inc()
                 if str(exc) != self.last_error:
                     log.warning("reconcile failed: %s; retrying", exc)
                 self.last_error = str(exc)
@@ -169,14 +182,12 @@ class Reconciler:
                 await self._sleep(backoff)
                 continue
             if res.ok:
-                metrics.RECONCILE_PASSES.labels(result="ok").inc()
                 self.last_ok = time.monotonic()
                 self.last_error = ""
                 backoff = self.interval
                 self.first_done.set()
                 await self._sleep(self.interval)
             else:
-                metrics.RECONCILE_PASSES.labels(result="partial").inc()
                 self.last_error = "; ".join(res.errors[:3])
                 backoff = min(backoff * 2, 10 * self.interval)
                 await self._sleep(backoff)
