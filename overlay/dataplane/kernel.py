@@ -317,6 +317,13 @@ async def find_underlay(
             IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
         )
     names = {i: m.get("IFLA_IFNAME") for i, m in links.items()}
+
+    def usable(i: int) -> bool:
+        """Not loopback and not one of our own devices (they carry pod addresses)."""
+        n = names.get(i) or ""
+        return (n != "cni0" and not n.startswith("overlay.")
+                and any(not a.ip.is_loopback for a in addrs.get(i, [])))
+
     candidates: list[int]
     if iface:
         candidates = [i for i, n in names.items() if n == iface]
@@ -330,7 +337,7 @@ async def find_underlay(
             rx = re.compile(iface_regex)
         except re.error as exc:
             raise ConfigError("--iface-regex", f"invalid regular expression: {exc}") from None
-        candidates = [i for i, n in sorted(names.items()) if rx.fullmatch(n) and addrs.get(i)]
+        candidates = [i for i, n in sorted(names.items()) if rx.fullmatch(n) and usable(i)]
         if not candidates:
             raise ConfigError("--iface-regex", f"no interface with an IPv4 address matches "
                               f"{iface_regex!r}")
@@ -344,8 +351,7 @@ async def find_underlay(
             if r["dst_len"] == 0 and r["table"] == 254 and r.get("RTA_OIF"):
                 candidates.append(r.get("RTA_OIF"))
         if not candidates:
-            candidates = [i for i, lst in sorted(addrs.items())
-                          if lst and names.get(i) != "lo" and not lst[0].ip.is_loopback]
+            candidates = [i for i in sorted(addrs) if usable(i)]
         if not candidates:
             raise ConfigError("--iface", "no default route and no interface with an IPv4 "
                               "address: say which interface to use with --iface")
@@ -355,6 +361,8 @@ async def find_underlay(
         chosen = [a for a in lst if str(a.ip) == public_ip]
     else:
         chosen = [a for a in lst if not a.ip.is_loopback and not a.ip.is_link_local] or lst
+    if not chosen and public_ip:
+        raise ConfigError("--public-ip", f"{public_ip} is not an address of {names[index]}")
     if not chosen:
         raise ConfigError("--iface", f"{names[index]} has no IPv4 address")
     link = links[index]

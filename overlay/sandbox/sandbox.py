@@ -111,6 +111,7 @@ class State:
     port: int = 8472
     agent_args: list[str] = field(default_factory=list)
     etcd_tls: bool = False
+    underlay_mtu: int = 1500
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -214,7 +215,8 @@ class Sandbox:
 
     def up(self, nodes: int = 3, pods_per_node: int = 2, *, etcd_members: int = 1,
            cidr: str = "10.244.0.0/16", subnet_len: int = 24, vni: int = 1,
-           port: int = 8472, agent_args: Sequence[str] = (), wait: float = 60) -> State:
+           port: int = 8472, agent_args: Sequence[str] = (), wait: float = 60,
+           underlay_mtu: int = 1500) -> State:
         if self.state is not None:
             raise SandboxError("up", f"sandbox {self.name!r} already exists; run "
                                f"`overlayctl sandbox down --name {self.name}` first")
@@ -231,7 +233,7 @@ class Sandbox:
         (self.dir / "logs").mkdir(exist_ok=True)
         self.state = State(name=self.name, dir=str(self.dir), underlay=self.ns("ul"),
                            cidr=cidr, subnet_len=subnet_len, vni=vni, port=port,
-                           agent_args=list(agent_args))
+                           agent_args=list(agent_args), underlay_mtu=underlay_mtu)
         self.save()
         t0 = time.monotonic()
         with self.step("underlay network"):
@@ -368,7 +370,7 @@ class Sandbox:
                  log=str(self.dir / "logs" / f"{name}.log"), dir=str(self.node_dir(name)))
         with self.step(f"node {name} ({h.underlay_ip})"):
             self._new_ns(h.netns)
-            self._plug(name, h.netns, h.underlay_ip)
+            self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu)
             d = self.node_dir(name)
             (d / "run").mkdir(parents=True, exist_ok=True)
             (d / "state").mkdir(parents=True, exist_ok=True)
@@ -383,16 +385,21 @@ class Sandbox:
 
     def agent_cmd(self, name: str, extra_args: Sequence[str] = ()) -> list[str]:
         d = self.node_dir(name)
+        args = [*self.st.agent_args, *extra_args]
+        # eth0 unless the caller chooses the underlay itself.
+        chosen = {"--iface", "--iface-regex", "--public-ip"} & {a.split("=")[0] for a in args}
         return [
             tool("overlayd"), "--node-name", name, "--etcd-endpoints", self.etcd_endpoints(),
-            "--iface", "eth0", "--run-dir", str(d / "run"), "--state-dir", str(d / "state"),
+            *([] if chosen else ["--iface", "eth0"]),
+            "--run-dir", str(d / "run"), "--state-dir", str(d / "state"),
             "--health-addr", "127.0.0.1:9181", "--reconcile-interval", "0.5",
-            *self.st.agent_args, *extra_args,
+            *args,
         ]
 
-    def start_agent(self, name: str, extra_args: Sequence[str] = ()) -> int:
+    def start_agent(self, name: str, extra_args: Sequence[str] = (),
+                    env: dict[str, str] | None = None) -> int:
         h = self.node(name)
-        h.pid = self._spawn(h.netns, self.agent_cmd(name, extra_args), Path(h.log))
+        h.pid = self._spawn(h.netns, self.agent_cmd(name, extra_args), Path(h.log), env)
         self.save()
         return h.pid
 
