@@ -24,6 +24,7 @@ overlayctl: administer the overlay network.
   status         this node's agent: readiness and its peers
   leave          make this node's agent leave the cluster gracefully
   install-cni    install the CNI plugin and its conflist for container runtimes
+  trace          show the packets between two pods: outer and inner headers
   sandbox        run a whole multi-node cluster on this machine (namespaces)
 """
 
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     nsub.required = True
     init = nsub.add_parser("init", help="write the network config (once per cluster)",
                            description="Write the cluster network config to "
-                           "<prefix>network/config. Refuses to overwrite an existing config "
-                           "unless --force is given.")
+                           "<prefix>network/config. Refuses to overwrite a different existing "
+                           "config unless --force is given; an identical one is left as it is "
+                           "(exit 0), so every node may run it.")
     add_etcd_flags(init)
     init.add_argument("--cidr", default="10.244.0.0/16",
                       help="the cluster (pod) network (default: %(default)s)")
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--vni", type=int, default=1, help="VXLAN network identifier (default: 1)")
     init.add_argument("--port", type=int, default=8472, help="VXLAN UDP port (default: 8472)")
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
+    init.add_argument("--config-file", type=Path,
+                      help="read the config from this JSON file instead of the flags, e.g. "
+                      '{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": '
+                      '"vxlan", "VNI": 1, "Port": 8472}} (a Kubernetes ConfigMap)')
     show = nsub.add_parser("show", help="print the network config")
     add_etcd_flags(show)
 
@@ -100,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--no-portmap", action="store_true", help="do not chain portmap")
     inst.add_argument("--ip-masq", action="store_true",
                       help="set ipMasq (needs overlayd --ip-masq)")
+    inst.add_argument("--conflist", type=Path,
+                      help="install this conflist (JSON, first plugin of type overlay) instead "
+                      "of generating one from the flags above")
+    inst.add_argument("--standalone", action="store_true",
+                      help="install a self-contained plugin (a zip of the stdlib-only client) "
+                      "run by --python, for hosts that do not have this package installed, "
+                      "e.g. from the DaemonSet's init container")
+    inst.add_argument("--python", default=None,
+                      help="interpreter of the installed plugin (default: this one; "
+                      "/usr/bin/python3 with --standalone)")
+
+    from overlay.ctl import trace
+
+    trace.add_parser(sub)
 
     sb = sub.add_parser("sandbox", help="a multi-node cluster on this machine",
                         description="Build a cluster of network namespaces on this machine: "
@@ -154,12 +174,22 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "install-cni":
         from overlay.ctl.install import InstallOptions, install
 
+        extra: dict[str, Any] = {}
+        if args.python:
+            extra["python"] = args.python
+        elif args.standalone:
+            extra["python"] = "/usr/bin/python3"
         binary, conf = install(InstallOptions(
             bin_dir=args.bin_dir, conf_dir=args.conf_dir, agent_socket=args.agent_socket,
             network_name=args.network_name, cni_version=args.cni_version,
-            portmap=not args.no_portmap, ip_masq=args.ip_masq))
+            portmap=not args.no_portmap, ip_masq=args.ip_masq, conflist_file=args.conflist,
+            standalone=args.standalone, **extra))
         print(f"installed {binary}\nwrote {conf}")
         return 0
+    if args.cmd == "trace":
+        from overlay.ctl import trace
+
+        return trace.run(args)
     if args.cmd == "sandbox":
         from overlay.ctl.sandbox_cmd import sandbox_cmd
 
@@ -172,8 +202,16 @@ async def network_cmd(args: argparse.Namespace) -> int:
     from overlay.model import NetworkConfig, parse_cidr, validate_network
 
     if args.net_cmd == "init":
-        cfg = NetworkConfig(network=parse_cidr(args.cidr, "--cidr"), subnet_len=args.subnet_len,
-                            vni=args.vni, port=args.port)
+        if args.config_file is not None:
+            try:
+                raw = args.config_file.read_bytes()
+            except OSError as exc:
+                raise ConfigError("--config-file", f"{args.config_file}: {exc.strerror}") \
+                    from None
+            cfg = NetworkConfig.from_json(raw)
+        else:
+            cfg = NetworkConfig(network=parse_cidr(args.cidr, "--cidr"),
+                                subnet_len=args.subnet_len, vni=args.vni, port=args.port)
         validate_network(cfg, tuple(local_networks()))
     async with EtcdStore(etcd_options(args)) as store:
         if args.net_cmd == "show":
@@ -184,7 +222,12 @@ async def network_cmd(args: argparse.Namespace) -> int:
             print(f"{cfg.subnet_count} node subnets of /{cfg.subnet_len} in {cfg.network}")
             return 0
         try:
-            existing = (await store.get_config()).to_json()
+            current = await store.get_config()
+            if current == cfg:
+                print(f"network config already in {store.prefix}network/config, identical: "
+                      f"{cfg.to_json()}")
+                return 0
+            existing = current.to_json()
         except OverlayError as exc:
             existing = f"(unreadable: {exc})"
         print(f"overlayctl: a network config already exists: {existing}\n"
@@ -207,6 +250,10 @@ def local_networks() -> list[Any]:
         with IPRoute() as ipr:
             for a in ipr.addr("dump", family=_s.AF_INET):
                 iface = IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+                label = a.get("IFA_LABEL") or ""
+                # Our own devices hold cluster addresses once overlayd ran here.
+                if label == "cni0" or label.startswith("overlay."):
+                    continue
                 if not iface.ip.is_loopback:
                     out.append(iface.network)
     except Exception:
