@@ -6,7 +6,7 @@
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 APT_PKGS := etcd-server etcd-client iproute2 iputils-ping iperf3 tcpdump nftables \
-            containernetworking-plugins procps
+            containernetworking-plugins procps systemd
 PYTEST_ARGS ?=
 
 .PHONY: all deps install demo test unit integration lint bench clean
