@@ -305,3 +305,24 @@ def test_standalone_plugin_from_install_cni_attaches_a_pod(obs, tmp_path):
     v = subprocess.run([str(bindir / "overlay")], input=b'{"cniVersion": "1.0.0"}', env=env,
                        capture_output=True, timeout=30)
     assert "1.0.0" in json.loads(v.stdout)["supportedVersions"]
+
+
+def test_network_init_from_a_file_is_idempotent_on_a_running_node(obs, tmp_path):
+    """What the DaemonSet's network-init container does on every node, including
+    nodes whose cni0 and overlay.1 already hold cluster addresses."""
+    f = tmp_path / "net-conf.json"
+    f.write_text('{"Network": "10.244.0.0/16", "SubnetLen": 24, '
+                 '"Backend": {"Type": "vxlan", "VNI": 1, "Port": 8472}}')
+    base = [*obs.exec_prefix(obs.node("n1").netns), tool("overlayctl"), "network", "init",
+            "--etcd-endpoints", obs.etcd_endpoints(), "--config-file"]
+    p = subprocess.run([*base, str(f)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert "already in /overlay/network/config, identical" in p.stdout
+    f.write_text('{"Network": "10.245.0.0/16", "SubnetLen": 24}')
+    p = subprocess.run([*base, str(f)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and "a network config already exists" in p.stderr, p.stderr
+    f.write_text('{"Network": "10.244.0.0/16", "SubnetLen": 40}')
+    p = subprocess.run([*base, str(f)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and p.stderr.startswith("overlayctl: invalid "), p.stderr
+    cfg = obs.etcdctl("get", "--print-value-only", "/overlay/network/config").stdout
+    assert json.loads(cfg)["Network"] == "10.244.0.0/16"
