@@ -42,6 +42,7 @@ from overlay.dataplane.devices import (
 from overlay.dataplane.kernel import NetlinkKernel, Underlay, find_underlay
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.etcdstore import EtcdOptions, EtcdStore, WatchLost
+from overlay.log import change_fields
 from overlay.model import LeaseEntry, NetworkConfig, validate_network
 
 log = logging.getLogger("overlayd")
@@ -222,11 +223,13 @@ class Agent:
             routes = {"/healthz": json_route(health), "/readyz": json_route(ready)}
             if opts.health_addr:
                 srv = HttpServer({**routes, "/metrics": scrape})
-                await srv.start(*split_hostport(opts.health_addr, "--health-addr"))
+                await srv.start(*split_hostport(opts.health_addr, "--health-addr"),
+                                "--health-addr")
                 self._closers.append(srv.close)
             if opts.metrics_addr and opts.metrics_addr != opts.health_addr:
                 msrv = HttpServer({"/metrics": scrape, **routes})
-                await msrv.start(*split_hostport(opts.metrics_addr, "--metrics-addr"))
+                await msrv.start(*split_hostport(opts.metrics_addr, "--metrics-addr"),
+                                 "--metrics-addr")
                 self._closers.append(msrv.close)
 
     async def _main(self) -> None:
@@ -529,7 +532,9 @@ def enable_forwarding() -> None:
     try:
         if path.read_text().strip() != "1":
             path.write_text("1\n")
-            log.info("enabled net.ipv4.ip_forward (pods' traffic is routed through this host)")
+            why = "pods' traffic is routed through this host"
+            log.info("enabled net.ipv4.ip_forward (%s)", why,
+                     extra=change_fields("sysctl", "set", why, sysctl="net.ipv4.ip_forward"))
     except OSError as exc:
         log.warning("cannot enable net.ipv4.ip_forward: %s; pod traffic will not be forwarded",
                     exc)

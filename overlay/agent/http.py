@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,8 +46,14 @@ class HttpServer:
         self.routes = routes
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port)
+    async def start(self, host: str, port: int, flag: str = "listen address") -> None:
+        from overlay.errors import ConfigError
+
+        try:
+            self._server = await asyncio.start_server(self._handle, host, port)
+        except OSError as exc:  # in use, or not an address of this host
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(flag, f"cannot listen on {host}:{port}: {why}") from None
 
     async def close(self) -> None:
         if self._server is not None:
@@ -66,9 +73,13 @@ class HttpServer:
             elif route is None:
                 status, ctype, body = 404, "text/plain", b"not found\n"
             else:
-                status, ctype, body = route()
+                try:
+                    status, ctype, body = route()
+                except Exception:
+                    log.exception("serving %s failed", path)
+                    status, ctype, body = 500, "text/plain", b"internal error\n"
             reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
-                      503: "Service Unavailable"}.get(status, "")
+                      500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "")
             head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
             writer.write(head + (b"" if parts and parts[0] == "HEAD" else body))

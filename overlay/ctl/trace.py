@@ -188,6 +188,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         enter_netns(netns)
     import scapy.layers.l2  # noqa: F401  (registers Ethernet, for the capture socket's type)
     from scapy.config import conf
+    from scapy.error import Scapy_Exception
     from scapy.sendrecv import sniff
 
     iface = iface or str(conf.iface)
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         sniff(iface=iface, filter=bpf, prn=on_packet, store=False, timeout=args.timeout,
               started_callback=started, stop_filter=lambda _: len(seen) >= args.count)
-    except (OSError, ValueError) as exc:  # no such interface, filter not compiled
+    except (OSError, ValueError, Scapy_Exception) as exc:  # no such interface, no tcpdump
         raise OverlayError(f"cannot capture on {iface}: {exc}") from None
     if not args.json:
         for line in summary(seen, a, b):

@@ -247,3 +247,37 @@ def test_reconcile_passes_repairs_and_netlink_errors_are_counted(caplog):
         asyncio.run(r.reconcile_once())
     assert _sample("overlay_netlink_errors_total", kind="device") == dev0 + 1
     assert _sample("overlay_reconcile_passes_total", result="error") == err0 + 1
+
+
+def test_http_port_in_use_is_a_config_error_naming_the_flag():
+    async def go() -> None:
+        a = HttpServer({})
+        await a.start("127.0.0.1", 0)
+        assert a._server is not None
+        port = a._server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(ConfigError, match=rf"--health-addr: cannot listen on "
+                               rf"127.0.0.1:{port}: Address already in use"):
+                await HttpServer({}).start("127.0.0.1", port, "--health-addr")
+        finally:
+            await a.close()
+
+    asyncio.run(go())
+
+
+def test_a_failing_route_is_a_500_not_a_dropped_connection(caplog):
+    def broken() -> tuple[int, str, bytes]:
+        raise RuntimeError("boom")
+
+    async def go() -> int:
+        srv = HttpServer({"/metrics": broken})
+        await srv.start("127.0.0.1", 0)
+        assert srv._server is not None
+        try:
+            return (await _get(srv._server.sockets[0].getsockname()[1], "/metrics"))[0]
+        finally:
+            await srv.close()
+
+    with caplog.at_level(logging.ERROR):
+        assert asyncio.run(go()) == 500
+    assert "serving /metrics failed" in caplog.text
