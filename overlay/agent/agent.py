@@ -283,6 +283,8 @@ class Agent:
         await self._first_reconcile()
         if opts.ip_masq or self.masq.has_pods():
             await self.masq.ensure()
+        else:
+            await self.masq.discard()
         log.info("node %s ready: subnet %s, %d peers", self.node, entry.record.subnet,
                  len(self.peers.peer_records()))
         metrics.READY.set(1)

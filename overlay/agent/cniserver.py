@@ -25,7 +25,9 @@ from overlay.cni import spec
 from overlay.cni.client import MAGIC
 from overlay.cni.ipam import AddressesExhausted, Ipam
 from overlay.cni.spec import CniError
-from overlay.cni.wiring import PodWiring, WiringError
+from overlay.cni.wiring import PodWiring, WiringError, host_veth_name
+from overlay.errors import TemporaryError
+from overlay.netns import same_netns
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,11 @@ class CniService:
                 raise CniError(spec.E_INVALID_ENV,
                                f"CNI_NETNS {e.netns!r} cannot be opened",
                                env.get("NETNS_ERROR", "no namespace file descriptor received"))
+            if ns_fd is not None and same_netns(ns_fd):
+                if e.command in ("ADD", "CHECK"):
+                    raise CniError(spec.E_INVALID_ENV, f"CNI_NETNS {e.netns!r} is the node's own "
+                                   "network namespace, not a container's")
+                ns_fd = None  # DEL: never touch the node's own interfaces
             if e.command == "ADD":
                 out = await self.add(e, conf, ns_fd)  # type: ignore[arg-type]
             elif e.command == "DEL":
@@ -118,11 +125,13 @@ class CniService:
         node = self.node()
         if not node.ready or node.subnet is None:
             raise CniError(spec.E_TRY_AGAIN, "the overlay node agent is not ready; try again later",
-                           node.reason or "starting")
+                           _not_ready_details(node))
         mtu = conf.mtu or node.mtu
         if mtu > node.mtu:
             raise CniError(spec.E_INVALID_CONFIG, f"mtu: {mtu} is larger than the overlay MTU "
                            f"{node.mtu}; packets would be dropped")
+        if conf.prev_result is not None:
+            spec.parse_result(conf.prev_result)  # refuse a malformed one before any change
         existing = self.ipam.find(e.container_id, e.ifname)
         try:
             alloc = self.ipam.allocate(node.subnet, e.container_id, e.ifname)
@@ -131,19 +140,26 @@ class CniService:
                            str(exc)) from None
         address = IPv4Interface(f"{alloc.ip}/{node.subnet.prefixlen}")
         gw = node.gateway.ip
-        success = False
+        attached = None
         try:
             attached = await self.wiring.attach(ns_fd, e.container_id, e.ifname, address, gw,
                                                 mtu, conf.hairpin)
             if conf.ip_masq and self.masq is not None:
                 await self.masq.add(alloc.ip)
-            success = True
-        except WiringError as exc:
-            code = spec.E_IFNAME_EXISTS if "already exists" in exc.what else spec.E_NETLINK
-            raise CniError(code, str(exc)) from None
-        finally:
-            if not success and existing is None:
+        except BaseException as exc:
+            # Leave nothing behind: the veth (if made) and the address (if new).
+            if attached is not None:
+                with contextlib.suppress(Exception):
+                    await self.wiring.detach(e.container_id, e.ifname, None)
+            if existing is None:
                 self.ipam.release(e.container_id, e.ifname)
+            if isinstance(exc, WiringError):
+                code = spec.E_IFNAME_EXISTS if "already exists" in exc.what else spec.E_NETLINK
+                raise CniError(code, f"cannot attach the pod: {exc}") from None
+            if isinstance(exc, TemporaryError):
+                raise CniError(spec.E_TRY_AGAIN, "cannot set up masquerading for the pod; try "
+                               "again later", str(exc)) from None
+            raise
         log.info("pod %s/%s attached: %s via %s", e.container_id[:12], e.ifname, address,
                  attached.host_ifname)
         ours = spec.Result(
@@ -156,16 +172,19 @@ class CniService:
             routes=(spec.RouteR("0.0.0.0/0", str(gw)),),
             dns=conf.dns,
         )
-        if conf.prev_result:
-            ours = merge(spec.parse_result(conf.prev_result), ours)
+        if conf.prev_result is not None:
+            return spec.render(spec.chain_result(conf.prev_result, ours, conf.cni_version),
+                               conf.cni_version)
         return spec.render(ours, conf.cni_version)
 
     async def delete(self, e: spec.Env, conf: spec.NetConf, ns_fd: int | None) -> bytes:
+        have = self.ipam.find(e.container_id, e.ifname)
         try:
-            await self.wiring.detach(e.container_id, e.ifname, ns_fd)
+            await self.wiring.detach(e.container_id, e.ifname, ns_fd,
+                                     have.ip if have is not None else None)
         except WiringError as exc:
             # Keep the address: the pod may still use it. The runtime retries DEL.
-            raise CniError(spec.E_NETLINK, str(exc)) from None
+            raise CniError(spec.E_NETLINK, f"cannot remove the pod's veth: {exc}") from None
         alloc = self.ipam.release(e.container_id, e.ifname)
         if alloc is not None and self.masq is not None:
             await self.masq.remove(alloc.ip)
@@ -180,51 +199,68 @@ class CniService:
         problems = []
         alloc = self.ipam.find(e.container_id, e.ifname)
         ours = [ip for ip in prev.ips
-                if ip.interface is not None and ip.interface < len(prev.interfaces)
+                if ip.interface is not None and 0 <= ip.interface < len(prev.interfaces)
                 and prev.interfaces[ip.interface].name == e.ifname]
+        if not ours:
+            problems.append(f"prevResult has no address for {e.ifname}")
         if alloc is None:
             problems.append(f"no address is allocated to {e.container_id}/{e.ifname}")
         elif not any(ip.address.ip == alloc.ip for ip in ours):
             problems.append(f"allocated address {alloc.ip} is not in prevResult")
         view = await self.wiring.container_view(ns_fd, e.ifname)
+        host, host_index, master = await self.wiring.host_view(e.container_id, e.ifname)
         if not view.exists:
             problems.append(f"{e.ifname} does not exist in the container")
         else:
             if view.kind != "veth":
                 problems.append(f"{e.ifname} is a {view.kind} device, not a veth")
+            elif host_index is not None and view.peer_index != host_index:
+                problems.append(f"{e.ifname} is not the peer of the host veth {host}")
             if not view.up:
                 problems.append(f"{e.ifname} is down")
             for ip in ours:
                 if ip.address not in view.addresses:
                     problems.append(f"{e.ifname} lacks address {ip.address}")
                 if ip.gateway is not None and view.default_gw != ip.gateway:
-                    problems.append(f"default route is via {view.default_gw}, not {ip.gateway}")
+                    problems.append(f"the default route is via {view.default_gw or 'nothing'}, "
+                                    f"not {ip.gateway}")
             mine = [i for i in prev.interfaces if i.name == e.ifname and i.sandbox]
             if mine and mine[0].mac and mine[0].mac.lower() != view.mac:
                 problems.append(f"{e.ifname} has MAC {view.mac}, prevResult says {mine[0].mac}")
-        host, master, _ = await self.wiring.host_view(e.container_id, e.ifname)
-        if master is None:
-            problems.append(f"host veth {host} is missing or not attached to a bridge")
+        if host_index is None:
+            problems.append(f"the host veth {host} is missing")
+        elif master is None:
+            problems.append(f"the host veth {host} is not attached to a bridge")
         elif master != await self.wiring.bridge_index():
-            problems.append(f"host veth {host} is not attached to {self.wiring.bridge}")
+            problems.append(f"the host veth {host} is not attached to {self.wiring.bridge}")
+        if not any(i.name == host and not i.sandbox for i in prev.interfaces):
+            problems.append(f"prevResult does not list the host veth {host}")
         if problems:
             raise CniError(spec.E_CHECK_FAILED, "check failed", "; ".join(problems))
         return b""
 
     async def gc(self, conf: spec.NetConf) -> bytes:
-        for a in self.ipam.gc(conf.valid_attachments or ()):
+        valid = conf.valid_attachments or ()
+        for a in self.ipam.gc(valid):
             with contextlib.suppress(WiringError):
                 await self.wiring.detach(a.container_id, a.ifname, None)
             if self.masq is not None:
                 await self.masq.remove(a.ip)
             log.info("GC released %s of %s/%s", a.ip, a.container_id[:12], a.ifname)
+        # Veths whose allocation is already gone (an agent killed in the middle of an ADD).
+        keep = [host_veth_name(c, i) for c, i in valid]
+        keep += [host_veth_name(a.container_id, a.ifname) for a in self.ipam.all()]
+        for name in await self.wiring.orphans(keep):
+            with contextlib.suppress(WiringError):
+                await self.wiring.deleter.delete(name)
+                log.info("GC removed the orphaned veth %s", name)
         return b""
 
     def status(self) -> bytes:
         node = self.node()
         if not node.ready:
             raise CniError(spec.E_PLUGIN_NOT_AVAILABLE, "the overlay node agent is not ready",
-                           node.reason)
+                           _not_ready_details(node))
         return b""
 
     # --- transport ----------------------------------------------------------
@@ -254,6 +290,7 @@ class CniService:
                 self._path.unlink()
         for t in list(self._tasks):
             t.cancel()
+        await self.wiring.close()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -348,13 +385,8 @@ async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket, da
     return env, stdin
 
 
-def merge(prev: spec.Result, ours: spec.Result) -> spec.Result:
-    """Our result appended to a previous plugin's (we are not first in the chain)."""
-    off = len(prev.interfaces)
-    ips = tuple(
-        spec.IPConfig(ip.address, ip.gateway, None if ip.interface is None else ip.interface + off)
-        for ip in ours.ips
-    )
-    dns = ours.dns if ours.dns.to_json() else prev.dns
-    return spec.Result(prev.interfaces + ours.interfaces, prev.ips + ips,
-                       prev.routes + ours.routes, dns)
+def _not_ready_details(node: NodeNet) -> str:
+    if node.subnet is None:
+        return (f"this node has no pod subnet yet ({node.reason or 'starting'}); pods start "
+                "once overlayd holds a subnet lease")
+    return node.reason or "starting"

@@ -108,6 +108,17 @@ class NftMasquerade:
                  f"{len(pods)} pod(s)" + (f" and all of {subnet}" if node_rule else ""), cluster,
                  why, extra=change_fields("nft", "create", why, table=f"ip {TABLE}"))
 
+    async def discard(self) -> None:
+        """Remove a table an earlier overlayd left when it was killed: with no pod
+        asking for masquerading any more, its elements are addresses since released."""
+        async with self._lock:
+            if self._built_for is not None:
+                return
+            try:
+                await self._nft(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+            except TemporaryError as exc:
+                log.warning("could not remove a stale nftables table ip %s: %s", TABLE, exc)
+
     async def add(self, ip: IPv4Address) -> None:
         async with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)

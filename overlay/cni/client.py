@@ -1,15 +1,17 @@
 """The `overlay` CNI executable: a thin client of the node agent.
 
-A pod start waits on this process, so it imports only C modules of the
-standard library (`json` alone costs 8 ms through `re` and `enum`). It reads
-the environment and the config, opens CNI_NETNS, and hands all three to
-overlayd over a unix socket (the namespace as a file descriptor, so the
-agent needs no access to the runtime's mount namespace). The agent does the
-work and returns the exact stdout and exit code.
+A pod start waits on this process, so it imports only built-in and C modules
+of the standard library: `posix` rather than `os` (1.4 ms), `_json` rather
+than `json` (8 ms through `re` and `enum`). It reads the environment and the
+config, opens CNI_NETNS, and hands all three to overlayd over a unix socket
+(the namespace as a file descriptor, so the agent needs no access to the
+runtime's mount namespace). The agent does the work and returns the exact
+stdout and exit code. VERSION is answered here, without the agent.
 
 When the agent cannot be reached, `overlay.cni.offline` answers instead:
-VERSION always works, DEL still releases the address and removes the veth,
-STATUS reports 50, anything else "try again later" (11).
+DEL still releases the address and removes the veth, STATUS reports 50,
+anything else "try again later" (11). Whatever happens, stdout carries a
+CNI result or a CNI error document, never a Python traceback.
 
 Wire format (both directions are length-prefixed, big-endian u32):
   request : b"OVLCNI1\\0" | len | NUL-separated KEY=VALUE env | len | stdin
@@ -18,12 +20,17 @@ Wire format (both directions are length-prefixed, big-endian u32):
 """
 
 import _socket
-import os
+import posix
 import sys
 
 MAGIC = b"OVLCNI1\x00"
 DEFAULT_SOCKET = "/run/overlay/cni.sock"
 ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+_ENV_KEYS_B = tuple(k.encode() for k in ENV_KEYS)
+# The single source of truth: overlay.cni.spec imports these.
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+DEFAULT_VERSION = "1.0.0"
+E_INTERNAL = 100
 TIMEOUT = 120.0
 
 
@@ -55,26 +62,50 @@ def parse_json(data: bytes) -> object:
     return obj
 
 
-def socket_path(stdin: bytes) -> str:
+def _conf(stdin: bytes) -> dict[str, object]:
     try:
         conf = parse_json(stdin)
     except Exception:
-        return DEFAULT_SOCKET  # the agent reports the decoding error properly
-    if isinstance(conf, dict):
-        p = conf.get("agentSocket")
-        if isinstance(p, str) and p:
-            return p
-    return DEFAULT_SOCKET
+        return {}  # the agent (or offline) reports the decoding error properly
+    return conf if isinstance(conf, dict) else {}
+
+
+def socket_path(stdin: bytes) -> str:
+    p = _conf(stdin).get("agentSocket")
+    return p if isinstance(p, str) and p else DEFAULT_SOCKET
+
+
+def _jstr(s: str) -> str:
+    import _json
+
+    return _json.encode_basestring_ascii(s)
+
+
+def version_doc(stdin: bytes) -> bytes:
+    """VERSION: the requested cniVersion echoed, with the versions we support."""
+    v = _conf(stdin).get("cniVersion")
+    requested = v if isinstance(v, str) and v else DEFAULT_VERSION
+    supported = ", ".join(f'"{s}"' for s in SUPPORTED_VERSIONS)
+    return f'{{"cniVersion": {_jstr(requested)}, "supportedVersions": [{supported}]}}\n'.encode()
+
+
+def error_doc(stdin: bytes, code: int, msg: str, details: str = "") -> bytes:
+    v = _conf(stdin).get("cniVersion")
+    version = v if isinstance(v, str) and v in SUPPORTED_VERSIONS else DEFAULT_VERSION
+    doc = f'{{"cniVersion": {_jstr(version)}, "code": {code}, "msg": {_jstr(msg)}'
+    if details:
+        doc += f', "details": {_jstr(details)}'
+    return (doc + "}\n").encode()
 
 
 def _u32(n: int) -> bytes:
     return n.to_bytes(4, "big")
 
 
-def request_bytes(env: dict[str, str], stdin: bytes, extra: dict[str, str]) -> bytes:
-    pairs = [f"{k}={env[k]}" for k in ENV_KEYS if k in env]
-    pairs += [f"{k}={v}" for k, v in extra.items()]
-    head = "\x00".join(pairs).encode("utf-8", "surrogateescape")
+def request_bytes(env: dict[bytes, bytes], stdin: bytes, extra: dict[str, str]) -> bytes:
+    pairs = [k + b"=" + env[k] for k in _ENV_KEYS_B if k in env]
+    pairs += [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in extra.items()]
+    head = b"\x00".join(pairs)
     return MAGIC + _u32(len(head)) + head + _u32(len(stdin)) + stdin
 
 
@@ -83,7 +114,7 @@ def _recv_exact(sock: "_socket.socket", n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise ConnectionError("agent closed the connection")
+            raise ConnectionError("the agent closed the connection")
         buf += chunk
     return bytes(buf)
 
@@ -107,37 +138,73 @@ def call_agent(path: str, payload: bytes, ns_fd: int) -> tuple[int, bytes]:
         sock.close()
 
 
-def main() -> int:
-    env = dict(os.environ)
-    stdin = sys.stdin.buffer.read()
-    command = env.get("CNI_COMMAND", "")
-    if command == "VERSION":
-        from overlay.cni import offline
+def _stdin() -> bytes:
+    f = sys.stdin
+    return f.buffer.read() if f is not None else b""
 
-        return offline.run(env, stdin, sys.stdout.buffer, reason="")
+
+def _write(data: bytes) -> None:
+    out = sys.stdout
+    if out is not None:
+        out.buffer.write(data)
+        out.flush()
+
+
+def run() -> int:
+    environ: dict[bytes, bytes] = posix.environ
+    stdin = _stdin()
+    command = environ.get(b"CNI_COMMAND", b"")
+    if command == b"VERSION":
+        _write(version_doc(stdin))
+        return 0
     extra: dict[str, str] = {}
     ns_fd = -1
-    netns = env.get("CNI_NETNS", "")
+    netns = environ.get(b"CNI_NETNS", b"")
     if netns:
         try:
-            ns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            ns_fd = posix.open(netns, posix.O_RDONLY | posix.O_CLOEXEC)
         except OSError as exc:
-            extra["NETNS_ERROR"] = f"{exc.strerror} ({exc.errno})"
+            extra["NETNS_ERROR"] = f"{exc.strerror} (errno {exc.errno})"
     path = socket_path(stdin)
     try:
-        code, out = call_agent(path, request_bytes(env, stdin, extra), ns_fd)
+        code, out = call_agent(path, request_bytes(environ, stdin, extra), ns_fd)
     except (OSError, ConnectionError) as exc:
         from overlay.cni import offline
 
+        env = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
+               for k, v in environ.items() if k in _ENV_KEYS_B}
         reason = f"cannot reach the overlay node agent at {path}: {exc}"
         return offline.run(env, stdin, sys.stdout.buffer, reason=reason)
     finally:
         if ns_fd >= 0:
-            os.close(ns_fd)
-    sys.stdout.buffer.write(out)
-    sys.stdout.buffer.flush()
+            posix.close(ns_fd)
+    _write(out)
     return code
 
 
+def main() -> int:
+    try:
+        return run()
+    except BaseException as exc:  # a runtime parses stdout: never a traceback there
+        try:  # noqa: SIM105 (contextlib is an import this process avoids)
+            _write(error_doc(b"", E_INTERNAL, "overlay CNI plugin failed",
+                             f"{type(exc).__name__}: {exc}"))
+        except BaseException:
+            pass
+        return E_INTERNAL
+
+
+def exit_main() -> None:
+    """main(), then exit at once: skipping the interpreter's teardown saves ~1.3 ms."""
+    code = main()
+    for f in (sys.stdout, sys.stderr):
+        if f is not None:
+            try:  # noqa: SIM105 (contextlib is an import this process avoids)
+                f.flush()
+            except BaseException:
+                pass
+    posix._exit(code if 0 <= code <= 255 else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main()

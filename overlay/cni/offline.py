@@ -8,6 +8,7 @@ and CHECK say 11, "try again later", with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -29,6 +30,13 @@ def _delete_link(name: str) -> None:
     ip = shutil.which("ip") or "/usr/sbin/ip"
     if os.path.exists(ip):
         subprocess.run([ip, "link", "del", name], capture_output=True, check=False, timeout=10)
+
+
+def _forget_masq(socket_path: str, ip: str) -> None:
+    # The agent rebuilds its masquerade set from these markers when it starts
+    # (overlay.agent.masq): a released address must not stay masqueraded.
+    with contextlib.suppress(OSError):
+        (Path(socket_path).parent / "masq" / ip).unlink()
 
 
 def run(env: dict[str, str], stdin: bytes, out: BinaryIO, reason: str) -> int:
@@ -57,14 +65,18 @@ def answer(env: dict[str, str], stdin: bytes, reason: str) -> tuple[int, bytes]:
         conf = spec.parse_conf(stdin, e.command)
         sock = conf.agent_socket or DEFAULT_SOCKET
         if e.command == "DEL":
-            ipam = Ipam(ipam_dir_for(sock))
-            ipam.release(e.container_id, e.ifname)
+            # The veth first: the address must not be handed out while a pod still has it.
             _delete_link(host_veth_name(e.container_id, e.ifname))
+            ipam = Ipam(ipam_dir_for(sock))
+            a = ipam.release(e.container_id, e.ifname)
+            if a is not None:
+                _forget_masq(sock, str(a.ip))
             return 0, b""
         if e.command == "GC":
             ipam = Ipam(ipam_dir_for(sock))
             for a in ipam.gc(conf.valid_attachments or ()):
                 _delete_link(host_veth_name(a.container_id, a.ifname))
+                _forget_masq(sock, str(a.ip))
             return 0, b""
         if e.command == "STATUS":
             raise spec.CniError(spec.E_PLUGIN_NOT_AVAILABLE,

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_interface
 from typing import Any
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+from overlay.cni.client import SUPPORTED_VERSIONS
+
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 
 # Well-known error codes (CNI spec, "Error" section).
@@ -294,8 +295,9 @@ class Result:
     dns: Dns = Dns()
 
 
-def render(result: Result, version: str) -> bytes:
-    return (json.dumps(result_doc(result, version)) + "\n").encode()
+def render(result: Result | dict[str, Any], version: str) -> bytes:
+    doc = result if isinstance(result, dict) else result_doc(result, version)
+    return (json.dumps(doc) + "\n").encode()
 
 
 def result_doc(result: Result, version: str) -> dict[str, Any]:
@@ -320,6 +322,44 @@ def result_doc(result: Result, version: str) -> dict[str, Any]:
     doc["ips"] = ips
     doc["routes"] = [{"dst": r.dst, **({"gw": r.gw} if r.gw else {})} for r in result.routes]
     doc["dns"] = result.dns.to_json()
+    return doc
+
+
+def chain_result(prev: Mapping[str, Any], ours: Result, version: str) -> dict[str, Any]:
+    """We are not first in the chain: the previous result, untouched, with ours appended.
+
+    Fields we do not know (IPv6 addresses, 1.1.0 route attributes, a previous
+    plugin's own keys) pass through; only `ips[].version` follows `version`.
+    """
+    for key in ("interfaces", "ips", "routes"):
+        items = prev.get(key)
+        if items is not None and (not isinstance(items, list)
+                                  or not all(isinstance(i, dict) for i in items)):
+            raise CniError(E_INVALID_CONFIG, f"prevResult.{key}: expected a list of objects")
+    doc: dict[str, Any] = json.loads(json.dumps(dict(prev)))  # a deep copy of plain JSON
+    mine = result_doc(ours, version)
+    doc["cniVersion"] = version
+    interfaces = doc.get("interfaces") or []
+    off = len(interfaces)
+    doc["interfaces"] = interfaces + mine["interfaces"]
+    ips = []
+    for ip in doc.get("ips") or []:
+        ip.pop("version", None)
+        if _ver(version) < (1, 0, 0):
+            try:
+                ip = {"version": str(ip_interface(ip.get("address")).version), **ip}
+            except (ValueError, TypeError):
+                raise CniError(E_INVALID_CONFIG, f"prevResult.ips: {ip.get('address')!r} is not "
+                               "an address with a prefix length") from None
+        ips.append(ip)
+    for ip in mine["ips"]:
+        if "interface" in ip:
+            ip["interface"] += off
+        ips.append(ip)
+    doc["ips"] = ips
+    doc["routes"] = (doc.get("routes") or []) + mine["routes"]
+    if mine["dns"]:
+        doc["dns"] = mine["dns"]
     return doc
 
 

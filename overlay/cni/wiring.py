@@ -7,11 +7,17 @@ overlay.netns), from the namespace file descriptor the CNI client passed.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
+import logging
+import os
+import re
 import secrets
 import socket
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -19,7 +25,10 @@ from typing import Any
 
 from overlay.netns import netlink_socket
 
+log = logging.getLogger(__name__)
+
 IFF_UP = 1
+HOST_VETH_RE = re.compile(r"^veth[0-9a-f]{11}$")
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -35,7 +44,7 @@ def random_mac() -> str:
 
 class WiringError(Exception):
     def __init__(self, what: str, code: int = 0) -> None:
-        text = errno.errorcode.get(code, str(code)) if code else ""
+        text = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code else ""
         super().__init__(f"{what}: {text}" if text else what)
         self.what = what
         self.code = code
@@ -66,6 +75,7 @@ class ContainerView:
     mtu: int = 0
     addresses: frozenset[IPv4Interface] = frozenset()
     default_gw: IPv4Address | None = None
+    peer_index: int | None = None  # the host end's index, for a veth
 
 
 @asynccontextmanager
@@ -101,10 +111,175 @@ async def link_index(ipr: Any, name: str) -> int | None:
     return None if msg is None else int(msg["index"])
 
 
+# rtnetlink, for the link deleter (kept raw: it runs in worker threads).
+RTM_DELLINK = 17
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
+NLM_F_ACK = 4
+IFLA_IFNAME = 3
+RTMGRP_LINK = 1
+
+
+def _dellink_message(name: str, seq: int = 1) -> bytes:
+    nm = name.encode() + b"\0"
+    rta = struct.pack("=HH", 4 + len(nm), IFLA_IFNAME) + nm
+    rta += b"\0" * (-len(rta) % 4)
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + rta
+    return struct.pack("=IHHII", 16 + len(body), RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq,
+                       0) + body
+
+
+def _dellink_blocking(sock: socket.socket, name: str) -> int:
+    """Delete link `name`; 0 or the errno. Blocks until the kernel is done (RCU barrier)."""
+    try:
+        sock.send(_dellink_message(name))
+        while True:
+            data = sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, off)
+                if mtype == NLMSG_ERROR and off + 20 <= len(data):
+                    return -int(struct.unpack_from("=i", data, off + 16)[0])
+                if length < 16:
+                    break
+                off += (length + 3) & ~3
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        sock.close()
+
+
+def deleted_links(data: bytes) -> list[str]:
+    """Names of the devices unregistered, from a batch of RTMGRP_LINK notifications."""
+    names = []
+    off = 0
+    while off + 16 <= len(data):
+        length, mtype = struct.unpack_from("=IH", data, off)
+        if length < 16:
+            break
+        # Family AF_UNSPEC: the device itself went away (AF_BRIDGE: it only left a bridge).
+        if mtype == RTM_DELLINK and length >= 32 and data[off + 16] == socket.AF_UNSPEC:
+            a, end = off + 32, min(off + length, len(data))
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if atype == IFLA_IFNAME:
+                    names.append(data[a + 4:a + alen].split(b"\0", 1)[0].decode(
+                        "utf-8", "replace"))
+                    break
+                a += (alen + 3) & ~3
+        off += (length + 3) & ~3
+    return names
+
+
+class LinkDeleter:
+    """Deletes host links and returns as soon as the kernel has unregistered them.
+
+    An RTM_DELLINK for a veth pair blocks its caller for ~15 ms, nearly all of
+    it in the RCU barrier the kernel runs after the devices are already gone
+    from every table (names, addresses, routes and bridge ports are released
+    in the first millisecond, when the kernel announces the deletion). So the
+    request runs in a worker thread, and the caller waits for whichever comes
+    first: that announcement, or the request's own answer (an error, or the
+    end of the request when the announcement was missed).
+    """
+
+    def __init__(self, workers: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cni-dellink")
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._monitor: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: set[asyncio.Future[int]] = set()
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is not None:
+            return
+        loop = asyncio.get_running_loop()
+        mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        try:
+            mon.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            mon.bind((0, RTMGRP_LINK))
+            mon.setblocking(False)
+        except OSError:
+            mon.close()
+            raise
+        loop.add_reader(mon.fileno(), self._on_events)
+        self._monitor, self._loop = mon, loop
+
+    def _on_events(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                data = self._monitor.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:  # ENOBUFS: events were lost; waiters fall back to the answer
+                continue
+            for name in deleted_links(data):
+                fut = self._waiters.get(name)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def delete(self, name: str) -> bool:
+        """Delete link `name` of this namespace. False if it did not exist."""
+        loop = asyncio.get_running_loop()
+        try:
+            self._ensure_monitor()
+        except OSError as exc:
+            log.warning("link monitor unavailable (%s); deletions wait for the kernel", exc)
+        gone = self._waiters.get(name)
+        if gone is None:
+            gone = self._waiters[name] = loop.create_future()
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        except OSError as exc:
+            raise WiringError(f"delete {name}", exc.errno or errno.EIO) from exc
+        work = loop.run_in_executor(self._pool, _dellink_blocking, sock, name)
+        either: set[asyncio.Future[Any]] = {gone, work}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if self._waiters.get(name) is gone:
+                del self._waiters[name]
+        if not work.done():
+            # Unregistered: the worker finishes the kernel's cleanup on its own.
+            self._pending.add(work)
+            work.add_done_callback(self._finished(name))
+            return True
+        err = work.result()
+        if err == errno.ENODEV:
+            return gone.done()
+        if err:
+            raise WiringError(f"delete {name}", err)
+        return True
+
+    def _finished(self, name: str) -> Callable[[asyncio.Future[int]], None]:
+        def done(work: asyncio.Future[int]) -> None:
+            self._pending.discard(work)
+            err = work.result()
+            if err and err != errno.ENODEV:
+                log.warning("deleting %s: %s", name, os.strerror(err))
+        return done
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=10)
+        if self._monitor is not None and self._loop is not None:
+            self._loop.remove_reader(self._monitor.fileno())
+            self._monitor.close()
+            self._monitor = None
+        self._pool.shutdown(wait=False)
+
+
 class PodWiring:
     def __init__(self, host_ipr: Any, bridge: str) -> None:
         self.ipr = host_ipr
         self.bridge = bridge
+        self.deleter = LinkDeleter()
+
+    async def close(self) -> None:
+        await self.deleter.close()
 
     async def attach(
         self,
@@ -123,65 +298,73 @@ class PodWiring:
         if br is None:
             raise WiringError(f"bridge {self.bridge} does not exist", errno.ENODEV)
         async with container_netlink(ns_fd) as cipr:
-            if await link_index(cipr, ifname) is not None:
-                raise WiringError(f"interface {ifname} already exists in the container",
-                                  errno.EEXIST)
-            created = False
-            try:
-                for attempt in (1, 2):
-                    try:
-                        await self.ipr.link(
-                            "add", ifname=host, kind="veth", address=host_mac, mtu=mtu,
-                            master=br, flags=IFF_UP, change=IFF_UP,
-                            peer={"ifname": ifname, "net_ns_fd": ns_fd, "address": cont_mac,
-                                  "mtu": mtu},
-                        )
-                        created = True
-                        break
-                    except Exception as exc:
-                        if _code(exc) == errno.EEXIST and attempt == 1:
+            for attempt in (1, 2):
+                try:
+                    await self.ipr.link(
+                        "add", ifname=host, kind="veth", address=host_mac, mtu=mtu,
+                        master=br, flags=IFF_UP, change=IFF_UP,
+                        peer={"ifname": ifname, "net_ns_fd": ns_fd, "address": cont_mac,
+                              "mtu": mtu},
+                    )
+                    break
+                except Exception as exc:
+                    code = _code(exc)
+                    if code == errno.EEXIST:
+                        # Checked only now, to spare a round trip on every ADD.
+                        if await link_index(cipr, ifname) is not None:
+                            raise WiringError(f"interface {ifname} already exists in the "
+                                              "container") from None
+                        if attempt == 1:
                             # A veth left by an earlier, interrupted ADD for this pod.
                             await self._delete_host(host)
                             continue
-                        raise WiringError(f"create veth {host}", _code(exc)) from exc
-                if hairpin:
-                    idx = await link_index(self.ipr, host)
-                    await self.ipr.brport("set", index=idx, hairpin=1)
-                cidx = await link_index(cipr, ifname)
-                if cidx is None:
+                    raise WiringError(f"create veth pair {host} / {ifname}", code) from exc
+            step = f"find {ifname} in the container"
+            try:
+                msg = await _first(await cipr.link("get", ifname=ifname))
+                if msg is None:
                     raise WiringError(f"{ifname} vanished from the container", errno.ENODEV)
+                cidx = int(msg["index"])
+                if hairpin:
+                    step = f"set hairpin mode on {host}"
+                    # The container end's IFLA_LINK is the host end's index;
+                    # IFLA_BRPORT_MODE is the hairpin flag (pyroute2 ignores "hairpin").
+                    await self.ipr.brport("set", index=int(msg.get("IFLA_LINK")), mode=1)
+                step = f"add address {address} to {ifname} in the container"
+                await cipr.addr("add", index=cidx, address=str(address.ip),
+                                prefixlen=address.network.prefixlen)
+                step = f"set {ifname} up in the container"
+                await cipr.link("set", index=cidx, state="up")
+                step = f"add the default route via {gateway} in the container"
+                await cipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=cidx)
+            except BaseException as exc:
                 try:
-                    await cipr.addr("add", index=cidx, address=str(address.ip),
-                                    prefixlen=address.network.prefixlen)
-                    await cipr.link("set", index=cidx, state="up")
-                    await cipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=cidx)
-                except Exception as exc:
-                    raise WiringError(f"configure {ifname} in the container", _code(exc)) from exc
-            except BaseException:
-                if created:
                     await self._delete_host(host)
+                except Exception as cleanup:  # must not hide the failure itself
+                    log.warning("removing %s after a failed ADD: %s", host, cleanup)
+                if isinstance(exc, WiringError | asyncio.CancelledError):
+                    raise
+                if isinstance(exc, Exception):
+                    raise WiringError(step, _code(exc)) from exc
                 raise
         return Attached(host, host_mac, cont_mac)
 
     async def _delete_host(self, host: str) -> bool:
-        idx = await link_index(self.ipr, host)
-        if idx is None:
-            return False
-        try:
-            await self.ipr.link("del", index=idx)
-        except Exception as exc:
-            if _code(exc) != errno.ENODEV:
-                raise WiringError(f"delete {host}", _code(exc)) from exc
-            return False
-        return True
+        return await self.deleter.delete(host)
 
-    async def detach(self, container_id: str, ifname: str, ns_fd: int | None) -> bool:
-        """Remove the pod's veth pair, wherever it still is. True if something was removed."""
+    async def detach(self, container_id: str, ifname: str, ns_fd: int | None,
+                     address: IPv4Address | None = None) -> bool:
+        """Remove the pod's veth pair, wherever it still is. True if something was removed.
+
+        The pair goes with its host end, found by name. Only if that end is gone
+        (renamed by someone) is the container end removed instead, and only when
+        it is a veth carrying `address`, the pod's own: an interface of the same
+        name that ADD refused to replace is not ours.
+        """
         if await self._delete_host(host_veth_name(container_id, ifname)):
             return True
-        if ns_fd is None:
+        if ns_fd is None or address is None:
             return False
-        # The host end is gone but the pod may still hold its end (renamed host side).
         try:
             async with container_netlink(ns_fd) as cipr:
                 idx = await link_index(cipr, ifname)
@@ -191,13 +374,18 @@ class PodWiring:
                 li = msg.get("IFLA_LINKINFO") if msg is not None else None
                 if li is None or li.get("IFLA_INFO_KIND") != "veth":
                     return False
+                ours = False
+                async for a in await cipr.addr("dump", family=socket.AF_INET, index=idx):
+                    ours = ours or (a["index"] == idx and a.get("IFA_ADDRESS") == str(address))
+                if not ours:
+                    return False
                 await cipr.link("del", index=idx)
                 return True
         except OSError:
             return False
 
-    async def host_view(self, container_id: str, ifname: str) -> tuple[str, int | None, bool]:
-        """(host veth name, its master's index or None, hairpin) for CHECK."""
+    async def host_view(self, container_id: str, ifname: str) -> tuple[str, int | None, int | None]:
+        """(host veth name, its index or None, its master's index or None) for CHECK."""
         host = host_veth_name(container_id, ifname)
         msg = None
         try:
@@ -206,11 +394,24 @@ class PodWiring:
             if _code(exc) != errno.ENODEV:
                 raise
         if msg is None:
-            return host, None, False
-        return host, msg.get("IFLA_MASTER"), False
+            return host, None, None
+        return host, int(msg["index"]), msg.get("IFLA_MASTER")
 
     async def bridge_index(self) -> int | None:
         return await link_index(self.ipr, self.bridge)
+
+    async def orphans(self, keep: Iterable[str]) -> list[str]:
+        """Our host veths on the bridge that belong to no attachment in `keep`."""
+        br = await self.bridge_index()
+        if br is None:
+            return []
+        wanted = set(keep)
+        out = []
+        async for m in await self.ipr.link("dump"):
+            name = m.get("IFLA_IFNAME") or ""
+            if m.get("IFLA_MASTER") == br and HOST_VETH_RE.match(name) and name not in wanted:
+                out.append(name)
+        return out
 
     async def container_view(self, ns_fd: int, ifname: str) -> ContainerView:
         async with container_netlink(ns_fd) as cipr:
@@ -228,6 +429,7 @@ class PodWiring:
                 if r["dst_len"] == 0 and r["table"] == 254 and r.get("RTA_OIF") == idx:
                     g = r.get("RTA_GATEWAY")
                     gw = IPv4Address(g) if g else None
+            peer = msg.get("IFLA_LINK")
             return ContainerView(
                 True,
                 li.get("IFLA_INFO_KIND") if li else None,
@@ -236,6 +438,7 @@ class PodWiring:
                 int(msg.get("IFLA_MTU") or 0),
                 frozenset(addrs),
                 gw,
+                int(peer) if peer is not None else None,
             )
 
 

@@ -56,8 +56,8 @@ def launcher_text(python: str) -> str:
         "# The overlay CNI plugin, installed by `overlayctl install-cni`.\n"
         "import sys\n"
         f"sys.path.insert(0, {site!r})\n"
-        "from overlay.cni.client import main\n"
-        "sys.exit(main())\n"
+        "from overlay.cni.client import exit_main\n"
+        "exit_main()\n"
     )
 
 
