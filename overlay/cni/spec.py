@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address, ip_interface
 from typing import Any
 
 from overlay.cni.client import SUPPORTED_VERSIONS
@@ -325,6 +325,12 @@ def result_doc(result: Result, version: str) -> dict[str, Any]:
     return doc
 
 
+def _address(v: Any) -> IPv4Interface | IPv6Interface:
+    if not isinstance(v, str):  # ip_interface(5) would be 0.0.0.5/32
+        raise ValueError(f"{v!r} is not an address with a prefix length")
+    return ip_interface(v)
+
+
 def chain_result(prev: Mapping[str, Any], ours: Result, version: str) -> dict[str, Any]:
     """We are not first in the chain: the previous result, untouched, with ours appended.
 
@@ -347,7 +353,7 @@ def chain_result(prev: Mapping[str, Any], ours: Result, version: str) -> dict[st
         ip.pop("version", None)
         if _ver(version) < (1, 0, 0):
             try:
-                ip = {"version": str(ip_interface(ip.get("address")).version), **ip}
+                ip = {"version": str(_address(ip.get("address")).version), **ip}
             except (ValueError, TypeError):
                 raise CniError(E_INVALID_CONFIG, f"prevResult.ips: {ip.get('address')!r} is not "
                                "an address with a prefix length") from None
@@ -372,7 +378,7 @@ def parse_result(doc: Mapping[str, Any]) -> Result:
         )
         ips = []
         for ip in doc.get("ips") or []:
-            addr = ip_interface(ip["address"])
+            addr = _address(ip["address"])
             if not isinstance(addr, IPv4Interface):
                 continue
             gw = ip.get("gateway")

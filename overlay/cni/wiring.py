@@ -277,6 +277,7 @@ class PodWiring:
         self.ipr = host_ipr
         self.bridge = bridge
         self.deleter = LinkDeleter()
+        self._bridge_idx: int | None = None
 
     async def close(self) -> None:
         await self.deleter.close()
@@ -294,11 +295,10 @@ class PodWiring:
         """Create and configure the veth pair; on failure remove what was made."""
         host = host_veth_name(container_id, ifname)
         host_mac, cont_mac = random_mac(), random_mac()
-        br = await link_index(self.ipr, self.bridge)
-        if br is None:
-            raise WiringError(f"bridge {self.bridge} does not exist", errno.ENODEV)
         async with container_netlink(ns_fd) as cipr:
-            for attempt in (1, 2):
+            refreshed = removed_leftover = False
+            while True:
+                br = await self._bridge_index_cached()
                 try:
                     await self.ipr.link(
                         "add", ifname=host, kind="veth", address=host_mac, mtu=mtu,
@@ -314,10 +314,16 @@ class PodWiring:
                         if await link_index(cipr, ifname) is not None:
                             raise WiringError(f"interface {ifname} already exists in the "
                                               "container") from None
-                        if attempt == 1:
+                        if not removed_leftover:
                             # A veth left by an earlier, interrupted ADD for this pod.
+                            removed_leftover = True
                             await self._delete_host(host)
                             continue
+                    elif code in (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP) and not refreshed:
+                        # The bridge was recreated (the reconciler repairs drift): new index.
+                        refreshed = True
+                        self._bridge_idx = None
+                        continue
                     raise WiringError(f"create veth pair {host} / {ifname}", code) from exc
             step = f"find {ifname} in the container"
             try:
@@ -348,6 +354,13 @@ class PodWiring:
                     raise WiringError(step, _code(exc)) from exc
                 raise
         return Attached(host, host_mac, cont_mac)
+
+    async def _bridge_index_cached(self) -> int:
+        if self._bridge_idx is None:
+            self._bridge_idx = await link_index(self.ipr, self.bridge)
+            if self._bridge_idx is None:
+                raise WiringError(f"bridge {self.bridge} does not exist", errno.ENODEV)
+        return self._bridge_idx
 
     async def _delete_host(self, host: str) -> bool:
         return await self.deleter.delete(host)

@@ -294,6 +294,25 @@ def test_mtu_follows_the_vxlan_device_and_the_config(n1, pods):
     assert not n1.allocated_to("toobig") and "eth0" not in ns_links(pod)
 
 
+def test_add_works_after_the_bridge_was_recreated(n1, pods):
+    """The agent repairs a deleted bridge, with the same explicit MAC; ADD finds the new one."""
+    pod = pods()
+    cid, res = n1.add(pod)
+    mac = n1.links()["cni0"]["address"]
+    assert mac not in ("00:00:00:00:00:00", "") and res["interfaces"][0]["mac"] == mac
+    n1.delete(cid, pod)
+    old = n1.links()["cni0"]["ifindex"]
+    n1.run("ip", "link", "del", "cni0")
+    wait_until(lambda: n1.links().get("cni0", {}).get("ifindex", old) != old, 10, 0.1)
+    cid, res = n1.add(pod)
+    links = n1.links()
+    assert links["cni0"]["address"] == mac
+    assert links[host_veth(res)]["master"] == "cni0"
+    assert sh("ip", "netns", "exec", pod, "ping", "-c1", "-W2", str(n1.subnet()[1]),
+              check=False).returncode == 0
+    n1.delete(cid, pod)
+
+
 @pytest.mark.parametrize("hairpin", [True, False])
 def test_hairpin_mode_is_set_on_the_bridge_port(n1, pods, hairpin):
     pod = pods()

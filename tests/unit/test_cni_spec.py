@@ -136,3 +136,94 @@ def test_client_json_scanner_matches_json_module():
         parse_json(b'{"a": 1} trailing')
     assert socket_path(b'{"agentSocket": "/run/x.sock"}') == "/run/x.sock"
     assert socket_path(b"garbage") == "/run/overlay/cni.sock"
+
+
+LOOPBACK = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "mac": "00:00:00:00:00:00",
+                                                   "sandbox": "/run/netns/x"}],
+            "ips": [{"interface": 0, "address": "127.0.0.1/8"},
+                    {"interface": 0, "address": "::1/128"}],
+            "routes": [{"dst": "::/0", "gw": "fe80::1", "mtu": 1280}],
+            "dns": {"nameservers": ["1.1.1.1"]}, "custom": {"kept": True}}
+
+
+@pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
+def test_chained_result_passes_the_previous_one_through(version):
+    doc = spec.chain_result(LOOPBACK, RESULT, version)
+    legacy = version in ("0.3.0", "0.3.1", "0.4.0")
+    assert doc["cniVersion"] == version
+    assert doc["interfaces"][0] == LOOPBACK["interfaces"][0]
+    assert [i["name"] for i in doc["interfaces"]] == ["lo", "cni0", "veth1", "eth0"]
+    # The previous plugin's IPv6 address, unknown route fields and own keys survive.
+    assert [ip["address"] for ip in doc["ips"]] == ["127.0.0.1/8", "::1/128", "10.244.1.5/24"]
+    assert [ip.get("version") for ip in doc["ips"]] == (["4", "6", "4"] if legacy
+                                                        else [None, None, None])
+    assert doc["ips"][2]["interface"] == 3  # our index, shifted past the previous ones
+    assert doc["routes"][0] == {"dst": "::/0", "gw": "fe80::1", "mtu": 1280}
+    assert doc["routes"][1] == {"dst": "0.0.0.0/0", "gw": "10.244.1.1"}
+    assert doc["dns"] == {"nameservers": ["10.96.0.10"]}  # ours, from our config
+    assert doc["custom"] == {"kept": True}
+    assert LOOPBACK["ips"][0] == {"interface": 0, "address": "127.0.0.1/8"}  # not mutated
+
+
+def test_chained_result_keeps_previous_dns_when_we_have_none():
+    ours = spec.Result(RESULT.interfaces, RESULT.ips, RESULT.routes)
+    assert spec.chain_result(LOOPBACK, ours, "1.0.0")["dns"] == {"nameservers": ["1.1.1.1"]}
+
+
+@pytest.mark.parametrize("prev", [{"ips": "x"}, {"interfaces": [1]}, {"routes": {}},
+                                  {"ips": [{"address": "nonsense"}]}, {"ips": [{"address": 5}]}])
+def test_chained_result_refuses_a_malformed_previous_one(prev):
+    with pytest.raises(spec.CniError) as ei:
+        spec.chain_result(prev, RESULT, "0.4.0")
+    assert ei.value.code == spec.E_INVALID_CONFIG and "prevResult" in ei.value.msg
+
+
+def test_client_version_and_error_documents():
+    from overlay.cni.client import error_doc, version_doc
+
+    assert json.loads(version_doc(b'{"cniVersion": "0.4.0"}')) == {
+        "cniVersion": "0.4.0", "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
+    assert json.loads(version_doc(b"nonsense"))["cniVersion"] == "1.0.0"
+    doc = json.loads(error_doc(b'{"cniVersion": "0.3.1"}', 100, 'a "quoted"\nmsg', "d\u00e9"))
+    assert doc == {"cniVersion": "0.3.1", "code": 100, "msg": 'a "quoted"\nmsg',
+                   "details": "d\u00e9"}
+
+
+def test_client_request_carries_only_cni_variables():
+    from overlay.cni.client import MAGIC, request_bytes
+
+    env = {b"CNI_COMMAND": b"ADD", b"CNI_IFNAME": b"eth0", b"HOME": b"/root",
+           b"CNI_ARGS": b"K=\xff"}
+    raw = request_bytes(env, b"{}", {"NETNS_ERROR": "gone"})
+    assert raw.startswith(MAGIC)
+    hlen = int.from_bytes(raw[len(MAGIC):len(MAGIC) + 4], "big")
+    head = raw[len(MAGIC) + 4:len(MAGIC) + 4 + hlen].split(b"\0")
+    assert head == [b"CNI_COMMAND=ADD", b"CNI_IFNAME=eth0", b"CNI_ARGS=K=\xff",
+                    b"NETNS_ERROR=gone"]
+    assert raw.endswith(b"\0\0\0\x02{}")
+
+
+def test_deleted_link_notifications_are_parsed():
+    import socket
+    import struct
+
+    from overlay.cni.wiring import RTM_DELLINK, _dellink_message, deleted_links
+
+    def notification(mtype: int, family: int, name: str) -> bytes:
+        nm = name.encode() + b"\0"
+        rta = struct.pack("=HH", 4 + len(nm), 3) + nm
+        rta += b"\0" * (-len(rta) % 4)
+        mtu = struct.pack("=HHI", 8, 4, 1500)  # an attribute before the name
+        body = struct.pack("=BxHiII", family, 1, 7, 0, 0) + mtu + rta
+        return struct.pack("=IHHII", 16 + len(body), mtype, 0, 0, 0) + body
+
+    batch = (notification(RTM_DELLINK, socket.AF_UNSPEC, "vethabc")
+             + notification(RTM_DELLINK, socket.AF_BRIDGE, "vethbridged")  # left a bridge only
+             + notification(16, socket.AF_UNSPEC, "vethnew")  # RTM_NEWLINK
+             + notification(RTM_DELLINK, socket.AF_UNSPEC, "eth0"))
+    assert deleted_links(batch) == ["vethabc", "eth0"]
+    assert deleted_links(b"\x03\x00") == []
+    msg = _dellink_message("vethabc", seq=7)
+    length, mtype, _flags, seq = struct.unpack_from("=IHHI", msg)
+    assert (length, mtype, seq) == (len(msg), RTM_DELLINK, 7) and len(msg) % 4 == 0
+    assert deleted_links(msg) == ["vethabc"]
