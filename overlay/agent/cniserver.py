@@ -78,6 +78,8 @@ class CniService:
         self, env: dict[str, str], stdin: bytes, ns_fd: int | None
     ) -> tuple[int, bytes]:
         command = env.get("CNI_COMMAND", "?")
+        if command not in spec.COMMANDS:
+            command = "invalid"  # a metrics label: never an arbitrary string
         t0 = time.perf_counter()
         version = spec.version_of(stdin)
         try:
