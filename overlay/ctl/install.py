@@ -71,8 +71,8 @@ def standalone_bytes(python: str) -> bytes:
         for rel in STANDALONE_MODULES:
             z.write(pkg / rel, f"overlay/{rel}")
         z.writestr("__main__.py", "# The overlay CNI plugin, installed by `overlayctl "
-                   "install-cni --standalone`.\nimport sys\n"
-                   "from overlay.cni.client import main\nsys.exit(main())\n")
+                   "install-cni --standalone`.\n"
+                   "from overlay.cni.client import exit_main\nexit_main()\n")
     return buf.getvalue()
 
 
