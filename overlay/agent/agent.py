@@ -66,6 +66,7 @@ class AgentOptions:
     health_addr: str | None = None
     metrics_addr: str | None = None
     ip_masq: bool = False
+    vxlan_filter: bool = True
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Agent:
         self.peers: PeerTable | None = None
         self.reconciler: Reconciler | None = None
         self.kernel: NetlinkKernel | None = None
+        self.vxlan_filter: Any = None
         self.node = ""
         self.vtep_mac = ""
         self.conditions: dict[str, Condition] = {
@@ -94,7 +96,7 @@ class Agent:
         self._closers: list[Any] = []
         self._stop = asyncio.Event()
         self._leave = False
-        self._leave_event = asyncio.Event()
+        self._main_task: asyncio.Task[Any] | None = None
         self.notifier = Notifier()  # systemd Type=notify ($NOTIFY_SOCKET)
         self._notified = ""
 
@@ -107,12 +109,18 @@ class Agent:
     def ready(self) -> bool:
         return all(self.conditions[k].ok for k in ("lease", "device", "reconciled"))
 
+    def refresh_conditions(self) -> None:
+        """Conditions that are read from state on demand (the status loop starts later)."""
+        if self.lease is not None and self.lease.current is None and self.lease.last_error:
+            self.set_condition("lease", False, f"no subnet yet: {self.lease.last_error}")
+
     def not_ready_reason(self) -> str:
         bad = [f"{k}: {c.message}" for k, c in self.conditions.items()
                if not c.ok and k in ("config", "lease", "device", "reconciled")]
         return "; ".join(bad) or "starting"
 
     def node_net(self) -> NodeNet:
+        self.refresh_conditions()
         subnet = self.lease.subnet if self.lease else None
         ready = self.ready() and subnet is not None
         return NodeNet(
@@ -135,6 +143,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         assert main is not None
+        self._main_task = main
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig, main)
         opts.run_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +154,9 @@ class Agent:
             return 0
         except asyncio.CancelledError:
             if self._stop.is_set():
+                if self._leave:
+                    # Every task has stopped: nothing can put back what leave() removes.
+                    await self.leave()
                 log.info("stopped%s", " after leaving the cluster" if self._leave else
                          "; the kernel state and the lease are kept for the next start")
                 return 0
@@ -174,10 +186,13 @@ class Agent:
         main.cancel()
 
     def request_leave(self) -> None:
+        """Leave gracefully: stop every task, then release the lease and remove devices."""
+        log.info("leave requested")
         self.notifier.stopping("leaving the cluster")
         self._leave = True
         self._stop.set()
-        self._leave_event.set()
+        if self._main_task is not None:
+            self._main_task.cancel()
 
     async def _start_servers(self) -> None:
         from overlay.agent.localapi import start_local_api
@@ -275,10 +290,13 @@ class Agent:
                                                   entry.record.subnet))
 
         self.reconciler = Reconciler(self.kernel, self.peers.peer_records,
-                                     opts.reconcile_interval)
+                                     opts.reconcile_interval, self._vxlan_filter_hook(cfg))
         self.reconciler.set_specs(self._specs(entry))
         snap = await self._list_until_ok(store)
         self.peers.reset(snap)
+        stale_filter = getattr(self, "_pending_filter_removal", None)
+        if stale_filter is not None:
+            await stale_filter.remove()
         enable_forwarding()
         await self._first_reconcile()
         if opts.ip_masq or self.masq.has_pods():
@@ -299,12 +317,6 @@ class Agent:
             tg.create_task(self._run_reconciler(), name="reconciler")
             tg.create_task(self._watch_config(store), name="config-watch")
             tg.create_task(self._conditions_loop(), name="conditions")
-            tg.create_task(self._wait_leave(), name="leave")
-
-    async def _wait_leave(self) -> None:
-        await self._leave_event.wait()
-        await self.leave()
-        raise asyncio.CancelledError
 
     async def leave(self) -> None:
         """Graceful leave: give the subnet back and remove our devices."""
@@ -319,6 +331,26 @@ class Agent:
             for name in (specs.vxlan.name, specs.bridge.name):
                 with contextlib.suppress(Exception):
                     await self.kernel.apply_device_ops([DeviceOp("delete", name, None, "leave")])
+        if self.vxlan_filter is not None:
+            await self.vxlan_filter.remove()
+
+    def _vxlan_filter_hook(self, cfg: NetworkConfig) -> Any:
+        if not self.opts.vxlan_filter:
+            log.warning("VXLAN filter disabled (--no-vxlan-filter): any host on the underlay "
+                        "can inject packets into pods")
+            from overlay.agent.vxlanfilter import VxlanFilter
+
+            # A table left by an earlier run with the filter on would still drop traffic.
+            self._pending_filter_removal = VxlanFilter(cfg.port)
+            return None
+        from overlay.agent.vxlanfilter import VxlanFilter
+
+        self.vxlan_filter = VxlanFilter(cfg.port)
+
+        async def sync(want: Any) -> None:
+            await self.vxlan_filter.sync(f.dst for f in want.fdbs)
+
+        return sync
 
     async def _first_reconcile(self) -> None:
         assert self.reconciler is not None

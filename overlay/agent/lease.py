@@ -83,6 +83,8 @@ class LeaseManager:
         self.renewals = 0
         self.failures = 0
         self._lost = asyncio.Event()
+        # Why the last acquisition attempt failed, for status and CNI errors.
+        self.last_error = ""
         self.on_change: Callable[[LeaseEntry], Awaitable[None]] | None = None
 
     @property
@@ -96,6 +98,7 @@ class LeaseManager:
         while True:
             try:
                 entry = await self._try_acquire()
+                self.last_error = ""
                 self.current = entry
                 self.preferred = entry.record.subnet
                 self.healthy = True
@@ -103,6 +106,7 @@ class LeaseManager:
                 return entry
             except TemporaryError as exc:
                 msg = str(exc)
+                self.last_error = msg
                 if msg != last_msg:
                     log.warning("cannot lease a subnet yet: %s; retrying", msg)
                     last_msg = msg

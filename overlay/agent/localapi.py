@@ -38,6 +38,7 @@ class LocalService(pb_grpc.LocalServicer):  # type: ignore[misc,unused-ignore]
 
 
 def status_reply(agent: Agent) -> Any:
+    agent.refresh_conditions()
     st = agent.status()
     reply = pb.StatusReply(ready=st["ready"], version=__version__,
                            started_unix_ms=int(st["started"] * 1000), mtu=st["mtu"])

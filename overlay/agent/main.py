@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="masquerade all traffic from this node's pods that leaves the "
                         "cluster network (nftables table 'ip overlay'); without it, only pods "
                         "whose CNI config sets ipMasq are masqueraded")
+    g.add_argument("--no-vxlan-filter", dest="vxlan_filter", action="store_false",
+                   help="accept VXLAN from any source; by default only the underlay IPs of "
+                        "current members may send to the VXLAN port (nftables table "
+                        "'ip overlay_vxlan')")
     g = p.add_argument_group("local state")
     g.add_argument("--run-dir", type=Path, default=Path("/run/overlay"),
                    help="sockets and pod address allocations (default: %(default)s)")
@@ -113,7 +117,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         grpc_listen=args.grpc_listen, grpc_advertise=args.grpc_advertise,
         run_dir=args.run_dir, state_dir=args.state_dir, lease_ttl=args.lease_ttl,
         reconcile_interval=args.reconcile_interval, health_addr=args.health_addr,
-        metrics_addr=args.metrics_addr, ip_masq=args.ip_masq,
+        metrics_addr=args.metrics_addr, ip_masq=args.ip_masq, vxlan_filter=args.vxlan_filter,
     )
 
 

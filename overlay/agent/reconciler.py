@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from overlay import metrics
-from overlay.dataplane.desired import Entries, apply_ops, desired, explain, plan
+from overlay.dataplane.desired import Desired, Entries, apply_ops, desired, explain, plan
 from overlay.dataplane.devices import BridgeSpec, VxlanSpec, bridge_ops, vxlan_ops
 from overlay.dataplane.kernel import Kernel, KernelError
 from overlay.errors import OverlayError
@@ -56,8 +56,12 @@ class Reconciler:
         kernel: Kernel,
         peers: Callable[[], Iterable[NodeRecord]],
         interval: float = 1.0,
+        after_pass: Callable[[Desired], Awaitable[None]] | None = None,
     ) -> None:
         self.kernel = kernel
+        # Runs after the entries are applied, with the desired state (e.g. to
+        # let only these peers' VXLAN traffic in); a failure fails the pass.
+        self.after_pass = after_pass
         self.peers = peers
         self.interval = interval
         self.specs: Specs | None = None
@@ -153,6 +157,11 @@ class Reconciler:
             self.programmed = apply_ops(observed, done)
         else:
             self.programmed = observed
+        if self.after_pass is not None:
+            try:
+                await self.after_pass(want)
+            except OverlayError as exc:
+                res.errors.append(str(exc))
         for kind, n in (("route", len(self.programmed.routes)),
                         ("neigh", len(self.programmed.neighs)),
                         ("fdb", len(self.programmed.fdbs))):

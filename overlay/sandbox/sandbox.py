@@ -200,7 +200,9 @@ class Sandbox:
     def _plug(self, host: str, ns: str, ip: str, mtu: int = 1500) -> None:
         """Connect host namespace `ns` to the underlay bridge as eth0 with `ip`."""
         ul = self.st.underlay
-        port = f"u-{host}"[:15]
+        from overlay.sandbox.faults import port_name
+
+        port = port_name(host)
         sh("ip", "-n", ul, "link", "add", port, "mtu", str(mtu), "type", "veth", "peer", "name",
            "eth0", "netns", ns, "mtu", str(mtu))
         sh("ip", "-n", ul, "link", "set", port, "master", "br0", "up")
@@ -247,6 +249,9 @@ class Sandbox:
         with self.step("CNI plugin"):
             install(InstallOptions(bin_dir=self.dir / "cni" / "bin",
                                    conf_dir=self.dir / "cni" / "unused"))
+        if nodes == 0:
+            self.progress(f"sandbox {self.name} up in {time.monotonic() - t0:.1f}s: etcd only")
+            return self.st
         names = [f"n{i}" for i in range(1, nodes + 1)]
         for n in names:
             self.add_node(n, wait=False)
@@ -309,6 +314,27 @@ class Sandbox:
             time.sleep(0.2)
         raise TimeoutError(f"etcd {h.name} not healthy after {timeout:.0f}s")
 
+    def etcd_host(self, name: str) -> Host:
+        for h in self.st.etcd:
+            if h.name == name:
+                return h
+        raise SandboxError("etcd", f"no etcd member {name!r}")
+
+    def kill_etcd(self, name: str) -> None:
+        """SIGKILL one etcd member (its data directory stays for a restart)."""
+        h = self.etcd_host(name)
+        kill_and_wait(h.pid, signal.SIGKILL, 5)
+        h.pid = 0
+        self.save()
+
+    def restart_etcd(self, name: str, wait: bool = True) -> None:
+        """Start a killed member again, rejoining the existing cluster with its data."""
+        h = self.etcd_host(name)
+        cluster = ",".join(f"{m.name}=http://{m.underlay_ip}:2380" for m in self.st.etcd)
+        self._spawn_etcd(h, cluster, "existing")
+        if wait:
+            self.wait_etcd(h)
+
     def signal_etcd(self, sig: int, members: Sequence[str] | None = None) -> None:
         """Send `sig` to etcd members we started (all by default): SIGSTOP freezes one."""
         for h in self.st.etcd:
@@ -316,9 +342,10 @@ class Sandbox:
                 os.kill(h.pid, sig)
 
     def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        """Run etcdctl on the first etcd host against its local member."""
-        return self.run_in(self.st.etcd[0].netns, "etcdctl", "--endpoints",
-                           "http://127.0.0.1:2379", *args, check=check)
+        """Run etcdctl on the first live etcd host against its local member."""
+        h = next((m for m in self.st.etcd if pid_alive(m.pid)), self.st.etcd[0])
+        return self.run_in(h.netns, "etcdctl", "--endpoints", "http://127.0.0.1:2379", *args,
+                           check=check)
 
     def etcdctl_overlay(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         """Run `overlayctl <args>` on the first etcd host, against the local etcd."""
@@ -360,7 +387,7 @@ class Sandbox:
         return f"{self.dir / 'cni' / 'bin'}:/usr/lib/cni"
 
     def add_node(self, name: str | None = None, *, wait: bool = True,
-                 extra_args: Sequence[str] = ()) -> Host:
+                 extra_args: Sequence[str] = (), preferred_subnet: str | None = None) -> Host:
         st = self.st
         if name is None:
             used = {h.name for h in st.nodes}
@@ -374,6 +401,12 @@ class Sandbox:
             d = self.node_dir(name)
             (d / "run").mkdir(parents=True, exist_ok=True)
             (d / "state").mkdir(parents=True, exist_ok=True)
+            if preferred_subnet is not None:
+                # As if this node held the subnet before (its persisted identity).
+                from overlay.agent.state import Identity, random_mac, save
+                from overlay.model import parse_cidr
+
+                save(d / "state", Identity(name, random_mac(), parse_cidr(preferred_subnet)))
             install(InstallOptions(bin_dir=self.dir / "cni" / "bin", conf_dir=d / "net.d",
                                    agent_socket=str(self.cni_socket(name))))
             st.nodes.append(h)
@@ -494,6 +527,44 @@ class Sandbox:
             oks = list(ex.map(probe, pairs))
         results = [(a, b, ok) for (a, b), ok in zip(pairs, oks, strict=True)]
         return results, sum(oks), len(pairs)
+
+    # --- underlay faults --------------------------------------------------------
+
+    def set_faults(self, loss_percent: int = 0, partitioned: Sequence[str] = ()) -> None:
+        """Drop `loss_percent`% of all underlay frames and everything to/from `partitioned`."""
+        from overlay.sandbox.faults import Faults, ruleset
+
+        p = subprocess.run([*self.exec_prefix(self.st.underlay), "nft", "-f", "-"],
+                           input=ruleset(Faults(loss_percent, frozenset(partitioned))).encode(),
+                           capture_output=True, timeout=30, check=False)
+        if p.returncode != 0:
+            raise SandboxError("faults", p.stderr.decode(errors="replace").strip())
+
+    def clear_faults(self) -> None:
+        self.set_faults()
+
+    def limit_bandwidth(self, host: str, rate: str = "1mbit") -> None:
+        """Cap traffic to and from `host` on the underlay (tbf on both ends of its link)."""
+        from overlay.sandbox.faults import port_name
+
+        ns = self._host(host).netns
+        for where, dev in ((self.st.underlay, port_name(host)), (ns, "eth0")):
+            sh("ip", "netns", "exec", where, "tc", "qdisc", "replace", "dev", dev, "root",
+               "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms")
+
+    def unlimit_bandwidth(self, host: str) -> None:
+        from overlay.sandbox.faults import port_name
+
+        ns = self._host(host).netns
+        for where, dev in ((self.st.underlay, port_name(host)), (ns, "eth0")):
+            sh("ip", "netns", "exec", where, "tc", "qdisc", "del", "dev", dev, "root",
+               check=False)
+
+    def _host(self, name: str) -> Host:
+        for h in (*self.st.nodes, *self.st.etcd, *self.st.others):
+            if h.name == name:
+                return h
+        raise SandboxError("host", f"no host {name!r} in sandbox {self.name}")
 
     # --- other hosts ----------------------------------------------------------
 

@@ -1,0 +1,120 @@
+"""Accept VXLAN only from cluster members.
+
+Anyone on the underlay can send UDP to port 8472 and the kernel decapsulates
+it into our pods' network; neither flannel nor Weave's fast datapath stops
+that. Each node keeps its own nftables table:
+
+  table ip overlay_vxlan {
+    set members { type ipv4_addr; }          # underlay IPs of current peers
+    chain input {
+      type filter hook input priority -150; policy accept;
+      udp dport 8472 ip saddr != @members counter drop
+    }
+  }
+
+The set is replaced in one nft transaction whenever the peer set changes, so
+there is never a moment with a half-written list. The table survives agent
+restarts (protection does not lapse while overlayd is down) and is removed
+on a graceful leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Iterable
+from ipaddress import IPv4Address
+
+from overlay.errors import TemporaryError
+
+log = logging.getLogger(__name__)
+
+TABLE = "overlay_vxlan"
+
+
+def _elements(members: Iterable[IPv4Address]) -> str:
+    ips = sorted(set(members))
+    return ", ".join(map(str, ips))
+
+
+def ruleset(port: int, members: Iterable[IPv4Address]) -> str:
+    """The whole table, created from scratch (a table that exists is replaced)."""
+    elems = _elements(members)
+    elements = f" elements = {{ {elems} }};" if elems else ""
+    return (
+        f"table ip {TABLE} {{}}\n"
+        f"delete table ip {TABLE}\n"
+        f"table ip {TABLE} {{\n"
+        f"  set members {{ type ipv4_addr;{elements} }}\n"
+        f"  chain input {{\n"
+        f"    type filter hook input priority -150; policy accept;\n"
+        f"    udp dport {port} ip saddr != @members counter drop\n"
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def member_update(members: Iterable[IPv4Address]) -> str:
+    """Replace the member set atomically (one nft transaction)."""
+    elems = _elements(members)
+    add = f"add element ip {TABLE} members {{ {elems} }}\n" if elems else ""
+    return f"flush set ip {TABLE} members\n{add}"
+
+
+class VxlanFilter:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.members: frozenset[IPv4Address] | None = None
+        self.nft = shutil.which("nft") or "/usr/sbin/nft"
+        self._lock = asyncio.Lock()
+
+    async def _run(self, script: str) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.nft, "-f", "-", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise TemporaryError(f"cannot run nft: {exc}") from None
+        _, err = await proc.communicate(script.encode())
+        if proc.returncode != 0:
+            raise TemporaryError(f"nft failed: {err.decode(errors='replace').strip()}")
+
+    async def sync(self, members: Iterable[IPv4Address]) -> None:
+        """Make the accepted sources exactly `members`. Cheap when nothing changed."""
+        want = frozenset(members)
+        async with self._lock:
+            if want == self.members:
+                return
+            if self.members is None:
+                await self._run(ruleset(self.port, want))
+                log.info("VXLAN filter: UDP %d accepted only from %d member(s) "
+                         "(nftables table ip %s)", self.port, len(want), TABLE)
+            else:
+                added, removed = want - self.members, self.members - want
+                await self._run(member_update(want))
+                for ip in sorted(added):
+                    log.info("VXLAN filter: accepting %s (new member)", ip)
+                for ip in sorted(removed):
+                    log.info("VXLAN filter: no longer accepting %s (not a member)", ip)
+            self.members = want
+
+    async def dropped(self) -> int:
+        """Packets dropped so far (from the rule's counter)."""
+        proc = await asyncio.create_subprocess_exec(
+            self.nft, "list", "chain", "ip", TABLE, "input",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        for line in out.decode(errors="replace").splitlines():
+            if "counter packets" in line:
+                return int(line.split("counter packets", 1)[1].split()[0])
+        return 0
+
+    async def remove(self) -> None:
+        async with self._lock:
+            try:
+                await self._run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+                log.info("VXLAN filter removed (nftables table ip %s)", TABLE)
+            except TemporaryError as exc:
+                log.warning("could not remove the VXLAN filter: %s", exc)
+            self.members = None

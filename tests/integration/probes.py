@@ -1,0 +1,59 @@
+"""Small programs run inside sandbox namespaces (via `ip netns exec <ns> python -c`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+# Listen on UDP `port` for `seconds`; print "<source ip> <payload>" per datagram.
+UDP_LISTENER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(0.2)
+end = time.monotonic() + float(sys.argv[2])
+print("ready", flush=True)
+while time.monotonic() < end:
+    try:
+        data, addr = s.recvfrom(2048)
+    except TimeoutError:
+        continue
+    print(addr[0], data.decode(errors="replace"), flush=True)
+"""
+
+# Send one UDP datagram: argv = dst ip, port, payload.
+UDP_SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+"""
+
+# Craft a VXLAN packet with scapy: argv = outer dst, port, vni, inner dst MAC,
+# inner src ip, inner dst ip, inner udp port, payload, count.
+VXLAN_SPOOF = """
+import sys
+from scapy.all import IP, UDP, Ether, Raw, conf, send
+from scapy.layers.vxlan import VXLAN
+conf.verb = 0
+odst, port, vni, dmac, isrc, idst, iport, payload, count = sys.argv[1:10]
+pkt = (IP(dst=odst) / UDP(sport=40000, dport=int(port)) / VXLAN(vni=int(vni), flags=0x08)
+       / Ether(dst=dmac, src="02:de:ad:be:ef:01") / IP(src=isrc, dst=idst)
+       / UDP(sport=5555, dport=int(iport)) / Raw(payload.encode()))
+send(pkt, count=int(count), inter=0.05)
+"""
+
+
+def python_in(prefix: Sequence[str], code: str, *args: str, timeout: float = 30
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-c", code, *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def start_listener(prefix: Sequence[str], port: int, seconds: float) -> subprocess.Popen[str]:
+    p = subprocess.Popen([*prefix, sys.executable, "-c", UDP_LISTENER, str(port), str(seconds)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line.strip() == "ready", line + (p.stderr.read() if p.stderr else "")
+    return p

@@ -1,0 +1,36 @@
+from ipaddress import IPv4Address
+
+from overlay.agent.vxlanfilter import member_update, ruleset
+
+
+def test_ruleset_drops_vxlan_from_non_members_only():
+    text = ruleset(8472, [IPv4Address("172.30.1.12"), IPv4Address("172.30.1.11")])
+    assert "udp dport 8472 ip saddr != @members counter drop" in text
+    assert "elements = { 172.30.1.11, 172.30.1.12 }" in text
+    assert "hook input" in text and "policy accept" in text
+    # replaces an existing table instead of appending to it
+    assert text.index("delete table ip overlay_vxlan") < text.index("set members")
+
+
+def test_empty_member_set_is_valid_and_drops_everything():
+    text = ruleset(4789, [])
+    assert "elements" not in text and "udp dport 4789" in text
+
+
+def test_member_update_is_one_flush_and_add():
+    assert member_update([IPv4Address("10.0.0.2"), IPv4Address("10.0.0.1")]) == (
+        "flush set ip overlay_vxlan members\n"
+        "add element ip overlay_vxlan members { 10.0.0.1, 10.0.0.2 }\n")
+    assert member_update([]) == "flush set ip overlay_vxlan members\n"
+
+
+def test_fault_ruleset_partitions_and_loss():
+    from overlay.sandbox.faults import Faults
+    from overlay.sandbox.faults import ruleset as faults
+
+    text = faults(Faults(20, frozenset({"n3"})))
+    assert 'iifname "u-n3" counter drop' in text and 'oifname "u-n3" counter drop' in text
+    assert "numgen random mod 100 < 20 counter drop" in text
+    assert "hook forward" in text and "table bridge ovs_faults" in text
+    clean = faults(Faults())
+    assert "drop" not in clean
