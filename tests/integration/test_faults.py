@@ -325,7 +325,7 @@ def test_agent_crash_during_pod_churn(make_sandbox):
     expected = set(live) | {cross_dst.container_id}
     assert set(owners.values()) == expected, (owners, expected)
     addrs = []
-    for cid, ns in live.items():
+    for ns in live.values():
         out = sb.run_in(ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.decode()
         addrs.append(out.split()[3].split("/")[0])
     assert len(addrs) == len(set(addrs)), "an address was handed out twice"

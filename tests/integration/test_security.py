@@ -24,7 +24,7 @@ def _spoof_and_listen(sb, stranger, target_pod, src_pod, port):
         member = python_in(sb.exec_prefix(src_pod.netns), UDP_SEND, target_pod.ip, str(port),
                            "member")
         assert member.returncode == 0, member.stderr
-        out, err = listener.communicate(timeout=20)
+        out, _err = listener.communicate(timeout=20)
     finally:
         if listener.poll() is None:
             listener.kill()
