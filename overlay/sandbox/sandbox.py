@@ -257,6 +257,7 @@ class Sandbox:
             self.add_node(n, wait=False)
         for n in names:
             self.wait_ready(n, wait)
+        self.wait_converged(wait)
         for n in names:
             for _ in range(pods_per_node):
                 self.add_pod(n)
@@ -465,6 +466,27 @@ class Sandbox:
                     last = str(exc).splitlines()[0][:200]
                 time.sleep(0.1)
             raise TimeoutError(f"not ready after {timeout:.0f}s ({last})")
+
+    def wait_converged(self, timeout: float = 60) -> None:
+        """Until every node has programmed every other node (what `up` promises)."""
+        names = [h.name for h in self.st.nodes]
+        with self.step("peers programmed on every node"):
+            deadline = time.monotonic() + timeout
+            missing: list[str] = []
+            while time.monotonic() < deadline:
+                missing = []
+                for n in names:
+                    try:
+                        st = self.status(n)
+                    except Exception:
+                        missing.append(f"{n}: no answer")
+                        continue
+                    done = {p.record.name for p in st.peers if p.programmed}
+                    missing += [f"{n} lacks {m}" for m in names if m != n and m not in done]
+                if not missing:
+                    return
+                time.sleep(0.1)
+            raise TimeoutError("not converged: " + ", ".join(missing[:6]))
 
     # --- pods -----------------------------------------------------------------
 
