@@ -33,7 +33,7 @@ install: deps
 
 demo: install
 	@$(VENV)/bin/overlayctl sandbox down --name demo >/dev/null 2>&1 || true
-	@set -e; trap '$(VENV)/bin/overlayctl sandbox down --name demo' EXIT; \
+	@set -e; trap 'out=$$($(VENV)/bin/overlayctl sandbox down --name demo 2>&1) || echo "$$out" >&2' EXIT; \
 	$(VENV)/bin/overlayctl sandbox up --nodes 3 --pods-per-node 2 --name demo; \
 	$(VENV)/bin/overlayctl sandbox status --name demo; \
 	$(VENV)/bin/overlayctl sandbox check --name demo
