@@ -11,6 +11,8 @@ pyroute2 exception.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import re
@@ -20,21 +22,27 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, Protocol
 
-from overlay.dataplane.desired import Entries, Fdb, Neigh, Op, Route
+from overlay.dataplane import rtnl
+from overlay.dataplane.desired import Entries, Fdb, Op
 from overlay.dataplane.devices import BridgeSpec, DeviceOp, LinkInfo, VxlanSpec
 from overlay.errors import ConfigError, TemporaryError
 
 log = logging.getLogger(__name__)
 
-# Routes we own carry this protocol number, so routes an operator adds on
-# our device are left alone (see /etc/iproute2/rt_protos).
-RTPROT_OVERLAY = 0x9F
-RTNH_F_ONLINK = 4
-NUD_PERMANENT = 0x80
-NUD_NOARP = 0x40
-NTF_SELF = 0x02
+RTPROT_OVERLAY = rtnl.RTPROT_OVERLAY  # the protocol number on our routes
+RTNH_F_ONLINK = rtnl.RTNH_F_ONLINK
+NUD_PERMANENT = rtnl.NUD_PERMANENT
+NUD_NOARP = rtnl.NUD_NOARP
+NTF_SELF = rtnl.NTF_SELF
 IFF_UP = 1
-AF_BRIDGE = 7
+AF_BRIDGE = rtnl.AF_BRIDGE
+NETLINK_ROUTE = 0
+SO_RCVBUFFORCE = 33
+# Requests per sendmsg: the kernel spends ~30 us on each, so a batch holds
+# the event loop for ~10 ms, and all its replies fit in RCVBUF.
+BATCH = 256
+RCVBUF = 4 << 20
+RECV_SIZE = 1 << 16
 
 
 class KernelError(TemporaryError):
@@ -138,6 +146,22 @@ class NetlinkKernel:
         from pyroute2 import AsyncIPRoute
 
         self._ipr = AsyncIPRoute()
+        # Entries go through a socket of our own, in batches (see `apply`).
+        self._raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                  | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        self._raw.bind((0, 0))
+        try:  # room for every reply of a batch, even if all of them are errors
+            self._raw.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        for opt in (rtnl.NETLINK_CAP_ACK, rtnl.NETLINK_EXT_ACK):
+            with contextlib.suppress(OSError):
+                self._raw.setsockopt(rtnl.SOL_NETLINK, opt, 1)
+        self._strict = False
+        self._set_strict(True)
+        self._rbuf = bytearray(RECV_SIZE)
+        self._seq = 0
+        self._raw_lock = asyncio.Lock()
 
     @property
     def ipr(self) -> Any:
@@ -145,6 +169,7 @@ class NetlinkKernel:
 
     def close(self) -> None:
         self._ipr.close()
+        self._raw.close()
 
     async def link(self, name: str) -> LinkInfo | None:
         try:
@@ -238,64 +263,142 @@ class NetlinkKernel:
             raise ValueError(op.action)
 
     async def observe(self, ifindex: int) -> Entries:
-        ipr = self._ipr
-        routes = set()
-        async for r in await ipr.route("dump", family=socket.AF_INET):
-            if r.get("RTA_OIF") != ifindex or r["proto"] != RTPROT_OVERLAY:
-                continue
-            if r["table"] != 254 or r.get("RTA_GATEWAY") is None:
-                continue
-            routes.add(Route(IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}"),
-                             IPv4Address(r.get("RTA_GATEWAY"))))
-        neighs = set()
-        async for n in await ipr.neigh("dump", family=socket.AF_INET, ifindex=ifindex):
-            if n["ifindex"] != ifindex or not n.get("NDA_LLADDR") or not n.get("NDA_DST"):
-                continue
-            neighs.add(Neigh(IPv4Address(n.get("NDA_DST")), n.get("NDA_LLADDR").lower(),
-                             bool(n["state"] & NUD_PERMANENT)))
-        fdbs = set()
-        async for f in await ipr.fdb("dump", ifindex=ifindex):
-            dst = f.get("NDA_DST")
-            if f["ifindex"] != ifindex or not dst or not f.get("NDA_LLADDR"):
-                continue
-            try:
-                fdbs.add(Fdb(f.get("NDA_LLADDR").lower(), IPv4Address(dst)))
-            except ValueError:
-                continue  # an IPv6 remote is not ours
+        """The entries on the device, from three dumps decoded by `rtnl` (no pyroute2 objects)."""
+        async with self._raw_lock:
+            routes = {r for p in await self._dump("route", ifindex)
+                      if (r := rtnl.decode_route(p, ifindex)) is not None}
+            neighs = {n for p in await self._dump("neigh", ifindex)
+                      if (n := rtnl.decode_neigh(p, ifindex)) is not None}
+            fdbs = {f for p in await self._dump("fdb", ifindex)
+                    if (f := rtnl.decode_fdb(p, ifindex)) is not None}
         return Entries(frozenset(routes), frozenset(neighs), frozenset(fdbs))
 
     async def apply(self, ifindex: int, ops: Sequence[Op]) -> list[OpResult]:
-        results = []
-        for op in ops:
-            try:
-                await self._entry_op(ifindex, op)
-                results.append(OpResult(op))
-            except Exception as exc:
-                code = _nl_code(exc)
-                if harmless(op, code):
-                    results.append(OpResult(op))
-                else:
-                    results.append(OpResult(op, KernelError(str(op), code)))
+        """Apply `ops` in order, `BATCH` requests per sendmsg; one result per op.
+
+        Only failures are answered (plus an ack for the last request of each
+        batch), so the cost is about the kernel's own; see `overlay.dataplane.rtnl`.
+        """
+        results: list[OpResult] = []
+        async with self._raw_lock:
+            for start in range(0, len(ops), BATCH):
+                results.extend(await self._apply_batch(ifindex, ops[start:start + BATCH]))
+                # Let the agent's other tasks (CNI, keep-alive, API) run between batches.
+                await asyncio.sleep(0)
         return results
 
-    async def _entry_op(self, ifindex: int, op: Op) -> None:
-        e = op.entry
-        ipr = self._ipr
-        if isinstance(e, Fdb):
-            cmd = "append" if op.action == "add" else "del"
-            await ipr.fdb(cmd, ifindex=ifindex, lladdr=e.mac, dst=str(e.dst),
-                          state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF)
-        elif isinstance(e, Neigh):
-            if op.action == "add":
-                await ipr.neigh("replace", dst=str(e.ip), lladdr=e.mac, ifindex=ifindex,
-                                state=NUD_PERMANENT)
+    # --- the raw socket for entries -----------------------------------------
+
+    def _seqs(self, n: int) -> int:
+        """`n` consecutive sequence numbers that do not wrap around."""
+        if self._seq + n >= 0xFFFFFFFF:
+            self._seq = 0
+        first = self._seq + 1
+        self._seq += n
+        return first
+
+    async def _apply_batch(self, ifindex: int, ops: Sequence[Op]) -> list[OpResult]:
+        first = self._seqs(len(ops))
+        last = first + len(ops) - 1
+        buf = b"".join(rtnl.encode_op(op, ifindex, first + i, ack=(first + i == last))
+                       for i, op in enumerate(ops))
+        replies = rtnl.BatchReplies(first, last, {})
+        lost = 0
+        try:
+            self._raw.send(buf)
+            await self._collect(replies)
+        except OSError as exc:
+            # Sent but unanswered (timeout, ENOBUFS: replies dropped) or not
+            # sent at all: none of the ops without a reply can count as done.
+            lost = exc.errno or errno.EIO
+        results = []
+        for i, op in enumerate(ops):
+            seq = first + i
+            code, text = replies.failures.get(seq, (0, ""))
+            if not code and lost and not replies.done:
+                code = lost
+            if code == 0 or harmless(op, code):
+                results.append(OpResult(op))
             else:
-                await ipr.neigh("del", dst=str(e.ip), ifindex=ifindex)
-        elif op.action == "add":
-            await ipr.route("replace", dst=str(e.dst), gateway=str(e.via), oif=ifindex,
-                            flags=RTNH_F_ONLINK, proto=RTPROT_OVERLAY)
-        else:
-            await ipr.route("del", dst=str(e.dst), oif=ifindex, proto=RTPROT_OVERLAY)
+                name = errno.errorcode.get(code, str(code))
+                results.append(OpResult(op, KernelError(str(op), code,
+                                                        f"{name}: {text}" if text else "")))
+        return results
+
+    async def _collect(self, replies: rtnl.BatchReplies) -> None:
+        while not replies.done:
+            for msg in rtnl.split(await self._recv()):
+                replies.feed(msg)
+
+    async def _recv(self, timeout: float = 10.0) -> bytes:
+        """One datagram from the raw socket, waiting in the event loop if none is queued."""
+        while True:
+            try:
+                n = self._raw.recv_into(self._rbuf)
+                return bytes(self._rbuf[:n])
+            except BlockingIOError:
+                await self._readable(timeout)
+
+    async def _readable(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self._raw.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "no answer from the kernel") from None
+        finally:
+            loop.remove_reader(fd)
+
+    async def _dump(self, kind: str, ifindex: int) -> list[bytes]:
+        """The payloads of one dump; repeated when the kernel says it was interrupted."""
+        payloads: list[bytes] = []
+        for _attempt in range(3):
+            try:
+                payloads, interrupted, code, text = await self._dump_once(kind, ifindex)
+            except OSError as exc:
+                raise KernelError(f"read {kind} entries", exc.errno or errno.EIO) from exc
+            if code == errno.EINVAL and self._strict:
+                # A kernel that refuses our dump filters: filter on our side only.
+                self._set_strict(False)
+                continue
+            if code:
+                raise KernelError(f"read {kind} entries", code, text)
+            if not interrupted:
+                return payloads
+        # Still changing under us: an inconsistent view only costs redundant,
+        # idempotent ops, and the next pass sees a settled kernel.
+        return payloads
+
+    async def _dump_once(self, kind: str, ifindex: int) -> tuple[list[bytes], bool, int, str]:
+        seq = self._seqs(1)
+        self._raw.send(rtnl.encode_dump(kind, ifindex, seq))
+        payloads: list[bytes] = []
+        interrupted = False
+        while True:
+            for msg in rtnl.split(await self._recv()):
+                if msg.seq != seq:
+                    continue  # a late reply to an earlier request
+                interrupted |= bool(msg.flags & rtnl.NLM_F_DUMP_INTR)
+                if msg.type == rtnl.NLMSG_DONE:
+                    return payloads, interrupted, rtnl.done_error(msg), ""
+                if msg.type == rtnl.NLMSG_ERROR:
+                    code, _seq, text = rtnl.parse_error(msg)
+                    return payloads, interrupted, code, text
+                payloads.append(msg.payload)
+
+    def _set_strict(self, on: bool) -> None:
+        try:
+            self._raw.setsockopt(rtnl.SOL_NETLINK, rtnl.NETLINK_GET_STRICT_CHK, int(on))
+            self._strict = on
+        except OSError:
+            self._strict = False
 
 
 async def find_underlay(

@@ -1,0 +1,272 @@
+"""The few rtnetlink messages the peer entries need, marshalled and parsed by hand.
+
+Why not pyroute2 here: programming 5,000 peers is 15,000 kernel entries, and
+pyroute2's request/ack loop (encode through its message classes, send, wait
+for the ack, decode) costs about eight times what the kernel itself spends,
+which is what `ip -batch` pays. These functions build the messages with
+`struct` so that many go out in one `sendmsg`, and decode dumps into our own
+records without building pyroute2 objects. Pure: bytes in, bytes out; the
+socket lives in `overlay.dataplane.kernel`.
+
+Batches rely on two kernel behaviours (net/netlink/af_netlink.c,
+netlink_rcv_skb): messages of one `sendmsg` are processed in order, each
+one even when an earlier one failed; and an error is always answered while a
+success is answered only if the request asked for an ack. So a batch asks
+for an ack on its last message only, and every reply before it names a
+failed op by its sequence number.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from overlay.dataplane.desired import Fdb, Neigh, Op, Route
+
+# linux/netlink.h
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300
+NLM_F_REPLACE = 0x100
+NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
+NLM_F_CAPPED = 0x100  # on NLMSG_ERROR: the request is not echoed in full
+NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR: extended-ack attributes follow
+NLMSGERR_ATTR_MSG = 1
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_CAP_ACK = 10
+NETLINK_GET_STRICT_CHK = 12
+
+# linux/rtnetlink.h, linux/neighbour.h
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+RTM_GETNEIGH = 30
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_TABLE = 15
+NDA_DST = 1
+NDA_LLADDR = 2
+NDA_IFINDEX = 8
+RT_TABLE_MAIN = 254
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_NOWHERE = 255
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+AF_BRIDGE = 7
+# Routes we own carry this protocol number, so routes an operator adds on
+# our device are left alone (see /etc/iproute2/rt_protos).
+RTPROT_OVERLAY = 0x9F
+
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_NDMSG = struct.Struct("=BBHiHBB")  # family, pad, pad, ifindex, state, flags, type
+# rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NLA = struct.Struct("=HH")
+_ERR = struct.Struct("=i")
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = _NLA.size + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size & 3)
+
+
+def _msg(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
+    return _HDR.pack(_HDR.size + len(body), mtype, flags, seq, 0) + body
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def encode_op(op: Op, ifindex: int, seq: int, ack: bool = False) -> bytes:
+    """One request for `op` on the device `ifindex`, the same request `ip`/`bridge` would send.
+
+    add fdb    = bridge fdb append MAC dev DEV dst IP self permanent
+    add neigh  = ip neigh replace IP lladdr MAC dev DEV nud permanent
+    add route  = ip route replace NET via GW dev DEV onlink proto 0x9f
+    and the matching deletes.
+    """
+    e = op.entry
+    add = op.action == "add"
+    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    if isinstance(e, Fdb):
+        body = (_NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
+                + _attr(NDA_LLADDR, _mac(e.mac)) + _attr(NDA_DST, e.dst.packed))
+        if add:
+            return _msg(RTM_NEWNEIGH, flags | NLM_F_CREATE | NLM_F_APPEND, seq, body)
+        return _msg(RTM_DELNEIGH, flags, seq, body)
+    if isinstance(e, Neigh):
+        if add:
+            body = (_NDMSG.pack(socket.AF_INET, 0, 0, ifindex, NUD_PERMANENT, 0, 0)
+                    + _attr(NDA_DST, e.ip.packed) + _attr(NDA_LLADDR, _mac(e.mac)))
+            return _msg(RTM_NEWNEIGH, flags | NLM_F_CREATE | NLM_F_REPLACE, seq, body)
+        body = _NDMSG.pack(socket.AF_INET, 0, 0, ifindex, 0, 0, 0) + _attr(NDA_DST, e.ip.packed)
+        return _msg(RTM_DELNEIGH, flags, seq, body)
+    assert isinstance(e, Route)
+    oif = _attr(RTA_OIF, struct.pack("=I", ifindex))
+    dst = _attr(RTA_DST, e.dst.network_address.packed)
+    if add:
+        body = (_RTMSG.pack(socket.AF_INET, e.dst.prefixlen, 0, 0, RT_TABLE_MAIN,
+                            RTPROT_OVERLAY, RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK)
+                + dst + _attr(RTA_GATEWAY, e.via.packed) + oif)
+        return _msg(RTM_NEWROUTE, flags | NLM_F_CREATE | NLM_F_REPLACE, seq, body)
+    # As `ip route del`: scope NOWHERE and type 0 match any; the protocol and
+    # the device restrict the delete to our route.
+    body = (_RTMSG.pack(socket.AF_INET, e.dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_OVERLAY,
+                        RT_SCOPE_NOWHERE, 0, 0) + dst + oif)
+    return _msg(RTM_DELROUTE, flags, seq, body)
+
+
+DumpKind = str  # "route" | "neigh" | "fdb"
+
+
+def encode_dump(kind: DumpKind, ifindex: int, seq: int) -> bytes:
+    """A dump request, with the filters a kernel in strict-check mode applies itself.
+
+    Without strict checking the kernel ignores them and dumps everything; the
+    decoders below filter again either way.
+    """
+    flags = NLM_F_REQUEST | NLM_F_DUMP
+    if kind == "route":
+        body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_OVERLAY, 0, 0, 0)
+                + _attr(RTA_OIF, struct.pack("=I", ifindex)))
+        return _msg(RTM_GETROUTE, flags, seq, body)
+    if kind == "neigh":
+        body = (_NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0)
+                + _attr(NDA_IFINDEX, struct.pack("=I", ifindex)))
+        return _msg(RTM_GETNEIGH, flags, seq, body)
+    if kind == "fdb":
+        return _msg(RTM_GETNEIGH, flags, seq, _NDMSG.pack(AF_BRIDGE, 0, 0, ifindex, 0, 0, 0))
+    raise ValueError(f"unknown dump {kind!r}")
+
+
+@dataclass(frozen=True)
+class Message:
+    type: int
+    flags: int
+    seq: int
+    payload: bytes
+
+
+def split(buf: bytes) -> Iterator[Message]:
+    """The netlink messages in one datagram."""
+    off, end = 0, len(buf)
+    while off + _HDR.size <= end:
+        size, mtype, flags, seq, _pid = _HDR.unpack_from(buf, off)
+        if size < _HDR.size or off + size > end:
+            raise ValueError(f"truncated netlink message at offset {off} (length {size})")
+        yield Message(mtype, flags, seq, bytes(buf[off + _HDR.size:off + size]))
+        off += (size + 3) & ~3
+
+
+def attrs(buf: bytes, start: int) -> dict[int, bytes]:
+    """Top-level attributes from `start` on (later duplicates win; none of ours repeat)."""
+    out: dict[int, bytes] = {}
+    off, end = start, len(buf)
+    while off + _NLA.size <= end:
+        size, kind = _NLA.unpack_from(buf, off)
+        if size < _NLA.size:
+            break
+        out[kind & 0x3FFF] = buf[off + _NLA.size:off + size]
+        off += (size + 3) & ~3
+    return out
+
+
+def parse_error(msg: Message) -> tuple[int, int, str]:
+    """(errno, seq of the request, extended-ack text) from an NLMSG_ERROR; errno 0 is an ack."""
+    (err,) = _ERR.unpack_from(msg.payload, 0)
+    req_len, _t, _f, req_seq, _p = _HDR.unpack_from(msg.payload, _ERR.size)
+    text = ""
+    if msg.flags & NLM_F_ACK_TLVS:
+        echoed = _HDR.size if msg.flags & NLM_F_CAPPED else req_len
+        raw = attrs(msg.payload, _ERR.size + ((echoed + 3) & ~3)).get(NLMSGERR_ATTR_MSG)
+        if raw:
+            text = raw.split(b"\0", 1)[0].decode(errors="replace")
+    return -err, req_seq, text
+
+
+def done_error(msg: Message) -> int:
+    """The errno an NLMSG_DONE carries when a dump failed part-way (0: complete)."""
+    if len(msg.payload) < _ERR.size:
+        return 0
+    return -int(_ERR.unpack_from(msg.payload, 0)[0])
+
+
+def decode_route(payload: bytes, ifindex: int) -> Route | None:
+    """Our route on `ifindex` (main table, our protocol, with a gateway), else None."""
+    family, dst_len, _s, _t, table, proto, _sc, _ty, _fl = _RTMSG.unpack_from(payload, 0)
+    if family != socket.AF_INET or proto != RTPROT_OVERLAY:
+        return None
+    a = attrs(payload, _RTMSG.size)
+    raw_table = a.get(RTA_TABLE)
+    if raw_table is not None:
+        (table,) = struct.unpack("=I", raw_table)
+    oif = a.get(RTA_OIF)
+    gw = a.get(RTA_GATEWAY)
+    if table != RT_TABLE_MAIN or oif is None or struct.unpack("=I", oif)[0] != ifindex:
+        return None
+    if gw is None or len(gw) != 4:
+        return None
+    dst = a.get(RTA_DST, b"\0\0\0\0")
+    return Route(IPv4Network((int.from_bytes(dst, "big"), dst_len)), IPv4Address(gw))
+
+
+def decode_neigh(payload: bytes, ifindex: int) -> Neigh | None:
+    """An IPv4 neighbour with a link-layer address on `ifindex`, else None."""
+    family, _p1, _p2, index, state, _f, _t = _NDMSG.unpack_from(payload, 0)
+    if family != socket.AF_INET or index != ifindex:
+        return None
+    a = attrs(payload, _NDMSG.size)
+    dst, ll = a.get(NDA_DST), a.get(NDA_LLADDR)
+    if not dst or len(dst) != 4 or not ll or len(ll) != 6:
+        return None
+    return Neigh(IPv4Address(dst), ll.hex(":"), bool(state & NUD_PERMANENT))
+
+
+def decode_fdb(payload: bytes, ifindex: int) -> Fdb | None:
+    """A forwarding entry with an IPv4 remote on `ifindex`, else None."""
+    family, _p1, _p2, index, _state, _f, _t = _NDMSG.unpack_from(payload, 0)
+    if family != AF_BRIDGE or index != ifindex:
+        return None
+    a = attrs(payload, _NDMSG.size)
+    dst, ll = a.get(NDA_DST), a.get(NDA_LLADDR)
+    if not dst or len(dst) != 4 or not ll or len(ll) != 6:
+        return None  # an IPv6 remote is not ours
+    return Fdb(ll.hex(":"), IPv4Address(dst))
+
+
+@dataclass
+class BatchReplies:
+    """What came back for one batch: failures by sequence number, and whether it is complete."""
+
+    first_seq: int
+    last_seq: int
+    failures: dict[int, tuple[int, str]]
+    done: bool = False
+
+    def feed(self, msg: Message) -> None:
+        if msg.type != NLMSG_ERROR:
+            return  # nothing else is sent to this socket for requests
+        code, seq, text = parse_error(msg)
+        if not self.first_seq <= seq <= self.last_seq:
+            return  # a late reply to an earlier batch that timed out
+        if code:
+            self.failures[seq] = (code, text)
+        if seq == self.last_seq:
+            self.done = True
