@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from overlay import metrics
-from overlay.dataplane.desired import Desired, Entries, apply_ops, desired, explain, plan
+from overlay.dataplane.desired import (
+    Desired,
+    Entries,
+    Fdb,
+    Neigh,
+    Route,
+    apply_ops,
+    desired,
+    explain,
+    plan,
+)
 from overlay.dataplane.devices import BridgeSpec, VxlanSpec, bridge_ops, vxlan_ops
 from overlay.dataplane.kernel import Kernel, KernelError
 from overlay.errors import OverlayError
@@ -171,10 +181,12 @@ class Reconciler:
         return res
 
     def is_programmed(self, rec: NodeRecord) -> bool:
+        # Set lookups, not scans: the status RPC asks this for every peer.
         p = self.programmed
-        return (any(r.dst == rec.subnet and r.via == rec.vtep_ip for r in p.routes)
-                and any(n.ip == rec.vtep_ip and n.mac == rec.vtep_mac for n in p.neighs)
-                and any(f.mac == rec.vtep_mac and f.dst == rec.underlay_ip for f in p.fdbs))
+        return (Route(rec.subnet, rec.vtep_ip) in p.routes
+                and (Neigh(rec.vtep_ip, rec.vtep_mac) in p.neighs
+                     or Neigh(rec.vtep_ip, rec.vtep_mac, permanent=False) in p.neighs)
+                and Fdb(rec.vtep_mac, rec.underlay_ip) in p.fdbs)
 
     async def run(self) -> None:
         """Reconcile on every wake-up and at least every `interval` seconds. Never returns."""

@@ -145,37 +145,36 @@ def plan(want: Entries, have: Entries) -> list[Op]:
     destination, so a changed MAC or gateway is one replace, not a delete
     racing an add.
     """
-    ops: list[Op] = []
-
-    for f in sorted(want.fdbs - have.fdbs):
-        ops.append(Op("add", f))
+    # Only the differences are sorted: with thousands of peers and nothing
+    # to change, sorting every entry would be most of a periodic pass.
+    ops: list[Op] = [Op("add", f) for f in sorted(want.fdbs - have.fdbs)]
 
     have_neigh = {n.ip: n for n in have.neighs}
-    for n in sorted(want.neighs):
+    neighs = []
+    for n in want.neighs - have.neighs:
         cur = have_neigh.get(n.ip)
         if cur is None or cur.mac != n.mac or not cur.permanent:
-            ops.append(Op("add", n))
+            neighs.append(n)
+    ops += [Op("add", n) for n in sorted(neighs)]
 
     have_route = {r.dst: r for r in have.routes}
-    for r in sorted(want.routes):
+    routes = []
+    for r in want.routes - have.routes:
         cur_r = have_route.get(r.dst)
         if cur_r is None or cur_r.via != r.via:
-            ops.append(Op("add", r))
+            routes.append(r)
+    ops += [Op("add", r) for r in sorted(routes)]
 
     want_dst = {r.dst for r in want.routes}
-    for r in sorted(have.routes):
-        if r.dst not in want_dst:
-            ops.append(Op("del", r))
+    ops += [Op("del", r) for r in sorted(
+        r for r in have.routes - want.routes if r.dst not in want_dst)]
 
+    # Entries the kernel made itself (incomplete, stale) are its business.
     want_ip = {n.ip for n in want.neighs}
-    for n in sorted(have.neighs):
-        # Entries the kernel made itself (incomplete, stale) are its business.
-        if n.permanent and n.ip not in want_ip:
-            ops.append(Op("del", n))
+    ops += [Op("del", n) for n in sorted(
+        n for n in have.neighs - want.neighs if n.permanent and n.ip not in want_ip)]
 
-    for f in sorted(have.fdbs - want.fdbs):
-        ops.append(Op("del", f))
-
+    ops += [Op("del", f) for f in sorted(have.fdbs - want.fdbs)]
     return ops
 
 
