@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""Data plane: TCP throughput and ping RTT between pods on two nodes.
+
+Three paths in one sandbox, on the same underlay bridge, measured in turn
+(interleaved, so that load from other work on the machine hits all alike):
+
+  underlay   node n1 -> node n2 over eth0, no tunnel (the ceiling)
+  reference  a pod -> a pod through an overlay built by hand with `ip`, in
+             flannel's layout: pod veth -> cni0 bridge -> routed to a vxlan
+             device (nolearning, /32 VTEP address) -> route onlink via the
+             peer's VTEP IP, permanent neighbour, FDB entry to the peer host
+  overlay    a pod -> a pod through our agents and CNI plugin
+
+Targets: overlay throughput >= 0.97 x reference, overlay RTT <= 1.05 x reference.
+Also recorded: each device on both pod paths (MTU, qdisc, GSO/GRO sizes,
+VXLAN flags) and every difference between ours and the reference, which is
+where to look when a ratio is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import time
+from typing import Any
+
+from common import (
+    CpuLoad,
+    log,
+    machine,
+    ratio,
+    require_root,
+    sandbox,
+    sh,
+    summary,
+    write_result,
+)
+
+from overlay.sandbox.sandbox import Sandbox
+
+REF_CIDR = "10.250.{i}.0"
+PORT = 5201
+
+
+def build_reference(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
+    """Two hosts with one pod each, joined by a VXLAN overlay made with plain `ip` commands."""
+    hosts = [sb.add_outside_host(f"r{i}") for i in (1, 2)]
+    info: dict[str, dict[str, str]] = {}
+    for i, h in enumerate(hosts, start=1):
+        subnet = REF_CIDR.format(i=i)
+        vtep_ip = subnet
+        gw = REF_CIDR.format(i=i)[:-1] + "1"
+        pod_ip = REF_CIDR.format(i=i)[:-1] + "2"
+        mac = f"02:bb:00:00:00:0{i}"
+        pod_ns = sb.ns(f"r{i}-p1")
+        n = h.netns
+        for cmd in (
+            f"link add flannel.1 type vxlan id 1 local {h.underlay_ip} dev eth0 dstport 8472 "
+            "nolearning",
+            f"link set flannel.1 address {mac} mtu {mtu}",
+            f"addr add {vtep_ip}/32 dev flannel.1",
+            "link set flannel.1 up",
+            "link add cni0 type bridge",
+            f"link set cni0 mtu {mtu}",
+            f"addr add {gw}/24 dev cni0",
+            "link set cni0 up",
+        ):
+            sh("ip", "-n", n, *cmd.split())
+        sh("ip", "netns", "add", pod_ns)
+        sh("ip", "-n", pod_ns, "link", "set", "lo", "up")
+        sh("ip", "-n", n, "link", "add", "vethr1", "mtu", str(mtu), "type", "veth", "peer",
+           "name", "eth0", "netns", pod_ns, "mtu", str(mtu))
+        sh("ip", "-n", n, "link", "set", "vethr1", "master", "cni0", "up")
+        sh("ip", "-n", pod_ns, "addr", "add", f"{pod_ip}/24", "dev", "eth0")
+        sh("ip", "-n", pod_ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", pod_ns, "route", "add", "default", "via", gw)
+        sb.run_in(n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        info[f"r{i}"] = {"host_ns": n, "pod_ns": pod_ns, "pod_ip": pod_ip, "vtep_ip": vtep_ip,
+                         "mac": mac, "underlay_ip": h.underlay_ip}
+    for me, peer in (("r1", "r2"), ("r2", "r1")):
+        n, p = info[me]["host_ns"], info[peer]
+        subnet = p["vtep_ip"]
+        sh("ip", "-n", n, "route", "add", f"{subnet}/24", "via", p["vtep_ip"], "dev", "flannel.1",
+           "onlink")
+        sh("ip", "-n", n, "neigh", "add", p["vtep_ip"], "lladdr", p["mac"], "dev", "flannel.1",
+           "nud", "permanent")
+        sh("bridge", "-n", n, "fdb", "append", p["mac"], "dev", "flannel.1", "dst",
+           p["underlay_ip"], "self", "permanent")
+    return info
+
+
+def parse_ping(text: str) -> list[float]:
+    """RTTs in ms from ping's per-reply lines."""
+    return [float(m) for m in re.findall(r"time=([0-9.]+) ms", text)]
+
+
+def parse_iperf(doc: dict[str, Any]) -> dict[str, float]:
+    end = doc["end"]
+    return {
+        "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+        "sent_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
+        "retransmits": float(end["sum_sent"].get("retransmits", 0)),
+        "sender_cpu_pct": float(end.get("cpu_utilization_percent", {}).get("host_total", 0.0)),
+        "receiver_cpu_pct": float(end.get("cpu_utilization_percent", {}).get("remote_total",
+                                                                             0.0)),
+    }
+
+
+def iperf(sb: Sandbox, src_ns: str, dst_ip: str, seconds: int) -> dict[str, float]:
+    last = ""
+    for _ in range(20):
+        p = sb.run_in(src_ns, "iperf3", "-c", dst_ip, "-p", str(PORT), "-t", str(seconds),
+                      "-O", "1", "-J", check=False, timeout=seconds + 60)
+        out = p.stdout.decode(errors="replace")
+        try:
+            doc = json.loads(out)
+        except ValueError:
+            doc = {"error": out[-300:]}
+        if p.returncode == 0 and "end" in doc and "error" not in doc:
+            return parse_iperf(doc)
+        last = str(doc.get("error", out[-300:]))
+        time.sleep(0.3)  # the server may still be starting, or busy with the last client
+    raise RuntimeError(f"iperf3 from {src_ns} to {dst_ip} failed: {last}")
+
+
+def ping(sb: Sandbox, src_ns: str, dst_ip: str, count: int) -> list[float]:
+    p = sb.run_in(src_ns, "ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", dst_ip,
+                  check=False, timeout=count * 0.05 + 30)
+    rtts = parse_ping(p.stdout.decode(errors="replace"))
+    if len(rtts) < count * 0.9:
+        raise RuntimeError(f"ping {src_ns} -> {dst_ip}: only {len(rtts)}/{count} replies")
+    return rtts
+
+
+def link_facts(ns: str, dev: str) -> dict[str, Any]:
+    doc = json.loads(sh("ip", "-n", ns, "-d", "-j", "link", "show", "dev", dev).stdout)[0]
+    li = doc.get("linkinfo", {})
+    facts = {k: doc.get(k) for k in ("mtu", "qdisc", "txqlen", "gso_max_size", "gso_max_segs",
+                                      "gro_max_size", "tso_max_size", "num_tx_queues")}
+    facts["kind"] = li.get("info_kind", "")
+    data = li.get("info_data", {})
+    if facts["kind"] == "vxlan":
+        for k in ("learning", "udp_csum", "ttl", "port", "ageing", "l2miss", "l3miss", "gbp"):
+            if k in data:
+                facts[f"vxlan_{k}"] = data[k]
+    if li.get("info_slave_kind") == "bridge":
+        sd = li.get("info_slave_data", {})
+        for k in ("hairpin", "learning", "neigh_suppress", "isolated"):
+            if k in sd:
+                facts[f"port_{k}"] = sd[k]
+    return facts
+
+
+def ns_facts(ns: str) -> dict[str, Any]:
+    rules = sh("ip", "netns", "exec", ns, "nft", "list", "ruleset", check=False).stdout
+    return {"nft_tables": re.findall(r"^table (\S+ \S+)", rules, re.M),
+            "ip_forward": sh("ip", "netns", "exec", ns, "sysctl", "-n",
+                             "net.ipv4.ip_forward").stdout.strip()}
+
+
+def bridge_port(ns: str) -> str:
+    """The veth on cni0 (the pod's host side)."""
+    doc = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "master", "cni0").stdout)
+    return str(doc[0]["ifname"])
+
+
+def path_devices(host_ns: str, pod_ns: str, vxlan: str) -> dict[str, Any]:
+    return {
+        "pod eth0": link_facts(pod_ns, "eth0"),
+        "host veth": link_facts(host_ns, bridge_port(host_ns)),
+        "bridge cni0": link_facts(host_ns, "cni0"),
+        "vxlan device": link_facts(host_ns, vxlan),
+        "underlay eth0": link_facts(host_ns, "eth0"),
+        "host netns": ns_facts(host_ns),
+        "pod netns": ns_facts(pod_ns),
+    }
+
+
+def differences(ours: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    out = []
+    for role, facts in ours.items():
+        other = ref.get(role, {})
+        for k in sorted(set(facts) | set(other)):
+            if facts.get(k) != other.get(k):
+                out.append(f"{role}: {k} = {facts.get(k)!r} (ours) vs {other.get(k)!r} (reference)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=10, help="iperf3 duration per run")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each path")
+    ap.add_argument("--pings", type=int, default=300, help="pings per path and repetition")
+    args = ap.parse_args()
+    require_root()
+    t_start = time.monotonic()
+    with sandbox("bdp", nodes=2, pods_per_node=1) as sb:
+        st = sb.st
+        pods = {p.node: p for p in st.pods}
+        mtu = int(sb.status("n1").mtu)
+        ref = build_reference(sb, mtu)
+        n1, n2 = sb.node("n1"), sb.node("n2")
+        paths = {
+            "underlay": (n1.netns, n2.netns, n2.underlay_ip),
+            "reference": (ref["r1"]["pod_ns"], ref["r2"]["pod_ns"], ref["r2"]["pod_ip"]),
+            "overlay": (pods["n1"].netns, pods["n2"].netns, pods["n2"].ip),
+        }
+        for name, (src, _dst, ip) in paths.items():
+            if not sb.ping(src, ip, count=1, timeout=2) and not sb.ping(src, ip, timeout=2):
+                raise RuntimeError(f"{name}: {src} cannot reach {ip}")
+        devices = {
+            "overlay": path_devices(n1.netns, pods["n1"].netns, f"overlay.{st.vni}"),
+            "reference": path_devices(ref["r1"]["host_ns"], ref["r1"]["pod_ns"], "flannel.1"),
+        }
+        servers = []
+        try:
+            for _name, (_src, dst, ip) in paths.items():
+                servers.append(subprocess.Popen(
+                    [*sb.exec_prefix(dst), "iperf3", "-s", "-p", str(PORT), "-B", ip],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(0.5)
+            names = list(paths)
+            tput: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+            rtt_runs: dict[str, list[list[float]]] = {n: [] for n in names}
+            load: dict[str, list[float]] = {n: [] for n in names}
+            for rep in range(args.reps):
+                order = names[rep % len(names):] + names[:rep % len(names)]
+                for name in order:
+                    src, _dst, ip = paths[name]
+                    cpu = CpuLoad()
+                    r = iperf(sb, src, ip, args.seconds)
+                    load[name].append(cpu.busy())
+                    tput[name].append(r)
+                    log(f"  rep {rep + 1} {name:9s} {r['gbps']:6.2f} Gbit/s "
+                        f"(retransmits {r['retransmits']:.0f}, machine busy {load[name][-1]:.0%})")
+                for name in order:
+                    src, _dst, ip = paths[name]
+                    rtts = ping(sb, src, ip, args.pings)
+                    rtt_runs[name].append(rtts)
+                    log(f"  rep {rep + 1} {name:9s} RTT median {sorted(rtts)[len(rtts) // 2]:.3f}"
+                        " ms")
+        finally:
+            for s in servers:
+                s.terminate()
+                try:
+                    s.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    s.kill()
+                    s.wait(timeout=5)
+
+    gbps = {n: summary([r["gbps"] for r in tput[n]]) for n in tput}
+    rtt = {n: summary([x for run in rtt_runs[n] for x in run]) for n in rtt_runs}
+    for n in rtt:
+        rtt[n]["run_medians"] = [sorted(run)[len(run) // 2] for run in rtt_runs[n]]
+        del rtt[n]["values"]
+    t_ratio = ratio(gbps["overlay"]["median"], gbps["reference"]["median"])
+    r_ratio = ratio(rtt["overlay"]["median"], rtt["reference"]["median"])
+    paired = [round(a["gbps"] / b["gbps"], 3) for a, b in zip(tput["overlay"], tput["reference"],
+                                                              strict=True)]
+    doc = {
+        "benchmark": "dataplane",
+        "machine": machine(),
+        "config": {"iperf_seconds": args.seconds, "iperf_omit_seconds": 1, "reps": args.reps,
+                   "pings_per_rep": args.pings, "ping_interval_s": 0.01, "mtu": mtu,
+                   "streams": 1},
+        "throughput_gbps": gbps,
+        "iperf_runs": tput,
+        "rtt_ms": rtt,
+        "machine_busy_during_iperf": load,
+        "ratios": {
+            "throughput_overlay_vs_reference": t_ratio,
+            "throughput_overlay_vs_underlay": ratio(gbps["overlay"]["median"],
+                                                    gbps["underlay"]["median"]),
+            "throughput_reference_vs_underlay": ratio(gbps["reference"]["median"],
+                                                      gbps["underlay"]["median"]),
+            "throughput_overlay_vs_reference_per_rep": paired,
+            "rtt_overlay_vs_reference": r_ratio,
+            "rtt_overlay_vs_underlay": ratio(rtt["overlay"]["median"], rtt["underlay"]["median"]),
+        },
+        "targets": [
+            {"id": "dataplane.throughput", "what": "pod-to-pod TCP throughput vs hand-built "
+             "reference overlay (median of runs)", "ratio": t_ratio, "op": ">=",
+             "threshold": 0.97, "met": t_ratio is not None and t_ratio >= 0.97},
+            {"id": "dataplane.rtt", "what": "pod-to-pod ping RTT vs hand-built reference "
+             "overlay (median of all pings)", "ratio": r_ratio, "op": "<=",
+             "threshold": 1.05, "met": r_ratio is not None and r_ratio <= 1.05},
+        ],
+        "devices": devices,
+        "differences": differences(devices["overlay"], devices["reference"]),
+        "wall_seconds": round(time.monotonic() - t_start, 1),
+    }
+    write_result("dataplane", doc)
+    print(json.dumps({"throughput_ratio": t_ratio, "rtt_ratio": r_ratio,
+                      "gbps": {n: round(g["median"], 2) for n, g in gbps.items()},
+                      "rtt_ms": {n: round(r["median"], 4) for n, r in rtt.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""Writes bench/results/REPORT.md and its PNG plots from the JSON results files.
+
+Reads whatever results exist (a missing benchmark gets a line saying so),
+including JSON files written by other benchmark scripts (such as
+bench/cni_latency.py), which are shown generically: their `targets` join the
+headline table when they use the same form, their other figures are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all")
+
+
+def load(results: Path) -> dict[str, Any]:
+    docs = {}
+    for p in sorted(results.glob("*.json")):
+        try:
+            docs[p.stem] = json.loads(p.read_text())
+        except ValueError:
+            docs[p.stem] = {"error": f"{p.name} is not valid JSON"}
+    return docs
+
+
+# --- formatting -------------------------------------------------------------------------
+
+
+def f(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / 2**20:.1f} MiB"
+
+
+def byterate(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    for unit, div in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if v >= div:
+            return f"{v / div:.1f} {unit}"
+    return f"{v:.0f} B/s"
+
+
+def size(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= div:
+            return f"{v / div:.1f} {unit}"
+    return f"{v:.0f} B"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def flatten(doc: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(doc, list):
+        if all(isinstance(x, int | float) for x in doc) and len(doc) > 6:
+            out.append((prefix, f"[{len(doc)} values]"))
+        else:
+            for i, v in enumerate(doc):
+                out += flatten(v, f"{prefix}[{i}]")
+    else:
+        out.append((prefix, doc))
+    return out
+
+
+def targets_of(docs: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for name, doc in docs.items():
+        for t in doc.get("targets", []) if isinstance(doc, dict) else []:
+            if isinstance(t, dict) and "ratio" in t:
+                out.append({**t, "source": name})
+    return out
+
+
+# --- plots ------------------------------------------------------------------------------
+
+
+def plots(docs: dict[str, Any], outdir: Path) -> dict[str, str]:
+    """PNG plots for the sections that have data; a plot that fails is left out."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    made: dict[str, str] = {}
+    for name, fn in (("dataplane", plot_dataplane), ("peer_programming", plot_peers),
+                     ("convergence", plot_convergence)):
+        doc = docs.get(name)
+        if not doc:
+            continue
+        try:
+            fig = fn(plt, doc)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            print(f"no {name} plot: {type(exc).__name__}: {exc}", file=sys.stderr)
+            plt.close("all")
+            continue
+        fig.tight_layout()
+        fig.savefig(outdir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        made[name] = f"{name}.png"
+    return made
+
+
+def plot_dataplane(plt: Any, dp: dict[str, Any]) -> Any:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = ["underlay", "reference", "overlay"]
+    colors = ["#888888", "#4c72b0", "#dd8452"]
+    med = [dp["throughput_gbps"][n]["median"] for n in names]
+    a1.bar(names, med, color=colors)
+    for i, n in enumerate(names):
+        vals = dp["throughput_gbps"][n]["values"]
+        a1.plot([i] * len(vals), vals, "k.", markersize=6)
+    a1.set_ylabel("Gbit/s (median; dots: runs)")
+    a1.set_title("TCP throughput, 1 stream")
+    rmed = [dp["rtt_ms"][n]["median"] * 1000 for n in names]
+    rp95 = [dp["rtt_ms"][n]["p95"] * 1000 for n in names]
+    a2.bar(names, rmed, color=colors, label="median")
+    a2.plot(names, rp95, "kv", label="p95")
+    a2.set_ylabel("µs")
+    a2.set_title("ping RTT")
+    a2.legend()
+    return fig
+
+
+def plot_peers(plt: Any, pp: dict[str, Any]) -> Any:
+    sizes = sorted(int(n) for n in pp["kernel"])
+    k = [pp["kernel"][str(n)] for n in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series = [
+        ("ip -batch + bridge -batch (reference)", [x["ip_batch_s"]["median"] for x in k], "o-"),
+        ("NetlinkKernel.apply (batched)", [x["apply_s"]["median"] for x in k], "s-"),
+        ("reconcile pass from empty", [x["first_pass_s"]["median"] for x in k], "^-"),
+        ("reconcile pass, nothing to change", [x["noop_pass_s"]["median"] for x in k], "v--"),
+        ("pyroute2 request/ack loop (before)", [x["old_loop_s"] for x in k], "x:"),
+    ]
+    agent = pp.get("agent", {})
+    if agent and all(str(n) in agent for n in sizes):
+        series.append(("overlayd start to ready (end to end)",
+                       [agent[str(n)]["ready_s"] for n in sizes], "d-."))
+    for label, ys, style in series:
+        ax.plot(sizes, ys, style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peers (3 kernel entries each)")
+    ax.set_ylabel("seconds")
+    ax.set_title("Programming peers")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def plot_convergence(plt: Any, cv: dict[str, Any]) -> Any:
+    sizes = sorted(cv["join"], key=int)
+    steps = [("last peer programmed", "last_peer_programmed_s"), ("new node ready", "ready_s"),
+             ("pod added", "pod_added_s"), ("all pods reached", "all_reached_s")]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(steps)
+    for j, (label, key) in enumerate(steps):
+        vals = []
+        for s in sizes:
+            runs = sorted(r[key] for r in cv["join"][s]["runs"] if r.get(key) is not None)
+            vals.append(runs[len(runs) // 2] if runs else 0)
+        ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))],
+                  [f"{s} nodes" for s in sizes])
+    ax.set_ylabel("seconds after overlayd starts (median)")
+    ax.set_title("A node joins")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+def headline(docs: dict[str, Any]) -> str:
+    rows = []
+    for t in targets_of(docs):
+        op = {">=": "≥", "<=": "≤"}.get(t.get("op", ""), t.get("op", ""))
+        rows.append([t.get("what", t.get("id", "")), f"{op} {t.get('threshold')}",
+                     f(t.get("ratio")), "**met**" if t.get("met") else "**not met**"])
+    if not rows:
+        return "_No targets measured._"
+    return table(["target", "wanted", "measured ratio", ""], rows)
+
+
+def dataplane_section(dp: dict[str, Any] | None, img: str | None) -> str:
+    if not dp:
+        return "_Not run._"
+    c = dp["config"]
+    rows = []
+    for n in ("underlay", "reference", "overlay"):
+        g, r = dp["throughput_gbps"][n], dp["rtt_ms"][n]
+        rows.append([n, f"{g['median']:.2f}", f"{g['min']:.2f} to {g['max']:.2f}",
+                     f"{r['median'] * 1000:.0f}", f"{r['mean'] * 1000:.0f}",
+                     f"{r['p95'] * 1000:.0f}"])
+    ra = dp["ratios"]
+    out = [
+        f"iperf3, one TCP stream, {c['iperf_seconds']} s after 1 s of warm-up, "
+        f"{c['reps']} runs per path; ping every 10 ms, {c['pings_per_rep']} per path and run. "
+        f"Paths measured in turn, rotating the order each run. MTU on the pod paths: {c['mtu']}.",
+        "",
+        table(["path", "Gbit/s (median)", "range", "RTT median µs", "mean µs", "p95 µs"], rows),
+        "",
+        f"- throughput, ours / reference: **{f(ra['throughput_overlay_vs_reference'])}** "
+        f"(per run: {', '.join(f(x) for x in ra['throughput_overlay_vs_reference_per_rep'])}); "
+        f"ours / underlay: {f(ra['throughput_overlay_vs_underlay'])}; reference / underlay: "
+        f"{f(ra['throughput_reference_vs_underlay'])}",
+        f"- RTT, ours / reference: **{f(ra['rtt_overlay_vs_reference'])}**; ours / underlay: "
+        f"{f(ra['rtt_overlay_vs_underlay'])}",
+        "- machine busy during the iperf3 runs (all cores, all processes): "
+        + ", ".join(f"{n} {', '.join(f'{x:.0%}' for x in v)}"
+                    for n, v in dp["machine_busy_during_iperf"].items()),
+    ]
+    diffs = dp.get("differences", [])
+    out.append("- devices on the two pod paths (pod eth0, host veth, cni0, VXLAN device, "
+               "underlay eth0: MTU, qdisc, queue length, GSO/GRO/TSO sizes, VXLAN flags, "
+               "bridge-port flags, nftables tables, forwarding): "
+               + ("**identical**" if not diffs else "differ:"))
+    out += [f"  - {d}" for d in diffs]
+    if img:
+        out += ["", f"![data plane]({img})"]
+    return "\n".join(out)
+
+
+def peers_section(pp: dict[str, Any] | None, img: str | None) -> str:
+    if not pp:
+        return "_Not run._"
+    rows = []
+    for n in sorted(pp["kernel"], key=int):
+        k = pp["kernel"][n]
+        rows.append([f"{int(n):,}", f"{k['entries']:,}", ms(k["ip_batch_s"]["median"]),
+                     ms(k["apply_s"]["median"]), f"**{f(k['ratio_apply_vs_ip_batch'])}**",
+                     ms(k["observe_s"]["median"]), ms(k["first_pass_s"]["median"]),
+                     f(k["ratio_first_pass_vs_ip_batch"]), ms(k["noop_pass_s"]["median"]),
+                     f"{ms(k['old_loop_s'])} ({f(k['ratio_old_loop_vs_ip_batch'])}x)",
+                     f(k["all_correct"])])
+    out = [
+        "Fresh namespace per run, an empty `overlay.1` (or nothing at all for the reconcile "
+        "pass, which creates the devices), medians of the runs; reference and ours alternate.",
+        "",
+        table(["peers", "entries", "ip -batch", "apply", "apply / ip -batch", "observe",
+               "first pass", "first pass / ip -batch", "no-op pass", "old loop", "kernel = plan"],
+              rows),
+        "",
+        "- *ip -batch*: `bridge -batch` (FDB) then `ip -batch` (neighbours, routes) with the "
+        "same entries, wall time of both processes; *apply*: `NetlinkKernel.apply` of the "
+        "same ops, in one process already running; *observe*: reading them back; *first pass*: "
+        "the agent's `Reconciler` from nothing (devices, desired state, diff, apply, one log "
+        "line per change); *no-op pass*: a pass with nothing to change; *old loop*: the same "
+        "ops through a plain pyroute2 request/ack loop, as `apply` worked before.",
+    ]
+    agent = pp.get("agent", {})
+    if agent:
+        rows = []
+        for n in sorted(agent, key=int):
+            a = agent[n]
+            rows.append([f"{int(n):,}", ms(a["ready_s"]), ms(a["start_to_config_s"]),
+                         ms(a["config_to_lease_s"]), ms(a["lease_to_ready_s"]),
+                         f(a["all_programmed"]), f"{a['idle_cpu_fraction']:.1%}",
+                         mib(a["rss_bytes"]), ms(a.get("noop_pass_s_in_agent")),
+                         ms(a.get("status_rpc_s"))])
+        out += ["", "`overlayd` end to end, on a new node with the leases already in etcd "
+                "(from its process start to its `ready` log line; breakdown from its own log "
+                "timestamps), then idle at the production reconcile interval (1 s):", "",
+                table(["peers", "start → ready", "start → config read", "→ lease held",
+                       "→ listed + first reconcile", "all in kernel", "idle CPU (1 core)",
+                       "RSS", "no-op pass (its /metrics)", "status RPC"], rows)]
+    if img:
+        out += ["", f"![peer programming]({img})"]
+    return "\n".join(out)
+
+
+def convergence_section(cv: dict[str, Any] | None, img: str | None) -> str:
+    if not cv:
+        return "_Not run._"
+    rows = []
+    for s in sorted(cv["join"], key=int):
+        j = cv["join"][s]
+        runs = j["runs"]
+
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            v = sorted(r[key] for r in runs if r.get(key) is not None)
+            return "n/a" if not v else f"{ms(v[len(v) // 2])} (max {ms(v[-1])})"
+
+        rows.append([s, str(len(runs)), med("last_peer_programmed_s"), med("ready_s"),
+                     med("pod_added_s"), med("all_reached_s"), str(j["failures"])])
+    out = [table(["nodes after join", "runs", "all peers programmed it", "new node ready",
+                  "pod on it added", "every existing pod reached it", "failed runs"], rows)]
+    for k, v in (cv.get("ratios") or {}).items():
+        out.append(f"- {k.replace('_', ' ')}: {f(v)}")
+    if cv.get("crash"):
+        rows = []
+        for s in sorted(cv["crash"], key=int):
+            c = cv["crash"][s]
+            rows.append([s, str(len(c["runs"])), ms(c["all_dead_s"].get("median")),
+                         ms(c["all_dead_s"].get("max")), str(c["failures"])])
+        out += ["", "Crash (agent killed and the host's underlay link down) until every other "
+                "agent reports it dead:", "",
+                table(["nodes", "runs", "median", "max", "not detected"], rows)]
+    else:
+        out += ["", f"Crash detection: {cv.get('crash_note')}."]
+    if img:
+        out += ["", f"![convergence]({img})"]
+    return "\n".join(out)
+
+
+def footprint_section(fp: dict[str, Any] | None) -> str:
+    if not fp:
+        return "_Not run._"
+    rows = []
+    for n in sorted(fp["peers"], key=int):
+        p = fp["peers"][n]
+        rows.append([f"{int(n):,}", f"{p['agent']['cpu_fraction']:.2%}",
+                     mib(p["agent"]["rss_bytes"]), f"{p['etcd']['cpu_fraction']:.2%}",
+                     mib(p["etcd"]["rss_bytes"])])
+    out = ["Idle agent, one node with N peer leases, reconcile every 1 s:", "",
+           table(["peers", "agent CPU (of one core)", "agent RSS", "etcd CPU", "etcd RSS"], rows),
+           ""]
+    for k, v in fp.get("ratios", {}).items():
+        out.append(f"- {k.replace('_', ' ')}: {f(v)}")
+    rows = []
+    for s in sorted(fp["traffic"], key=int):
+        t = fp["traffic"][s]
+        pm, r = t["per_node_mean"], t["etcd_rates_per_node_per_s"]
+        rows.append([s, byterate(pm["etcd_Bps"]), byterate(t["etcd_port_Bps_per_node"]),
+                     byterate(pm["gossip_Bps"]), f"{r['keepalives']:.3f}",
+                     f"{r['range_requests']:.3f}", f"{r['proposals_committed']:.4f}",
+                     f"{t['agent_cpu_mean']:.2%}", mib(t["agent_rss_mean"])])
+    out += ["", "Idle clusters, per node and second (nftables counters in each node; etcd's "
+            "underlay port and /metrics for the cross-check):", "",
+            table(["nodes", "etcd traffic", "etcd port / nodes", "gossip", "keepalives/s",
+                   "range reads/s", "raft writes/s", "agent CPU", "agent RSS"], rows)]
+    return "\n".join(out)
+
+
+def scale_section(sm: dict[str, Any] | None) -> str:
+    if not sm:
+        return "_Not computed._"
+    models = sm["models"]
+    cols = [n for n in ("1000", "5000") if n in models]
+    lines = [
+        ("etcd keys (leases)", lambda m: f"{m['etcd']['keys']:,} ({m['etcd']['leases']:,})"),
+        ("etcd live data", lambda m: size(m["etcd"]["db_bytes_live"])),
+        ("lease keep-alives /s", lambda m: f"{m['etcd']['keepalive_requests_per_s']:.0f}"),
+        ("config reads /s", lambda m: f"{m['etcd']['config_reads_per_s']:.0f}"),
+        ("raft writes /s (churn)", lambda m: f"{m['etcd']['writes_per_s']:.3f}"),
+        ("watch events delivered /s", lambda m: f"{m['etcd']['watch_events_delivered_per_s']:.1f}"),
+        ("watch bytes out of etcd /s", lambda m: byterate(m["etcd"]["watch_bytes_out_per_s"])),
+        ("idle client traffic at etcd", lambda m: byterate(m["etcd"]["idle_client_bytes_per_s"])),
+        ("one node's start-up listing", lambda m: size(m["etcd"]["list_bytes_per_node_start"])),
+        ("every node relisting at once", lambda m: size(m["etcd"]["relist_all_nodes_bytes"])),
+        ("kernel entries per node", lambda m: f"{m['per_node']['kernel_entries']:,}"),
+        ("agent RSS per node", lambda m: mib(m["per_node"]["agent_rss_bytes"])),
+        ("agent idle CPU per node", lambda m: f"{m['per_node']['agent_idle_cpu_fraction']:.0%} "
+         "of a core"),
+        ("no-op reconcile pass", lambda m: ms(m["per_node"]["noop_reconcile_s"])),
+        ("program every peer on a new node", lambda m: ms(m["per_node"]["program_all_peers_s"])),
+        ("gossip per node", lambda m: byterate(m["per_node"]["gossip_bytes_per_s"])
+         if m["per_node"]["gossip_bytes_per_s"] is not None else "not measured (no gossip)"),
+    ]
+    rows = [[label, *[fn(models[c]) for c in cols]] for label, fn in lines]
+    out = [table(["", *[f"{int(c):,} nodes" for c in cols]], rows), "", "Assumptions:", ""]
+    out += [f"- {n}" for n in sm["assumption_notes"]]
+    inp = sm["inputs"]
+    out += ["", "Measured inputs: etcd bytes per node per second at "
+            + ", ".join(f"{a} nodes: {b:.0f}" for a, b in inp["etcd_bytes_per_node_s"])
+            + "; agent idle CPU at " + ", ".join(f"{a} peers: {b:.2%}"
+                                                 for a, b in inp["agent_cpu_idle"])
+            + "; agent RSS at " + ", ".join(f"{a} peers: {mib(b)}"
+                                            for a, b in inp["agent_rss_bytes"])
+            + f"; no-op pass {ms(inp['noop_pass_s'][1])} and first pass "
+            f"{ms(inp['first_pass_s'][1])} at {inp['noop_pass_s'][0]:,} peers; one lease "
+            f"record {inp['record_bytes']} bytes."]
+    return "\n".join(out)
+
+
+def other_section(name: str, doc: Any) -> str:
+    items = [(k, v) for k, v in flatten(doc) if k not in ("machine",)
+             and not k.startswith(("machine.", "targets"))]
+    rows = [[f"`{k}`", f(v) if not isinstance(v, str) else v] for k, v in items[:60]]
+    more = f"\n\n({len(items) - 60} more figures in `{name}.json`)" if len(items) > 60 else ""
+    return table(["figure", "value"], rows) + more
+
+
+def safe(section: Any, *args: Any) -> str:
+    """A section, or why it could not be written (a partial or older results file)."""
+    try:
+        return str(section(*args))
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        return f"_Could not render this section: {type(exc).__name__}: {exc}._"
+
+
+def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
+    run = docs.get("run_all", {})
+    m = next((d["machine"] for d in docs.values() if isinstance(d, dict) and "machine" in d), {})
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Run of {m.get('date_utc', '?')} on {m.get('cpus', '?')} CPU(s) "
+        f"({m.get('cpu_model', '?')}), kernel {m.get('kernel', '?')}, "
+        f"Python {m.get('python', '?')}; load average "
+        f"{m.get('loadavg_1m', '?')} at the start. `make bench` reproduces it "
+        "(root, Debian 12; a few minutes).",
+        "",
+        "Every figure is measured in the same run as its reference, on the same machine, in "
+        "network namespaces joined by a bridge (the sandbox). The machine is shared, so "
+        "absolute times drift from run to run; the ratios are what to quote. Where a run "
+        "reports how busy the machine was, that is all CPUs and all processes, ours included.",
+        "",
+        "## Targets",
+        "",
+        headline(docs),
+        "",
+    ]
+    if run.get("failed"):
+        parts += ["**Scripts that failed in this run:** "
+                  + ", ".join(f"`{k}` ({v})" for k, v in run["failed"].items()), ""]
+    parts += ["## 1. Data plane", "", safe(dataplane_section, docs.get("dataplane"),
+                                           imgs.get("dataplane")), "",
+              "## 2. Peer programming", "", safe(peers_section, docs.get("peer_programming"),
+                                                 imgs.get("peer_programming")), "",
+              "## 3. Convergence", "", safe(convergence_section, docs.get("convergence"),
+                                            imgs.get("convergence")), "",
+              "## 4. CNI", ""]
+    others = {k: v for k, v in docs.items() if k not in OURS}
+    if others:
+        for name, doc in others.items():
+            parts += [f"From `bench/results/{name}.json`:", "", safe(other_section, name, doc), ""]
+    else:
+        parts += ["_`bench/cni_latency.py` is not in this tree yet, or wrote no results._", ""]
+    parts += ["## 5. Footprint", "", safe(footprint_section, docs.get("footprint")), "",
+              "## 6. Scale on paper", "", safe(scale_section, docs.get("scale_model")), ""]
+    notes = run.get("notes") or []
+    if notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if run.get("durations"):
+        parts += ["Wall time of each script: " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in run["durations"].items()) + "."]
+    return "\n".join(parts) + "\n"
+
+
+def main(results: Path = RESULTS) -> Path:
+    docs = load(results)
+    imgs = plots(docs, results)
+    out = results / "REPORT.md"
+    out.write_text(render(docs, imgs))
+    print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()

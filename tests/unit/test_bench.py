@@ -1,0 +1,154 @@
+"""Pure parts of the benchmark scripts: parsers, batch files, statistics, the scale model."""
+
+import sys
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import common
+import dataplane
+import fakepeers
+import footprint
+import peer_programming
+import report
+import scale_model
+
+from overlay.dataplane.desired import Entries, Fdb, Neigh, Op, Route, desired, plan
+from overlay.model import NodeRecord
+
+
+def test_fake_peers_are_valid_distinct_records_inside_the_bench_cluster():
+    recs = fakepeers.fake_records(5000)
+    assert len({r.subnet for r in recs}) == len({r.vtep_mac for r in recs}) == 5000
+    assert len({r.underlay_ip for r in recs}) == 5000
+    assert all(r.subnet.subnet_of(IPv4Network(fakepeers.CIDR)) for r in recs)
+    assert all(NodeRecord.from_json(r.to_json()) == r for r in recs[::97])
+    with pytest.raises(ValueError):
+        fakepeers.fake_record(0)
+
+
+def test_batch_lines_are_the_same_entries_in_the_same_order_for_ip_and_bridge():
+    ops = plan(desired(fakepeers.fake_records(2), "me"), Entries())
+    ip_lines, br_lines = peer_programming.batch_lines(ops, "overlay.1")
+    r1 = fakepeers.fake_record(1)
+    assert br_lines[0] == (f"fdb append {r1.vtep_mac} dev overlay.1 dst {r1.underlay_ip} "
+                           "self permanent")
+    assert ip_lines[0] == (f"neigh replace {r1.vtep_ip} lladdr {r1.vtep_mac} dev overlay.1 "
+                           "nud permanent")
+    assert ip_lines[2] == (f"route replace {r1.subnet} via {r1.vtep_ip} dev overlay.1 onlink "
+                           "proto 159")
+    assert len(br_lines) == 2 and len(ip_lines) == 4
+    dels = [Op("del", Route(IPv4Network("10.1.0.0/24"), IPv4Address("10.1.0.0"))),
+            Op("del", Neigh(IPv4Address("10.1.0.0"), "02:00:00:00:00:01")),
+            Op("del", Fdb("02:00:00:00:00:01", IPv4Address("172.30.1.5")))]
+    ip_lines, br_lines = peer_programming.batch_lines(dels, "overlay.1")
+    assert ip_lines == ["route del 10.1.0.0/24 dev overlay.1 proto 159",
+                        "neigh del 10.1.0.0 dev overlay.1"]
+    assert br_lines == ["fdb del 02:00:00:00:00:01 dev overlay.1 dst 172.30.1.5 self permanent"]
+
+
+PING = """PING 10.244.1.2 (10.244.1.2) 56(84) bytes of data.
+64 bytes from 10.244.1.2: icmp_seq=1 ttl=62 time=0.105 ms
+64 bytes from 10.244.1.2: icmp_seq=2 ttl=62 time=0.087 ms
+64 bytes from 10.244.1.2: icmp_seq=3 ttl=62 time=1.20 ms
+
+--- 10.244.1.2 ping statistics ---
+3 packets transmitted, 3 received, 0% packet loss, time 20ms
+rtt min/avg/max/mdev = 0.087/0.464/1.200/0.520 ms
+"""
+
+
+def test_ping_parser_takes_every_reply_and_not_the_summary():
+    assert dataplane.parse_ping(PING) == [0.105, 0.087, 1.2]
+
+
+def test_iperf_parser_reads_the_received_rate():
+    doc = {"end": {"sum_received": {"bits_per_second": 12.5e9},
+                   "sum_sent": {"bits_per_second": 12.6e9, "retransmits": 7},
+                   "cpu_utilization_percent": {"host_total": 80.0, "remote_total": 60.0}}}
+    r = dataplane.parse_iperf(doc)
+    assert r == {"gbps": 12.5, "sent_gbps": 12.6, "retransmits": 7.0, "sender_cpu_pct": 80.0,
+                 "receiver_cpu_pct": 60.0}
+
+
+def test_device_differences_name_the_role_and_both_values():
+    ours = {"pod eth0": {"mtu": 1450, "qdisc": "noqueue"}, "vxlan device": {"vxlan_udp_csum": 1}}
+    ref = {"pod eth0": {"mtu": 1400, "qdisc": "noqueue"}, "vxlan device": {}}
+    assert dataplane.differences(ours, ref) == [
+        "pod eth0: mtu = 1450 (ours) vs 1400 (reference)",
+        "vxlan device: vxlan_udp_csum = 1 (ours) vs None (reference)",
+    ]
+    assert dataplane.differences(ours, ours) == []
+
+
+def test_prometheus_parser_sums_matching_label_sets():
+    text = """# HELP x
+etcd_network_client_grpc_received_bytes_total 1200
+grpc_server_msg_received_total{grpc_method="LeaseKeepAlive",grpc_service="etcdserverpb.Lease"} 4
+grpc_server_msg_received_total{grpc_method="Range",grpc_service="etcdserverpb.KV"} 10
+grpc_server_msg_received_total{grpc_method="Range",grpc_service="other"} 5
+etcd_server_proposals_committed_total 9
+"""
+    m = footprint.parse_prometheus(text)
+    assert m["client_rx_bytes"] == 1200 and m["keepalives"] == 4
+    assert m["range_requests"] == 15 and m["proposals_committed"] == 9 and m["puts"] == 0
+
+
+def test_summary_and_nearest_rank_percentile():
+    s = common.summary([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert common.percentile(list(range(1, 101)), 95) == 95
+    assert common.percentile([5.0], 95) == 5.0
+    assert common.summary([]) == {"n": 0}
+    assert common.ratio(1.0, 0) is None and common.ratio(1.0, 4.0) == 0.25
+
+
+def test_fit_line_and_flat_costs():
+    assert scale_model.fit_line(((10, 1.0), (5000, 500.0))) == pytest.approx((0.0, 0.1), abs=0.02)
+    # 154 and 150 B/s at 3 and 10 nodes: one constant cost, not a falling line.
+    assert scale_model.at(((3, 154.0), (10, 150.0)), 5000) == pytest.approx(152.0)
+    assert scale_model.at(((10, 0.004), (5000, 0.16)), 1000) == pytest.approx(
+        0.004 + (0.156 / 4990) * 990)
+    assert scale_model.at((), 100) == 0.0
+
+
+def test_scale_model_arithmetic():
+    inp = scale_model.Inputs(
+        etcd_bytes_per_node_s=((3, 150.0), (10, 150.0)),
+        gossip_bytes_per_node_s=((3, 0.0), (10, 0.0)),
+        agent_cpu_idle=((10, 0.01), (5000, 0.2)),
+        agent_rss_bytes=((10, 50e6), (5000, 80e6)),
+        noop_pass_s=(5000, 0.2),
+        first_pass_s=(5000, 1.0),
+        record_bytes=200,
+    )
+    asm = scale_model.Assumptions(restarts_per_node_per_day=24.0)
+    m = scale_model.model(inp, asm, 1000)
+    e, p = m["etcd"], m["per_node"]
+    assert e["keys"] == 1001 and e["leases"] == 1000
+    assert e["keepalive_requests_per_s"] == pytest.approx(1000 / 15)
+    assert e["writes_per_s"] == pytest.approx(1000 * 24 / 86400 * 2)
+    assert e["watch_events_delivered_per_s"] == pytest.approx(1000 * 24 / 86400 * 1000)
+    assert e["relist_all_nodes_bytes"] == 1000 * 1000 * 200
+    assert e["idle_client_bytes_per_s"] == pytest.approx(150_000)
+    assert p["kernel_entries"] == 2997
+    assert p["noop_reconcile_s"] == pytest.approx(0.2 / 5000 * 999)
+    assert p["gossip_bytes_per_s"] is None and m["cluster"]["gossip_bytes_per_s"] is None
+
+
+def test_report_headline_shows_every_target_and_whether_it_is_met():
+    docs = {
+        "dataplane": {"targets": [{"id": "a", "what": "throughput", "ratio": 0.9, "op": ">=",
+                                   "threshold": 0.97, "met": False}]},
+        "cni_latency": {"targets": [{"what": "ADD median", "ratio": 1.5, "op": "<=",
+                                     "threshold": 2.0, "met": True}],
+                        "add_ms": {"median": 12.0}},
+    }
+    text = report.render(docs, {})
+    assert "| throughput | ≥ 0.97 | 0.9 | **not met** |" in text
+    assert "| ADD median | ≤ 2.0 | 1.5 | **met** |" in text
+    assert "`add_ms.median`" in text  # figures of other scripts are listed
+    assert "## 2. Peer programming\n\n_Not run._" in text
