@@ -99,10 +99,54 @@ def flatten(doc: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def targets_of(docs: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, doc in docs.items():
-        for t in doc.get("targets", []) if isinstance(doc, dict) else []:
+        if not isinstance(doc, dict):
+            continue
+        for t in doc.get("targets", []) + cni_targets(doc):
             if isinstance(t, dict) and "ratio" in t:
                 out.append({**t, "source": name})
     return out
+
+
+def is_cni(doc: Any) -> bool:
+    """bench/cni_latency.py's results (issue 3): latency by CNI command, pod-start rates."""
+    return isinstance(doc, dict) and isinstance(doc.get("latency_ms"), dict) and all(
+        isinstance(v, dict) and "ratio_median" in v for v in doc["latency_ms"].values())
+
+
+def cni_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if not is_cni(doc) or doc.get("targets"):
+        return []
+    return [{"id": f"cni.{cmd}", "what": f"CNI {cmd} latency vs bridge + host-local (median)",
+             "ratio": v["ratio_median"], "op": "<=", "threshold": v["target_ratio_max"],
+             "met": bool(v.get("met"))}
+            for cmd, v in doc["latency_ms"].items() if "target_ratio_max" in v]
+
+
+def cni_section(doc: dict[str, Any]) -> str:
+    rows = []
+    for cmd, v in doc["latency_ms"].items():
+        o, r = v.get("overlay", {}), v.get("reference", {})
+        rows.append([cmd, f"{o.get('median', 0):.1f}", f"{o.get('p95', 0):.1f}",
+                     f"{r.get('median', 0):.1f}", f"{r.get('p95', 0):.1f}",
+                     f"**{f(v['ratio_median'])}**", f(v.get("ratio_p95"))])
+    ref = doc.get("reference", {})
+    out = [str(doc.get("what", "")), "",
+           table(["command", "ours median ms", "ours p95", "reference median ms",
+                  "reference p95", "ratio (median)", "ratio (p95)"], rows)]
+    tp = doc.get("throughput", {})
+    if "overlay" in tp and "reference" in tp:
+        o, r = tp["overlay"], tp["reference"]
+        out += ["", f"Pod starts: {o.get('pods')} ADDs, {o.get('parallel')} at a time: ours "
+                f"{f(o.get('add_pods_per_s'))} pods/s, reference {f(r.get('add_pods_per_s'))} "
+                f"pods/s (ratio {f(tp.get('ratio_add_pods_per_s'))}); their DELs: ours "
+                f"{f(o.get('del_pods_per_s'))}/s, reference {f(r.get('del_pods_per_s'))}/s "
+                f"(ratio {f(tp.get('ratio_del_pods_per_s'))})."]
+    if ref:
+        out += ["", f"Reference: {ref.get('plugins', '')} "
+                f"(containernetworking-plugins {ref.get('containernetworking-plugins', '?')})."]
+    if doc.get("command"):
+        out += [f"Command: `{doc['command']}`."]
+    return "\n".join(out)
 
 
 # --- plots ------------------------------------------------------------------------------
@@ -229,22 +273,36 @@ def dataplane_section(dp: dict[str, Any] | None, img: str | None) -> str:
                      f"{r['median'] * 1000:.0f}", f"{r['mean'] * 1000:.0f}",
                      f"{r['p95'] * 1000:.0f}"])
     ra = dp["ratios"]
+    loadavg = dp.get("loadavg_before_iperf", {})
+    busy = dp.get("machine_busy_during_iperf", {})
     out = [
-        f"iperf3, one TCP stream, {c['iperf_seconds']} s after 1 s of warm-up, "
-        f"{c['reps']} runs per path; ping every 10 ms, {c['pings_per_rep']} per path and run. "
-        f"Paths measured in turn, rotating the order each run. MTU on the pod paths: {c['mtu']}.",
+        f"iperf3, one TCP stream, {c['iperf_seconds']} s after 1 s of warm-up; ping every 10 ms, "
+        f"{c['pings_per_rep']} per path. {c['reps']} rounds; each round runs every path once, "
+        "ours and the reference back to back (each first in turn). MTU on the pod paths: "
+        f"{c['mtu']}.",
         "",
         table(["path", "Gbit/s (median)", "range", "RTT median µs", "mean µs", "p95 µs"], rows),
         "",
-        f"- throughput, ours / reference: **{f(ra['throughput_overlay_vs_reference'])}** "
-        f"(per run: {', '.join(f(x) for x in ra['throughput_overlay_vs_reference_per_rep'])}); "
-        f"ours / underlay: {f(ra['throughput_overlay_vs_underlay'])}; reference / underlay: "
+        f"- throughput, ours / reference: **{f(ra['throughput_overlay_vs_reference'])}** (median "
+        "of the rounds' ratios: "
+        f"{', '.join(f(x) for x in ra['throughput_overlay_vs_reference_per_rep'])}; ratio of "
+        f"the medians {f(ra.get('throughput_overlay_vs_reference_of_medians'))}); ours / "
+        f"underlay: {f(ra['throughput_overlay_vs_underlay'])}; reference / underlay: "
         f"{f(ra['throughput_reference_vs_underlay'])}",
-        f"- RTT, ours / reference: **{f(ra['rtt_overlay_vs_reference'])}**; ours / underlay: "
-        f"{f(ra['rtt_overlay_vs_underlay'])}",
-        "- machine busy during the iperf3 runs (all cores, all processes): "
-        + ", ".join(f"{n} {', '.join(f'{x:.0%}' for x in v)}"
-                    for n, v in dp["machine_busy_during_iperf"].items()),
+        "- the same, with ours and the reference running at the same time (sharing the CPUs, "
+        "so load drift hits both alike; each gets about half the machine): "
+        f"{f(ra.get('throughput_overlay_vs_reference_together_median'))} (runs: "
+        f"{', '.join(f(x) for x in ra.get('throughput_overlay_vs_reference_together', []))})",
+        f"- RTT, ours / reference: **{f(ra['rtt_overlay_vs_reference'])}** (rounds: "
+        f"{', '.join(f(x) for x in ra.get('rtt_overlay_vs_reference_per_rep', []))}; ratio of "
+        f"the medians of all pings {f(ra.get('rtt_overlay_vs_reference_of_medians'))}); ours / "
+        f"underlay: {f(ra['rtt_overlay_vs_underlay'])}",
+        "- load: one TCP stream over veths keeps about two cores busy by itself (sender, "
+        "receiver, softirq), so the machine is near saturation in every run and other work on "
+        "it shows directly in the figures. Whole-machine CPU busy during each run: "
+        + "; ".join(f"{n} {', '.join(f'{x:.0%}' for x in v)}" for n, v in busy.items())
+        + ". Load average (1 min) before each run: "
+        + "; ".join(f"{n} {', '.join(f'{x:.1f}' for x in v)}" for n, v in loadavg.items()),
     ]
     diffs = dp.get("differences", [])
     out.append("- devices on the two pod paths (pod eth0, host veth, cni0, VXLAN device, "
@@ -460,7 +518,9 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
     others = {k: v for k, v in docs.items() if k not in OURS}
     if others:
         for name, doc in others.items():
-            parts += [f"From `bench/results/{name}.json`:", "", safe(other_section, name, doc), ""]
+            render_other = cni_section if is_cni(doc) else lambda d, n=name: other_section(n, d)
+            parts += [f"From `bench/results/{name}.json` (written by another script):", "",
+                      safe(render_other, doc), ""]
     else:
         parts += ["_`bench/cni_latency.py` is not in this tree yet, or wrote no results._", ""]
     parts += ["## 5. Footprint", "", safe(footprint_section, docs.get("footprint")), "",

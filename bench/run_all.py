@@ -23,14 +23,14 @@ sys.path.insert(0, str(HERE))
 
 # (script, arguments, time limit in seconds); the whole run stays under 15 minutes.
 PLAN: list[tuple[str, list[str], int]] = [
-    ("dataplane.py", [], 300),
+    ("dataplane.py", [], 420),
     ("peer_programming.py", [], 300),
     ("convergence.py", [], 240),
     ("cni_latency.py", [], 300),
     ("footprint.py", [], 240),
 ]
 QUICK: dict[str, list[str]] = {
-    "dataplane.py": ["--seconds", "2", "--reps", "1", "--pings", "50"],
+    "dataplane.py": ["--seconds", "2", "--reps", "1", "--pings", "50", "--together", "1"],
     "peer_programming.py": ["--sizes", "100,1000", "--reps", "1", "--idle-seconds", "3"],
     "convergence.py": ["--reps", "1"],
     "footprint.py": ["--peers", "10,1000", "--window", "6", "--settle", "1"],

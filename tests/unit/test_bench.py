@@ -152,3 +152,29 @@ def test_report_headline_shows_every_target_and_whether_it_is_met():
     assert "| ADD median | ≤ 2.0 | 1.5 | **met** |" in text
     assert "`add_ms.median`" in text  # figures of other scripts are listed
     assert "## 2. Peer programming\n\n_Not run._" in text
+
+
+def test_cni_results_of_the_cni_script_join_the_headline_and_get_their_table():
+    lat = {"ADD": {"overlay": {"median": 22.5, "p95": 59.1}, "reference": {"median": 16.8,
+                                                                          "p95": 45.1},
+                   "ratio_median": 1.339, "ratio_p95": 1.311, "target_ratio_max": 2.0,
+                   "met": True},
+           "DEL": {"overlay": {"median": 12.0, "p95": 20.0}, "reference": {"median": 10.0,
+                                                                          "p95": 15.0},
+                   "ratio_median": 1.2, "ratio_p95": 1.33, "target_ratio_max": 1.0,
+                   "met": False},
+           "VERSION": {"overlay": {"median": 9.0, "p95": 9.5}, "reference": {"median": 3.0,
+                                                                            "p95": 3.2},
+                       "ratio_median": 3.0, "ratio_p95": 2.97}}
+    doc = {"benchmark": "cni", "latency_ms": lat,
+           "throughput": {"overlay": {"pods": 100, "parallel": 4, "add_pods_per_s": 35.3,
+                                      "del_pods_per_s": 50.1},
+                          "reference": {"pods": 100, "parallel": 4, "add_pods_per_s": 71.6,
+                                        "del_pods_per_s": 69.9},
+                          "ratio_add_pods_per_s": 0.493, "ratio_del_pods_per_s": 0.717}}
+    text = report.render({"cni": doc}, {})
+    assert "| CNI ADD latency vs bridge + host-local (median) | ≤ 2.0 | 1.34 | **met** |" in text
+    assert "| CNI DEL latency vs bridge + host-local (median) | ≤ 1.0 | 1.2 | **not met** |" in text
+    assert "VERSION latency" not in text  # no target for it
+    assert "| ADD | 22.5 | 59.1 | 16.8 | 45.1 | **1.34** | 1.31 |" in text
+    assert "ours 35.3 pods/s, reference 71.6 pods/s (ratio 0.493)" in text
