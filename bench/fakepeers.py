@@ -2,7 +2,8 @@
 """Fake peer leases: valid node records that exist only in etcd.
 
 They become kernel entries only on the node being measured; their underlay
-addresses answer nothing, and nothing sends traffic to them.
+addresses answer nothing, nothing sends traffic to them, and they have no
+gRPC address, so the membership protocol leaves them alone.
 
   fakepeers.py put --endpoints http://127.0.0.1:2379 --count 5000 [--start 1]
 
@@ -35,7 +36,9 @@ def fake_record(i: int) -> NodeRecord:
         subnet=IPv4Network((_NET + (i << 8), 24)),
         underlay_ip=IPv4Address(_UNDERLAY + i),
         vtep_mac=f"02:fa:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
-        grpc_addr=f"{IPv4Address(_UNDERLAY + i)}:7946",
+        # No gRPC address: membership does not probe them (they would never answer), so
+        # they cost what a peer costs the data plane, not a dead peer's probes.
+        grpc_addr="",
     )
 
 
