@@ -107,7 +107,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "loadavg_1m": os.getloadavg()[0],
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -492,8 +492,9 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
         f"Run of {m.get('date_utc', '?')} on {m.get('cpus', '?')} CPU(s) "
         f"({m.get('cpu_model', '?')}), kernel {m.get('kernel', '?')}, "
         f"Python {m.get('python', '?')}; load average "
-        f"{m.get('loadavg_1m', '?')} at the start. `make bench` reproduces it "
-        "(root, Debian 12; a few minutes).",
+        f"{f(m.get('loadavg_1m'), 2)} at the start. `make bench` reproduces it "
+        f"(root, Debian 12; this run took {f((run.get('total_seconds') or 0) / 60, 2)} "
+        "minutes).",
         "",
         "Every figure is measured in the same run as its reference, on the same machine, in "
         "network namespaces joined by a bridge (the sandbox). The machine is shared, so "
