@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 
 # (script, arguments, time limit in seconds); the whole run stays under 15 minutes.
 PLAN: list[tuple[str, list[str], int]] = [
+    ("spine.py", [], 180),
     ("dataplane.py", [], 420),
     ("peer_programming.py", [], 300),
     ("convergence.py", [], 240),
@@ -30,6 +31,8 @@ PLAN: list[tuple[str, list[str], int]] = [
     ("footprint.py", [], 240),
 ]
 QUICK: dict[str, list[str]] = {
+    "spine.py": ["--runs", "1"],
+    "cni_latency.py": ["--calls", "10", "--pods", "20"],
     "dataplane.py": ["--seconds", "2", "--reps", "1", "--pings", "50", "--together", "1"],
     "peer_programming.py": ["--sizes", "100,1000", "--reps", "1", "--idle-seconds", "3"],
     "convergence.py": ["--reps", "1"],
@@ -42,7 +45,7 @@ def remove_leftovers(since: float) -> None:
     """Sandboxes our scripts made in this run and could not remove (killed): remove them."""
     from overlay.sandbox.sandbox import BASE, Sandbox
 
-    tags = ("bdp", "bpp", "bcv", "bfp", "bfq")
+    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni")
     for d in BASE.glob("*") if BASE.exists() else ():
         if d.name.startswith(tags) and d.stat().st_mtime >= since - 1:
             print(f"   removing leftover sandbox {d.name}", file=sys.stderr)
@@ -92,21 +95,21 @@ def main() -> int:
         cmd = [sys.executable, str(path), *extra, *(QUICK.get(script, []) if args.quick else [])]
         print(f"== {name}", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        with (RESULTS / f"{name}.stdout.txt").open("wb") as out:
-            p = subprocess.Popen(cmd, stdout=out, cwd=HERE.parent)
+        # Its summary line goes to our stdout, its progress to stderr.
+        p = subprocess.Popen(cmd, cwd=HERE.parent)
+        try:
+            rc = p.wait(timeout=limit)
+            if rc != 0:
+                failed[name] = f"exit {rc}; see its output above"
+        except subprocess.TimeoutExpired:
+            failed[name] = f"over its {limit} s limit"
+            p.terminate()  # SIGTERM: the script removes its sandbox on the way out
             try:
-                rc = p.wait(timeout=limit)
-                if rc != 0:
-                    failed[name] = f"exit {rc}; see its output above"
+                p.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                failed[name] = f"over its {limit} s limit"
-                p.terminate()  # SIGTERM: the script removes its sandbox on the way out
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                remove_leftovers(since)
+                p.kill()
+                p.wait()
+            remove_leftovers(since)
         durations[name] = round(time.monotonic() - t0, 1)
         print(f"== {name}: {durations[name]:.0f} s"
               + (f", FAILED ({failed[name]})" if name in failed else ""),
