@@ -277,8 +277,9 @@ def dataplane_section(dp: dict[str, Any] | None, img: str | None) -> str:
     busy = dp.get("machine_busy_during_iperf", {})
     out = [
         f"iperf3, one TCP stream, {c['iperf_seconds']} s after 1 s of warm-up; ping every 10 ms, "
-        f"{c['pings_per_rep']} per path. {c['reps']} rounds; each round runs every path once, "
-        "ours and the reference back to back (each first in turn). MTU on the pod paths: "
+        f"{c['pings_per_rep']} per path and round. {c['reps']} rounds; in each, iperf3 runs "
+        "every path once, ours and the reference back to back (each first in turn), then "
+        "ping runs on all paths at the same time. MTU on the pod paths: "
         f"{c['mtu']}.",
         "",
         table(["path", "Gbit/s (median)", "range", "RTT median µs", "mean µs", "p95 µs"], rows),
