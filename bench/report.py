@@ -86,8 +86,9 @@ def flatten(doc: Any, prefix: str = "") -> list[tuple[str, Any]]:
         for k, v in doc.items():
             out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(doc, list):
-        if all(isinstance(x, int | float) for x in doc) and len(doc) > 6:
-            out.append((prefix, f"[{len(doc)} values]"))
+        if doc and all(isinstance(x, int | float) for x in doc):
+            shown = ", ".join(f(x) for x in doc[:10])
+            out.append((prefix, shown + (f" … ({len(doc)} values)" if len(doc) > 10 else "")))
         else:
             for i, v in enumerate(doc):
                 out += flatten(v, f"{prefix}[{i}]")
@@ -518,15 +519,20 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
                                             imgs.get("convergence")), "",
               "## 4. CNI", ""]
     others = {k: v for k, v in docs.items() if k not in OURS}
-    if others:
-        for name, doc in others.items():
-            render_other = cni_section if is_cni(doc) else lambda d, n=name: other_section(n, d)
-            parts += [f"From `bench/results/{name}.json` (written by another script):", "",
-                      safe(render_other, doc), ""]
-    else:
-        parts += ["_`bench/cni_latency.py` is not in this tree yet, or wrote no results._", ""]
+    cni = {k: v for k, v in others.items() if is_cni(v)}
+    for name, doc in cni.items():
+        parts += [f"From `bench/results/{name}.json` (written by `bench/cni_latency.py`):", "",
+                  safe(cni_section, doc), ""]
+    if not cni:
+        parts += ["_No CNI results: `bench/cni_latency.py` is not in this tree, or failed._", ""]
     parts += ["## 5. Footprint", "", safe(footprint_section, docs.get("footprint")), "",
               "## 6. Scale on paper", "", safe(scale_section, docs.get("scale_model")), ""]
+    rest = {k: v for k, v in others.items() if not is_cni(v)}
+    if rest:
+        parts += ["## Other results", ""]
+        for name, doc in rest.items():
+            parts += [f"From `bench/results/{name}.json` (written by `bench/{name}.py`):", "",
+                      safe(other_section, name, doc), ""]
     notes = run.get("notes") or []
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
