@@ -1,0 +1,328 @@
+"""The SWIM core with a fake clock: probing order, suspicion, refutation, merge rules,
+dissemination and the member table's life cycle."""
+
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from overlay.errors import ConfigError
+from overlay.membership.swim import Member, Record, State, Swim, SwimConfig, Update
+from overlay.model import NodeRecord
+
+CFG = SwimConfig()
+
+
+def rec(i, mac_last=None, rev=1):
+    mac_last = i if mac_last is None else mac_last
+    node = NodeRecord(f"n{i}", IPv4Network(f"10.244.{i}.0/24"), IPv4Address(f"172.30.1.{10 + i}"),
+                      f"02:00:00:00:00:{mac_last:02x}", f"172.30.1.{10 + i}:7946")
+    return Record(node, rev)
+
+
+def swim(n_peers=0, cfg=CFG, seed=1):
+    s = Swim(rec(1), 100, cfg, random.Random(seed))
+    for i in range(2, 2 + n_peers):
+        s.merge([Update(rec(i), State.ALIVE, 10, f"n{i}")], 0.0)
+    drain(s)  # the join news
+    return s
+
+
+def drain(s):
+    """Every distinct queued update, in the order first sent."""
+    out = []
+    while s.pending():
+        out += s.piggyback(limit=1000)
+    return list(dict.fromkeys(out))
+
+
+def test_round_robin_probes_every_member_once_per_round():
+    s = swim(9)
+    for _ in range(3):
+        seen = [s.next_probe().name for _ in range(9)]
+        assert sorted(seen) == sorted(f"n{i}" for i in range(2, 11))
+
+
+def test_a_new_member_is_probed_within_the_current_round():
+    s = swim(5)
+    first = [s.next_probe().name for _ in range(2)]
+    s.merge([Update(rec(20), State.ALIVE, 5, "n20")], 1.0)
+    rest = [s.next_probe().name for _ in range(4)]
+    assert sorted(first + rest) == sorted([f"n{i}" for i in range(2, 7)] + ["n20"])
+
+
+def test_left_members_and_members_without_address_are_not_probed():
+    s = swim(3)
+    s.merge([Update(rec(2), State.LEFT, 11, "n2")], 1.0)
+    s.sync_etcd({"n9": Record(rec(9).node.with_(grpc_addr=""), 5)}, 1.0)
+    names = {s.next_probe().name for _ in range(10)}
+    assert names == {"n3", "n4"}
+
+
+def test_no_member_no_target():
+    assert swim(0).next_probe() is None
+    assert swim(0).push_pull_target() is None
+
+
+def test_failed_probe_suspects_then_dead_after_the_timeout():
+    s = swim(3)
+    ch = s.probe_failed("n2", 10.0)
+    assert [(c.name, c.old, c.new) for c in ch] == [("n2", State.ALIVE, State.SUSPECT)]
+    assert s.tick(10.0 + CFG.suspect_timeout - 0.01) == []
+    ch = s.tick(10.0 + CFG.suspect_timeout)
+    assert [(c.name, c.old, c.new) for c in ch] == [("n2", State.SUSPECT, State.DEAD)]
+    assert s.members["n2"].since == 10.0 + CFG.suspect_timeout
+    # the suspicion and the death are both queued for dissemination
+    assert [(u.name, u.state) for u in drain(s)] == [("n2", State.DEAD)]
+
+
+def test_refutation_with_a_higher_incarnation_clears_the_suspicion():
+    s = swim(3)
+    s.probe_failed("n2", 10.0)
+    ch = s.merge([Update(rec(2), State.ALIVE, 11, "n2")], 10.5)
+    assert [(c.old, c.new) for c in ch] == [(State.SUSPECT, State.ALIVE)]
+    assert s.tick(20.0) == []
+    assert s.members["n2"].state == State.ALIVE
+
+
+def test_alive_at_the_same_incarnation_does_not_refute():
+    s = swim(3)
+    s.probe_failed("n2", 10.0)
+    assert s.merge([Update(rec(2), State.ALIVE, 10, "n3")], 10.1) == []
+    assert s.tick(10.0 + CFG.suspect_timeout)[0].new == State.DEAD
+
+
+def test_probe_failure_of_a_member_not_alive_changes_nothing():
+    s = swim(3)
+    s.probe_failed("n2", 1.0)
+    assert s.probe_failed("n2", 1.1) == []
+    assert s.probe_failed("nobody", 1.1) == []
+
+
+@pytest.mark.parametrize("local,incoming,accepted", [
+    ((State.ALIVE, 5), (State.ALIVE, 6), True),
+    ((State.ALIVE, 5), (State.ALIVE, 5), False),
+    ((State.ALIVE, 5), (State.SUSPECT, 5), True),
+    ((State.ALIVE, 5), (State.SUSPECT, 4), False),
+    ((State.SUSPECT, 5), (State.ALIVE, 5), False),
+    ((State.SUSPECT, 5), (State.ALIVE, 6), True),
+    ((State.SUSPECT, 5), (State.DEAD, 5), True),
+    ((State.DEAD, 5), (State.SUSPECT, 5), False),
+    ((State.DEAD, 5), (State.ALIVE, 5), False),
+    ((State.DEAD, 5), (State.ALIVE, 6), True),
+    ((State.DEAD, 5), (State.LEFT, 5), True),
+    ((State.LEFT, 5), (State.DEAD, 5), False),
+    ((State.LEFT, 5), (State.ALIVE, 5), False),   # LEFT is final for an incarnation
+    ((State.LEFT, 5), (State.SUSPECT, 6), True),  # ... a new life can be suspected
+    ((State.LEFT, 5), (State.ALIVE, 6), True),    # ... or rejoin
+    ((State.ALIVE, 5), (State.LEFT, 4), False),
+])
+def test_merge_precedence(local, incoming, accepted):
+    s = swim(0)
+    s.merge([Update(rec(2), local[0], local[1], "x")], 0.0)
+    ch = s.merge([Update(rec(2), incoming[0], incoming[1], "y")], 1.0)
+    assert bool(ch) == accepted
+    m = s.members["n2"]
+    assert (m.state, m.incarnation) == (incoming if accepted else local)
+
+
+def test_a_newer_incarnation_brings_its_record():
+    s = swim(1)
+    ch = s.merge([Update(rec(2, mac_last=0x42), State.ALIVE, 11, "n2")], 1.0)
+    assert ch[0].record_changed
+    assert s.members["n2"].record.node.vtep_mac == "02:00:00:00:00:42"
+
+
+def test_unknown_member_learned_from_gossip_is_added_and_scheduled():
+    s = swim(0)
+    ch = s.merge([Update(rec(5), State.SUSPECT, 3, "n7")], 2.0)
+    assert [(c.name, c.old, c.new) for c in ch] == [("n5", None, State.SUSPECT)]
+    assert s.members["n5"].suspect_deadline == 2.0 + CFG.suspect_timeout
+    assert s.next_probe().name == "n5"
+
+
+def test_being_suspected_is_refuted_with_a_higher_incarnation():
+    s = swim(1)
+    s.merge([Update(rec(1), State.SUSPECT, 100, "n2")], 1.0)
+    assert s.incarnation == 101 and s.refutations == 1
+    news = drain(s)
+    assert [(u.name, u.state, u.incarnation) for u in news] == [("n1", State.ALIVE, 101)]
+
+
+def test_being_declared_dead_or_left_is_refuted_too():
+    for state in (State.DEAD, State.LEFT):
+        s = swim(1)
+        s.merge([Update(rec(1), state, 100, "n2")], 1.0)
+        assert s.incarnation == 101
+
+
+def test_stale_news_about_me_is_ignored():
+    s = swim(1)
+    s.merge([Update(rec(1), State.SUSPECT, 99, "n2"), Update(rec(1), State.ALIVE, 100, "n2")],
+            1.0)
+    assert s.incarnation == 100 and not s.pending()
+
+
+def test_a_higher_incarnation_of_a_previous_life_is_overtaken():
+    s = swim(1)
+    s.merge([Update(rec(1), State.ALIVE, 500, "n2")], 1.0)
+    assert s.incarnation == 501
+
+
+def test_a_leaving_node_does_not_refute():
+    s = swim(1)
+    u = s.leave()
+    assert (u.state, u.incarnation) == (State.LEFT, 101)
+    s.merge([Update(rec(1), State.DEAD, 101, "n2")], 1.0)
+    assert s.incarnation == 101
+    assert s.self_update().state == State.LEFT
+
+
+def test_set_self_announces_a_new_record_at_a_new_incarnation():
+    s = swim(1)
+    assert not s.set_self(rec(1))
+    assert s.set_self(rec(1, mac_last=0x77, rev=9))
+    assert s.incarnation == 101
+    (u,) = drain(s)
+    assert u.record.lease_revision == 9 and u.incarnation == 101
+
+
+def test_piggyback_retransmits_each_update_a_bounded_number_of_times():
+    s = swim(9)
+    s.probe_failed("n2", 1.0)
+    limit = CFG.retransmit_limit(s.cluster_size())
+    sent = 0
+    while s.pending():
+        sent += len(s.piggyback())
+    assert sent == limit
+
+
+def test_piggyback_prefers_news_about_the_receiver_then_least_sent():
+    s = swim(5)
+    s.probe_failed("n2", 1.0)
+    s.piggyback()  # n2's suspicion sent once
+    s.probe_failed("n3", 1.0)
+    assert [u.name for u in s.piggyback(limit=1)] == ["n3"]
+    assert [u.name for u in s.piggyback(about="n2", limit=1)] == ["n2"]
+
+
+def test_newer_news_about_a_member_replaces_older_news_in_the_queue():
+    s = swim(3)
+    s.probe_failed("n2", 1.0)
+    s.merge([Update(rec(2), State.ALIVE, 11, "n2")], 1.1)
+    assert [(u.name, u.state) for u in drain(s)] == [("n2", State.ALIVE)]
+
+
+def test_full_state_has_me_and_members_heard_from():
+    s = swim(2)
+    s.sync_etcd({"n7": rec(7, rev=3)}, 1.0)
+    names = [u.name for u in s.full_state()]
+    assert names == ["n1", "n2", "n3"]  # n7 is known from etcd only: nothing to tell
+
+
+def test_sync_etcd_seeds_members_never_heard_from():
+    s = swim(0)
+    ch = s.sync_etcd({"n2": rec(2, rev=4), "n1": rec(1)}, 1.0)
+    assert [(c.name, c.new) for c in ch] == [("n2", State.ALIVE)]
+    m = s.members["n2"]
+    assert not m.heard and m.incarnation == 0 and m.etcd == rec(2, rev=4)
+    assert m.addr == "172.30.1.12:7946"
+    # the node itself then tells its real incarnation
+    s.merge([Update(rec(2, rev=4), State.ALIVE, 7, "n2")], 2.0)
+    assert s.members["n2"].heard
+
+
+def test_address_follows_the_newer_of_etcd_and_the_node():
+    s = swim(0)
+    moved = Record(rec(2).node.with_(grpc_addr="172.30.9.9:7946"), 8)
+    s.merge([Update(rec(2, rev=5), State.ALIVE, 7, "n2")], 0.0)
+    s.sync_etcd({"n2": moved}, 1.0)
+    assert s.members["n2"].addr == "172.30.9.9:7946"
+    s.merge([Update(Record(rec(2).node, 8), State.ALIVE, 8, "n2")], 2.0)
+    assert s.members["n2"].addr == "172.30.1.12:7946"  # same revision: the node's own word
+
+
+def test_lease_gone_forgets_never_heard_and_dead_members_at_once():
+    s = swim(0)
+    s.sync_etcd({"n2": rec(2), "n3": rec(3), "n4": rec(4)}, 0.0)
+    s.merge([Update(rec(3), State.DEAD, 5, "x"), Update(rec(4), State.ALIVE, 5, "n4")], 0.0)
+    ch = s.sync_etcd({}, 1.0)
+    assert sorted((c.name, c.new) for c in ch) == [("n2", None), ("n3", None), ("n4", State.ALIVE)]
+    assert set(s.members) == {"n4"}  # alive and heard from: kept, known by gossip only
+
+
+def test_left_members_without_lease_are_forgotten_after_reap_time():
+    s = swim(1)
+    s.sync_etcd({"n2": rec(2)}, 0.0)
+    s.merge([Update(rec(2), State.LEFT, 11, "n2")], 1.0)
+    s.sync_etcd({}, 1.5)
+    assert s.members["n2"].state == State.LEFT
+    assert s.tick(1.0 + CFG.reap_after - 0.1) == []
+    ch = s.tick(1.0 + CFG.reap_after)
+    assert [(c.name, c.new) for c in ch] == [("n2", None)]
+
+
+def test_tombstone_keeps_stale_news_from_resurrecting_a_forgotten_member():
+    s = swim(0)
+    s.sync_etcd({"n2": rec(2)}, 0.0)
+    s.merge([Update(rec(2), State.DEAD, 5, "x")], 0.0)
+    s.sync_etcd({}, 1.0)
+    assert s.merge([Update(rec(2), State.ALIVE, 5, "y")], 2.0) == []
+    assert "n2" not in s.members
+    # a new life (higher incarnation) is welcome
+    assert s.merge([Update(rec(2), State.ALIVE, 6, "n2")], 3.0)
+    # and after the reap time any news is
+    s2 = swim(0)
+    s2.sync_etcd({"n2": rec(2)}, 0.0)
+    s2.merge([Update(rec(2), State.DEAD, 5, "x")], 0.0)
+    s2.sync_etcd({}, 1.0)
+    s2.tick(1.0 + CFG.reap_after)
+    assert s2.merge([Update(rec(2), State.DEAD, 5, "y")], 1.0 + CFG.reap_after)
+
+
+def test_helpers_and_gossip_and_push_pull_targets():
+    s = swim(5)
+    s.probe_failed("n3", 0.0)
+    s.tick(CFG.suspect_timeout)           # n3 dead
+    s.probe_failed("n4", 0.0)             # n4 suspect
+    s.merge([Update(rec(5), State.LEFT, 11, "n5")], 0.0)
+    for _ in range(20):
+        hs = {m.name for m in s.helpers("n2")}
+        assert hs <= {"n6"} and len(hs) == 1
+        assert {m.name for m in s.gossip_targets()} <= {"n2", "n4", "n6"}
+        assert s.push_pull_target().name in {"n2", "n3", "n4", "n6"}
+
+
+def test_suspicion_timeout_grows_with_the_cluster_and_retransmits_too():
+    assert CFG.suspicion_timeout(3) == CFG.suspect_timeout
+    assert CFG.suspicion_timeout(10) == CFG.suspect_timeout
+    assert CFG.suspicion_timeout(100) == pytest.approx(2 * CFG.suspect_timeout)
+    assert CFG.retransmit_limit(10) == 2 * CFG.retransmit_mult
+    assert CFG.retransmit_limit(1000) == 4 * CFG.retransmit_mult
+
+
+def test_counts_and_member_properties():
+    s = swim(2)
+    s.probe_failed("n2", 0.0)
+    c = s.counts()
+    assert c[State.ALIVE] == 1 and c[State.SUSPECT] == 1
+    m = Member(rec(3), State.LEFT, 4, 0.0)
+    assert not m.probeable and m.heard and m.name == "n3"
+
+
+@pytest.mark.parametrize("kw,flag", [
+    ({"probe_interval": 0}, "--probe-interval"),
+    ({"probe_timeout": 0.6}, "--probe-timeout"),
+    ({"indirect_probes": -1}, "--indirect-probes"),
+    ({"suspect_timeout": 0}, "--suspect-timeout"),
+    ({"push_pull_interval": 0}, "--push-pull-interval"),
+])
+def test_invalid_timings_name_the_flag(kw, flag):
+    with pytest.raises(ConfigError) as e:
+        SwimConfig(**kw).validate()
+    assert e.value.field == flag
+
+
+def test_own_incarnation_starts_at_one():
+    with pytest.raises(ValueError):
+        Swim(rec(1), 0)
