@@ -4,10 +4,15 @@ Start-up: serve the CNI socket and the local API at once (answering "not
 ready" until the node is), read the network config, find the underlay, lease
 a subnet, reconcile the kernel once from a fresh listing of the leases (so
 entries of peers that vanished while we were down go away), then run the
-lease keep-alive, the lease watch, the reconciler and the config watch
-together. If any of them dies the others are cancelled and overlayd exits
-non-zero; the kernel state and the lease are left in place, so a restart
-does not disturb running pods.
+lease keep-alive, the lease watch, the reconciler, the config watch and the
+membership protocol (overlay.membership) together. If any of them dies the
+others are cancelled and overlayd exits non-zero; the kernel state and the
+lease are left in place, so a restart does not disturb running pods.
+
+Degraded start: when etcd cannot be reached within --etcd-startup-timeout
+and the state dir has the network config, the subnet and the peers of the
+last run, the agent starts from them, gossips its own (possibly new) record
+so that peers reprogram it, and re-takes its lease when etcd returns.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from overlay.dataplane.kernel import NetlinkKernel, Underlay, find_underlay
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.etcdstore import EtcdOptions, EtcdStore, WatchLost
 from overlay.log import change_fields
+from overlay.membership.swim import SwimConfig
+from overlay.membership.tls import TlsFiles
 from overlay.model import LeaseEntry, NetworkConfig, validate_network
 
 log = logging.getLogger("overlayd")
@@ -67,6 +74,9 @@ class AgentOptions:
     metrics_addr: str | None = None
     ip_masq: bool = False
     vxlan_filter: bool = True
+    membership: SwimConfig = field(default_factory=SwimConfig)
+    tls: TlsFiles | None = None
+    etcd_startup_timeout: float = 1.0
 
 
 @dataclass
@@ -88,6 +98,10 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.kernel: NetlinkKernel | None = None
         self.vxlan_filter: Any = None
+        self.membership: Any = None  # overlay.membership.service.Membership once started
+        self.degraded = False
+        self._etcd_down_at_start = False
+        self.incarnation = 0
         self.node = ""
         self.vtep_mac = ""
         self.conditions: dict[str, Condition] = {
@@ -257,7 +271,7 @@ class Agent:
         await store.connect()
         self._closers.append(store.close)
 
-        self.cfg = cfg = await self._wait_config(store)
+        self.cfg = cfg = await self._wait_config(store, state.load_network(opts.state_dir))
         try:
             validate_network(cfg, (underlay.network,))
         except ConfigError as exc:
@@ -274,6 +288,12 @@ class Agent:
 
         ident = state.resolve(opts.state_dir, opts.node_name, opts.vtep_mac)
         self.node, self.vtep_mac = ident.node, ident.vtep_mac
+        tls = None
+        if opts.tls is not None:
+            from overlay.membership import tls as tlsmod
+
+            tls = tlsmod.load(opts.tls, ident.node)
+        self.incarnation = state.next_incarnation(ident.incarnation, int(time.time() * 1000))
         grpc_addr = opts.grpc_advertise or f"{underlay.ip}:{opts.grpc_listen.rpartition(':')[2]}"
         template = Template(ident.node, str(underlay.ip), ident.vtep_mac, grpc_addr)
         self.peers = PeerTable(ident.node)
@@ -281,19 +301,32 @@ class Agent:
         self.lease.on_change = self._lease_changed
         self.set_condition("lease", False, "acquiring a subnet lease")
         self.notifier.status("acquiring a subnet lease")
-        entry = await self.lease.acquire()
-        metrics.LEASE_ACQUISITIONS.inc()
-        self.set_condition("lease", True, f"holding {entry.record.subnet}")
-        self.set_condition("etcd", True, "reachable")
-        metrics.ETCD_UP.set(1)
-        state.save(opts.state_dir, state.Identity(ident.node, ident.vtep_mac,
-                                                  entry.record.subnet))
+        entry, pending = await self._acquire_or_assume(ident, template)
+        if pending is None:
+            metrics.LEASE_ACQUISITIONS.inc()
+            self.set_condition("lease", True, f"holding {entry.record.subnet}")
+            self.set_condition("etcd", True, "reachable")
+            metrics.ETCD_UP.set(1)
+        self._save_identity(entry)
+        state.save_network(opts.state_dir, cfg)
 
-        self.reconciler = Reconciler(self.kernel, self.peers.peer_records,
+        from overlay.membership.service import Membership
+
+        self.membership = ms = Membership(
+            entry.record, entry.mod_revision, self.incarnation, opts.membership,
+            opts.grpc_listen, tls, lambda: self.peers.entries if self.peers else {},
+            self._membership_changed)
+        self._closers.append(ms.close)
+        self.reconciler = Reconciler(self.kernel, ms.peer_records,
                                      opts.reconcile_interval, self._vxlan_filter_hook(cfg))
         self.reconciler.set_specs(self._specs(entry))
-        snap = await self._list_until_ok(store)
+        if pending is None:
+            snap = await self._list_until_ok(store)
+        else:
+            snap = state.load_peers(opts.state_dir) or self.peers.snapshot()
         self.peers.reset(snap)
+        self.peers.listeners.append(ms.sync_etcd)
+        await ms.start()
         stale_filter = getattr(self, "_pending_filter_removal", None)
         if stale_filter is not None:
             await stale_filter.remove()
@@ -303,7 +336,8 @@ class Agent:
             await self.masq.ensure()
         else:
             await self.masq.discard()
-        log.info("node %s ready: subnet %s, %d peers", self.node, entry.record.subnet,
+        log.info("node %s ready%s: subnet %s, %d peers", self.node,
+                 " (DEGRADED: etcd unreachable)" if self.degraded else "", entry.record.subnet,
                  len(self.peers.peer_records()))
         metrics.READY.set(1)
         # systemd: started only now that the lease, the devices and the first
@@ -312,15 +346,82 @@ class Agent:
         self.notifier.ready(self._notified)
 
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.lease.keep_alive(), name="lease-keepalive")
-            tg.create_task(self._watch(store, snap.revision), name="lease-watch")
+            tg.create_task(self._lease_loop(pending), name="lease-keepalive")
+            tg.create_task(self._watch(store, None if pending else snap.revision),
+                           name="lease-watch")
             tg.create_task(self._run_reconciler(), name="reconciler")
             tg.create_task(self._watch_config(store), name="config-watch")
             tg.create_task(self._conditions_loop(), name="conditions")
+            tg.create_task(ms.run(), name="membership")
+            tg.create_task(self._persist_peers(), name="persist-peers")
+
+    async def _acquire_or_assume(self, ident: state.Identity, template: Template
+                                 ) -> tuple[LeaseEntry, asyncio.Task[LeaseEntry] | None]:
+        """Our lease from etcd; or, if etcd does not answer in time and the state dir has
+        our last lease, that one (degraded) with the acquisition still running."""
+        assert self.lease is not None
+        # Retry often: when etcd returns after a long outage our key may have expired,
+        # and peers do not program us until we hold a lease again.
+        task = asyncio.create_task(self.lease.acquire(retry_max=1.0), name="lease-acquire")
+        if not (ident.subnet and ident.lease_revision):
+            return await task, None
+        # (no second wait when etcd already did not answer for the config)
+        wait = 0.0 if self._etcd_down_at_start else self.opts.etcd_startup_timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait), None
+        except TimeoutError:
+            pass
+        self._closers.append(task.cancel)
+        entry = LeaseEntry(template.record(ident.subnet), ident.lease_revision, 0)
+        self.lease.assume(entry)
+        self.degraded = True
+        msg = (f"unreachable at start-up: running DEGRADED from the state saved in "
+               f"{self.opts.state_dir} (subnet {ident.subnet}, lease revision "
+               f"{ident.lease_revision}); peers learn our record by gossip; the lease is "
+               "re-taken when etcd answers")
+        log.warning("etcd %s", msg)
+        self.set_condition("etcd", False, msg)
+        self.set_condition("lease", True, f"assumed {ident.subnet} from the saved state")
+        return entry, task
+
+    async def _lease_loop(self, pending: asyncio.Task[LeaseEntry] | None) -> None:
+        assert self.lease is not None
+        if pending is not None:
+            entry = await pending
+            log.info("etcd answers again: lease for %s re-taken; no longer degraded",
+                     entry.record.subnet)
+            self.degraded = False
+            await self._lease_changed(entry)
+        await self.lease.keep_alive()
+
+    def _save_identity(self, entry: LeaseEntry) -> None:
+        state.save(self.opts.state_dir, state.Identity(
+            self.node, self.vtep_mac, entry.record.subnet, entry.mod_revision, self.incarnation))
+
+    def _membership_changed(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.wake()
+
+    async def _persist_peers(self, interval: float = 2.0) -> None:
+        """Keep the last listing of the leases on disk, for a start without etcd."""
+        assert self.peers is not None
+        saved = self.peers.revision if self.degraded else -1
+        while True:
+            await asyncio.sleep(interval)
+            if self.peers.synced and self.peers.revision != saved and not self.degraded:
+                try:
+                    state.save_peers(self.opts.state_dir, self.peers.snapshot())
+                    saved = self.peers.revision
+                except OSError as exc:
+                    log.warning("cannot save the peers to %s: %s", self.opts.state_dir, exc)
 
     async def leave(self) -> None:
-        """Graceful leave: give the subnet back and remove our devices."""
-        log.info("leaving the cluster: releasing the lease and removing the devices")
+        """Graceful leave: tell the peers, give the subnet back and remove our devices."""
+        log.info("leaving the cluster: telling the peers, releasing the lease and removing "
+                 "the devices")
+        if self.membership is not None:
+            with contextlib.suppress(Exception):
+                await self.membership.leave()
         if self.lease is not None:
             with contextlib.suppress(TemporaryError):
                 await self.lease.release()
@@ -383,15 +484,21 @@ class Agent:
             if lease is not None:
                 if lease.current is None:
                     self.set_condition("lease", False, "no subnet lease")
+                elif lease.assumed:
+                    self.set_condition("lease", True, f"assumed {lease.subnet} from the saved "
+                                       "state (etcd unreachable)")
                 else:
                     self.set_condition("lease", True, f"holding {lease.subnet}")
-                self.set_condition("etcd", lease.healthy,
-                                   "reachable" if lease.healthy else "cannot renew the lease")
+                if not self.degraded:
+                    self.set_condition("etcd", lease.healthy, "reachable" if lease.healthy
+                                       else "cannot renew the lease")
                 metrics.ETCD_UP.set(1 if lease.healthy else 0)
             if rec is not None and rec.last_error:
                 self.set_condition("reconciled", False, rec.last_error)
             elif rec is not None:
                 self.set_condition("reconciled", True, "kernel matches the leases")
+            if self.membership is not None:
+                self.set_condition("membership", *self.membership.condition())
             metrics.READY.set(1 if self.ready() else 0)
             status = self._ready_status()
             if status != self._notified:
@@ -439,18 +546,31 @@ class Agent:
 
     async def _lease_changed(self, entry: LeaseEntry) -> None:
         assert self.reconciler is not None
-        state.save(self.opts.state_dir, state.Identity(self.node, self.vtep_mac,
-                                                       entry.record.subnet))
+        self._save_identity(entry)
         self.reconciler.set_specs(self._specs(entry))
+        if self.membership is not None:
+            self.membership.set_self(entry.record, entry.mod_revision)
         metrics.LEASE_ACQUISITIONS.inc()
         if self.masq.active:
             await self.masq.ensure()
 
-    async def _wait_config(self, store: EtcdStore) -> NetworkConfig:
+    async def _wait_config(self, store: EtcdStore, saved: NetworkConfig | None = None
+                           ) -> NetworkConfig:
         last = ""
+        first = True
         while True:
             try:
-                cfg = await store.get_config()
+                if first and saved is not None:
+                    # Do not wait long for an etcd that does not answer: there is a
+                    # saved config to start from (degraded, see _acquire_or_assume).
+                    try:
+                        cfg = await asyncio.wait_for(store.get_config(),
+                                                     self.opts.etcd_startup_timeout)
+                    except TimeoutError:
+                        raise TemporaryError("etcd did not answer in "
+                                             f"{self.opts.etcd_startup_timeout}s") from None
+                else:
+                    cfg = await store.get_config()
                 self.set_condition("etcd", True, "reachable")
                 self.set_condition("config", True, str(cfg.network))
                 log.info("network config: %s, /%d per node, VNI %d, UDP port %d", cfg.network,
@@ -465,6 +585,13 @@ class Agent:
             except TemporaryError as exc:
                 msg = f"{exc}"
                 self.set_condition("etcd", False, msg)
+                if first and saved is not None:
+                    log.warning("cannot read the network config from etcd (%s); using the "
+                                "one saved in %s: %s", msg, self.opts.state_dir, saved.to_json())
+                    self._etcd_down_at_start = True
+                    self.set_condition("config", True, f"{saved.network} (saved)")
+                    return saved
+            first = False
             if msg != last:
                 log.warning("waiting for the network config: %s", msg)
                 self.notifier.status(f"waiting for the network config: {msg}")
@@ -479,27 +606,33 @@ class Agent:
                 log.warning("cannot list leases: %s; retrying", exc)
                 await asyncio.sleep(1)
 
-    async def _watch(self, store: EtcdStore, revision: int) -> None:
+    async def _watch(self, store: EtcdStore, revision: int | None) -> None:
+        """Follow the leases from `revision` on (None: list them first)."""
         assert self.peers is not None and self.reconciler is not None
         peers, rec = self.peers, self.reconciler
+        last_err = ""
         while True:
-            try:
-                async for batch in store.watch_leases(revision + 1):
-                    if peers.apply(batch):
-                        rec.wake()
-                    revision = max(revision, peers.revision)
-                    self._check_own_lease()
-            except WatchLost as exc:
-                log.info("lease watch restarts from a fresh listing: %s", exc)
-            except TemporaryError as exc:
-                log.warning("lease watch failed: %s; relisting", exc)
-                await asyncio.sleep(1)
+            if revision is not None:
+                try:
+                    async for batch in store.watch_leases(revision + 1):
+                        if peers.apply(batch):
+                            rec.wake()
+                        revision = max(revision, peers.revision)
+                        self._check_own_lease()
+                except WatchLost as exc:
+                    log.info("lease watch restarts from a fresh listing: %s", exc)
+                except TemporaryError as exc:
+                    log.warning("lease watch failed: %s; relisting", exc)
+                    await asyncio.sleep(1)
             try:
                 snap = await store.list_leases()
             except TemporaryError as exc:
-                log.warning("cannot list leases: %s; retrying", exc)
+                if str(exc) != last_err:
+                    log.warning("cannot list leases: %s; retrying", exc)
+                last_err = str(exc)
                 await asyncio.sleep(1)
                 continue
+            last_err = ""
             if peers.reset(snap):
                 rec.wake()
             revision = snap.revision
@@ -507,8 +640,10 @@ class Agent:
 
     def _check_own_lease(self) -> None:
         lease, peers = self.lease, self.peers
-        if lease is None or lease.current is None or peers is None:
+        if lease is None or lease.current is None or peers is None or lease.assumed:
             return
+        if peers.revision < lease.current.mod_revision:
+            return  # the watch has not reached our own last write yet: old news
         e = peers.entries.get(lease.current.record.subnet)
         if e is None:
             lease.lost("its key was deleted from etcd")
@@ -558,7 +693,7 @@ class Agent:
                 })
         return {"self": me, "ready": self.ready(), "conditions": self.conditions,
                 "peers": peers, "mtu": self.mtu, "cfg": self.cfg,
-                "started": self.started}
+                "started": self.started, "degraded": self.degraded}
 
 
 def enable_forwarding() -> None:

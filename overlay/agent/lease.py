@@ -85,14 +85,16 @@ class LeaseManager:
         self._lost = asyncio.Event()
         # Why the last acquisition attempt failed, for status and CNI errors.
         self.last_error = ""
+        self._assumed = False
         self.on_change: Callable[[LeaseEntry], Awaitable[None]] | None = None
 
     @property
     def subnet(self) -> IPv4Network | None:
         return self.current.record.subnet if self.current else None
 
-    async def acquire(self) -> LeaseEntry:
-        """Hold a subnet lease, retrying (with backoff) until etcd gives one."""
+    async def acquire(self, retry_max: float | None = None) -> LeaseEntry:
+        """Hold a subnet lease, retrying (with backoff up to `retry_max`) until etcd gives one."""
+        retry_max = self.retry_max if retry_max is None else retry_max
         delay = 0.2
         last_msg = ""
         while True:
@@ -100,6 +102,7 @@ class LeaseManager:
                 entry = await self._try_acquire()
                 self.last_error = ""
                 self.current = entry
+                self._assumed = False
                 self.preferred = entry.record.subnet
                 self.healthy = True
                 self.last_renewal = time.monotonic()
@@ -112,7 +115,7 @@ class LeaseManager:
                     last_msg = msg
                 self.healthy = False
             await asyncio.sleep(delay * (0.5 + self.rng.random()))
-            delay = min(delay * 2, self.retry_max)
+            delay = min(delay * 2, retry_max)
 
     async def _try_acquire(self) -> LeaseEntry:
         snap = await self.store.list_leases()
@@ -170,6 +173,23 @@ class LeaseManager:
             with contextlib.suppress(TemporaryError):
                 await self.store.revoke(self.lease_id)
             self.lease_id = 0
+
+    @property
+    def assumed(self) -> bool:
+        """True while the lease is only the one saved on disk (etcd not reached yet)."""
+        return self.current is not None and self._assumed
+
+    def assume(self, entry: LeaseEntry) -> None:
+        """Start from the lease saved on disk because etcd is unreachable (degraded start).
+
+        `acquire()` later takes the key over in place (it is found by node name) or,
+        if it expired meanwhile, asks for the same subnet first.
+        """
+        self.current = entry
+        self.preferred = entry.record.subnet
+        self.lease_id = 0
+        self.healthy = False
+        self._assumed = True
 
     def lost(self, why: str) -> None:
         """Called by the watcher when our key disappears or changes owner."""

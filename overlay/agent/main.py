@@ -11,6 +11,7 @@ from pathlib import Path
 
 from overlay import __version__
 from overlay.errors import ConfigError, OverlayError
+from overlay.membership.swim import SwimConfig
 
 DESCRIPTION = """\
 overlayd: the node agent of the overlay network.
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name to verify in etcd's certificate (default: the endpoint host)")
     g.add_argument("--etcd-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="timeout of one etcd request (default: %(default)s)")
+    g.add_argument("--etcd-startup-timeout", type=float, default=1.0, metavar="SECONDS",
+                   help="at start, how long to wait for etcd before starting DEGRADED from "
+                        "the config, subnet and peers saved in --state-dir by the last run "
+                        "(only if there are some; default: %(default)s)")
     g = p.add_argument_group("node")
     g.add_argument("--node-name", default=os.environ.get("OVERLAYD_NODE_NAME"),
                    help="this node's name, its identity in the cluster (default: the name "
@@ -87,6 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen address of the membership service (default: %(default)s)")
     g.add_argument("--grpc-advertise",
                    help="address peers use to reach it (default: underlay IP and listen port)")
+    g.add_argument("--tls-cert", help="this node's certificate (PEM), signed by --tls-ca and "
+                   "naming the node (DNS subject alternative name = node name); with "
+                   "--tls-key and --tls-ca, agents talk mutual TLS and refuse peers without "
+                   "a certificate from the cluster CA")
+    g.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    g.add_argument("--tls-ca", help="the cluster CA certificate(s) (PEM)")
+    d = SwimConfig()
+    g.add_argument("--probe-interval", type=float, default=d.probe_interval, metavar="SECONDS",
+                   help="one peer is probed per interval (default: %(default)s)")
+    g.add_argument("--probe-timeout", type=float, default=d.probe_timeout, metavar="SECONDS",
+                   help="wait this long for a direct answer before asking --indirect-probes "
+                        "other peers to probe it too (default: %(default)s)")
+    g.add_argument("--indirect-probes", type=int, default=d.indirect_probes, metavar="K",
+                   help="peers asked to probe a peer that does not answer (default: "
+                        "%(default)s)")
+    g.add_argument("--suspect-timeout", type=float, default=d.suspect_timeout, metavar="SECONDS",
+                   help="a suspect peer that does not refute within this time (x log10 of "
+                        "the cluster size above 10 nodes) is declared dead (default: "
+                        "%(default)s)")
+    g.add_argument("--push-pull-interval", type=float, default=d.push_pull_interval,
+                   metavar="SECONDS", help="full state exchange with a random peer "
+                   "(default: %(default)s)")
     g = p.add_argument_group("observability")
     g.add_argument("--health-addr", help="serve /healthz and /readyz here, e.g. 127.0.0.1:9181")
     g.add_argument("--metrics-addr", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9182")
@@ -106,6 +133,14 @@ def options_from_args(args: argparse.Namespace) -> object:
         raise ConfigError("--reconcile-interval", "must be positive")
     if args.mtu is not None and not 576 <= args.mtu <= 65535:
         raise ConfigError("--mtu", f"{args.mtu} is outside 576..65535")
+    if args.etcd_startup_timeout <= 0:
+        raise ConfigError("--etcd-startup-timeout", "must be positive")
+    from overlay.membership.tls import tls_files
+
+    swim = SwimConfig(probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
+                      indirect_probes=args.indirect_probes, suspect_timeout=args.suspect_timeout,
+                      push_pull_interval=args.push_pull_interval)
+    swim.validate()
     return AgentOptions(
         etcd=EtcdOptions(
             endpoints=(args.etcd_endpoints,), prefix=args.etcd_prefix, cafile=args.etcd_cafile,
@@ -118,6 +153,9 @@ def options_from_args(args: argparse.Namespace) -> object:
         run_dir=args.run_dir, state_dir=args.state_dir, lease_ttl=args.lease_ttl,
         reconcile_interval=args.reconcile_interval, health_addr=args.health_addr,
         metrics_addr=args.metrics_addr, ip_masq=args.ip_masq, vxlan_filter=args.vxlan_filter,
+        membership=swim,
+        tls=tls_files(args.tls_cert, args.tls_key, args.tls_ca),
+        etcd_startup_timeout=args.etcd_startup_timeout,
     )
 
 

@@ -1,13 +1,15 @@
 """Who the peers are, according to etcd (the source of truth for ownership).
 
 Kept as the full map subnet -> lease entry, replaced wholesale on a relist
-(resync from a snapshot) and patched by watch events in between.
+(resync from a snapshot) and patched by watch events in between. Listeners
+(the membership) are told after every change; what is programmed is this
+view corrected by membership (`overlay.membership.effective`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Network
 
 from overlay.model import LeaseEntry, LeaseEvent, LeaseSnapshot, NodeRecord
@@ -21,6 +23,11 @@ class PeerTable:
         self.entries: dict[IPv4Network, LeaseEntry] = {}
         self.revision = 0
         self.synced = False
+        self.listeners: list[Callable[[], None]] = []
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def reset(self, snap: LeaseSnapshot) -> bool:
         """Replace everything with a fresh listing; True if anything changed."""
@@ -35,15 +42,19 @@ class PeerTable:
                 changed = True
         for key, why in snap.invalid:
             log.warning("ignoring invalid lease %s: %s", key, why)
+        moved = snap.entries != self.entries  # records or revisions
         self.entries = dict(snap.entries)
         self.revision = snap.revision
         self.synced = True
+        if moved:
+            self._notify()
         return changed
 
     def apply(self, events: Iterable[LeaseEvent]) -> bool:
-        changed = False
+        changed = moved = False
         for ev in events:
             old = self.entries.get(ev.subnet)
+            moved = moved or old != ev.entry
             if ev.entry is None:
                 if old is not None:
                     del self.entries[ev.subnet]
@@ -55,7 +66,12 @@ class PeerTable:
                     self._log_change(old, ev.entry)
                     changed = True
             self.revision = max(self.revision, ev.revision)
+        if moved:
+            self._notify()
         return changed
+
+    def snapshot(self) -> LeaseSnapshot:
+        return LeaseSnapshot(self.revision, dict(self.entries))
 
     def records(self) -> list[NodeRecord]:
         return [e.record for e in self.entries.values()]

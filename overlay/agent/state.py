@@ -3,6 +3,10 @@
 It survives restarts and reboots, so a node comes back with the same name,
 the same VTEP MAC (peers' neighbour entries stay right) and asks for the
 same subnet first (running pods keep their addresses).
+
+Next to it, the last network config and the last listing of the leases:
+with them an agent that starts while etcd is unreachable still comes up
+(degraded), programs the peers it knew, and gossips its own record.
 """
 
 from __future__ import annotations
@@ -19,11 +23,21 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from overlay.errors import ConfigError
-from overlay.model import check_node_name, parse_cidr, parse_mac
+from overlay.model import (
+    LeaseEntry,
+    LeaseSnapshot,
+    NetworkConfig,
+    NodeRecord,
+    check_node_name,
+    parse_cidr,
+    parse_mac,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "node.json"
+NETWORK_FILE = "network.json"
+PEERS_FILE = "peers.json"
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,8 @@ class Identity:
     node: str
     vtep_mac: str
     subnet: IPv4Network | None = None
+    lease_revision: int = 0     # etcd mod_revision of our lease key when last written
+    incarnation: int = 0        # membership incarnation of the last start
 
 
 def random_mac() -> str:
@@ -66,15 +82,23 @@ def load(state_dir: Path) -> Identity | None:
         return None
     try:
         subnet = parse_cidr(doc["subnet"], "subnet") if doc.get("subnet") else None
-        return Identity(check_node_name(doc.get("node")), parse_mac(doc.get("vtepMAC")), subnet)
+        return Identity(check_node_name(doc.get("node")), parse_mac(doc.get("vtepMAC")), subnet,
+                        _nonneg(doc.get("leaseRevision", 0)), _nonneg(doc.get("incarnation", 0)))
     except (ConfigError, KeyError, TypeError) as exc:
         log.warning("ignoring invalid %s (%s); starting with a new identity", path, exc)
         return None
 
 
+def _nonneg(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError(f"expected a non-negative integer, got {v!r}")
+    return v
+
+
 def save(state_dir: Path, ident: Identity) -> None:
     doc = {"node": ident.node, "vtepMAC": ident.vtep_mac,
-           "subnet": str(ident.subnet) if ident.subnet else None}
+           "subnet": str(ident.subnet) if ident.subnet else None,
+           "leaseRevision": ident.lease_revision, "incarnation": ident.incarnation}
     atomic_write(state_dir / STATE_FILE, json.dumps(doc, indent=2) + "\n")
 
 
@@ -93,10 +117,58 @@ def resolve(state_dir: Path, node_name: str | None, vtep_mac: str | None) -> Ide
         mac = saved.vtep_mac
     else:
         mac = random_mac()
-    subnet = saved.subnet if saved is not None and saved.node == name else None
-    if saved is not None and saved.node != name:
+    same = saved is not None and saved.node == name
+    subnet = saved.subnet if saved is not None and same else None
+    if saved is not None and not same:
         log.warning("node name changed from %s to %s: not reusing %s's subnet",
                     saved.node, name, saved.node)
-    ident = Identity(name, mac, subnet)
+    ident = Identity(name, mac, subnet, saved.lease_revision if saved and same else 0,
+                     saved.incarnation if saved and same else 0)
     save(state_dir, ident)
     return ident
+
+
+def next_incarnation(previous: int, now_ms: int) -> int:
+    """The membership incarnation of a new start: above the last one even if the clock
+    went back, and time-based so that a lost state dir still gives a higher one."""
+    return max(previous + 1, now_ms)
+
+
+def save_network(state_dir: Path, cfg: NetworkConfig) -> None:
+    atomic_write(state_dir / NETWORK_FILE, cfg.to_json() + "\n")
+
+
+def load_network(state_dir: Path) -> NetworkConfig | None:
+    path = state_dir / NETWORK_FILE
+    try:
+        return NetworkConfig.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ConfigError) as exc:
+        log.warning("ignoring unreadable %s (%s)", path, exc)
+        return None
+
+
+def save_peers(state_dir: Path, snap: LeaseSnapshot) -> None:
+    """The last listing of the leases (with etcd revisions), for a start without etcd."""
+    doc = {"revision": snap.revision,
+           "leases": [{"record": json.loads(e.record.to_json()), "modRevision": e.mod_revision,
+                       "lease": e.lease_id} for _, e in sorted(snap.entries.items())]}
+    atomic_write(state_dir / PEERS_FILE, json.dumps(doc, indent=1) + "\n")
+
+
+def load_peers(state_dir: Path) -> LeaseSnapshot | None:
+    path = state_dir / PEERS_FILE
+    try:
+        doc = json.loads(path.read_text())
+        entries: dict[IPv4Network, LeaseEntry] = {}
+        for item in doc["leases"]:
+            rec = NodeRecord.from_json(json.dumps(item["record"]))
+            entries[rec.subnet] = LeaseEntry(rec, _nonneg(item["modRevision"]),
+                                             _nonneg(item.get("lease", 0)))
+        return LeaseSnapshot(_nonneg(doc["revision"]), entries)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, ConfigError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s (%s)", path, exc)
+        return None

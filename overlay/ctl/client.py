@@ -38,12 +38,18 @@ def status_json(st: Any) -> dict[str, Any]:
     for p in st.peers:
         d = rec(p.record)
         d.update(state=STATE_NAMES.get(p.state, str(p.state)), sinceUnixMs=p.since_unix_ms,
-                 programmed=p.programmed, inEtcd=p.in_etcd,
+                 programmed=p.programmed, inEtcd=p.in_etcd, source=p.source,
+                 incarnation=p.record.incarnation, leaseRevision=p.record.lease_revision,
                  grpcRttUs=p.grpc_rtt_us if p.HasField("grpc_rtt_us") else None,
-                 tunnelRttUs=p.tunnel_rtt_us if p.HasField("tunnel_rtt_us") else None)
+                 tunnelRttUs=p.tunnel_rtt_us if p.HasField("tunnel_rtt_us") else None,
+                 grpcError=p.grpc_error if p.HasField("grpc_error") else None,
+                 tunnelError=p.tunnel_error if p.HasField("tunnel_error") else None)
         peers.append(d)
+    node = rec(st.self)
+    node.update(incarnation=st.self.incarnation, leaseRevision=st.self.lease_revision)
     return {
-        "node": rec(st.self), "ready": st.ready, "version": st.version, "mtu": st.mtu,
+        "node": node, "ready": st.ready, "degraded": st.degraded, "version": st.version,
+        "mtu": st.mtu,
         "clusterCIDR": st.cluster_cidr, "vni": st.vni, "port": st.port,
         "conditions": {c.name: {"ok": c.ok, "message": c.message} for c in st.conditions},
         "peers": peers,

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5))
     up.add_argument("--cidr", default="10.244.0.0/16")
     up.add_argument("--subnet-len", type=int, default=24)
+    up.add_argument("--tls", action="store_true",
+                    help="make a CA and a certificate per node; agents talk mutual TLS")
     for name, helptext in (("check", "ping every pod from every pod"),
                            ("status", "nodes, subnets and peers"),
                            ("down", "remove everything the sandbox made")):
@@ -289,7 +291,10 @@ def print_table(rows: list[tuple[str, ...]], out: Any = None) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
 
 
-def fmt_rtt(us: int | None) -> str:
+def fmt_rtt(us: int | None, error: str | None = None) -> str:
+    """The last round trip; "fail" if the last probe got no answer (the error is in --json)."""
+    if error is not None:
+        return "fail"
     if us is None:
         return "-"
     return f"{us / 1000:.2f}ms"
@@ -313,10 +318,22 @@ def peer_rows(st: Any) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = [("PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT",
                                     "TUNNEL RTT", "SINCE", "PROGRAMMED")]
     for p in doc["peers"]:
-        rows.append((p["name"], p["subnet"], p["underlayIP"], p["state"], fmt_rtt(p["grpcRttUs"]),
-                     fmt_rtt(p["tunnelRttUs"]), fmt_since(p["sinceUnixMs"]),
-                     "yes" if p["programmed"] else "no"))
+        rows.append(peer_row(p))
     return rows
+
+
+def peer_row(p: dict[str, Any]) -> tuple[str, ...]:
+    """name, subnet, underlay, state, gRPC RTT, tunnel RTT, since, programmed."""
+    state = p["state"]
+    if not p.get("inEtcd", True):
+        state += " (no lease)"
+    programmed = "yes" if p["programmed"] else "no"
+    if p["programmed"] and p.get("source") == "gossip":
+        programmed = "yes (gossip)"  # newer details than etcd holds (etcd unreachable?)
+    return (p["name"], p["subnet"], p["underlayIP"], state,
+            fmt_rtt(p["grpcRttUs"], p.get("grpcError")),
+            fmt_rtt(p["tunnelRttUs"], p.get("tunnelError")), fmt_since(p["sinceUnixMs"]),
+            programmed)
 
 
 def status_cmd(args: argparse.Namespace) -> int:
@@ -333,7 +350,8 @@ def status_cmd(args: argparse.Namespace) -> int:
         return 0 if st.ready else 1
     print(f"node {st.self.name}: subnet {st.self.subnet or '-'}, underlay "
           f"{st.self.underlay_ip or '-'}, VTEP {st.self.vtep_mac or '-'}, MTU {st.mtu}, "
-          f"{'ready' if st.ready else 'NOT READY'}")
+          f"{'ready' if st.ready else 'NOT READY'}"
+          f"{', DEGRADED (started without etcd)' if st.degraded else ''}")
     for c in st.conditions:
         if not c.ok:
             print(f"  {c.name}: {c.message}")

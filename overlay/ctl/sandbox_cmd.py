@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{args.etcd_members} etcd member(s)", flush=True)
         try:
             sb.up(args.nodes, args.pods_per_node, etcd_members=args.etcd_members,
-                  cidr=args.cidr, subnet_len=args.subnet_len)
+                  cidr=args.cidr, subnet_len=args.subnet_len, tls=args.tls)
         except SandboxError:
             print(f"(the partial sandbox is left for inspection; remove it with "
                   f"`overlayctl sandbox down --name {args.name}`)", file=sys.stderr)
@@ -93,7 +93,8 @@ def status_doc(sb: Sandbox) -> dict[str, Any]:
         try:
             s = status_json(sb.status(h.name))
             d.update(subnet=s["node"]["subnet"], ready=s["ready"], vtepMAC=s["node"]["vtepMAC"],
-                     mtu=s["mtu"], peers=s["peers"], conditions=s["conditions"])
+                     mtu=s["mtu"], peers=s["peers"], conditions=s["conditions"],
+                     degraded=s["degraded"])
         except Exception as exc:
             d["error"] = f"agent not answering: {str(exc).splitlines()[0][:160]}"
         nodes.append(d)
@@ -110,7 +111,7 @@ def status_doc(sb: Sandbox) -> dict[str, Any]:
 
 
 def status(sb: Sandbox, as_json: bool) -> int:
-    from overlay.ctl.main import print_table
+    from overlay.ctl.main import peer_row, print_table
 
     doc = status_doc(sb)
     if as_json:
@@ -129,11 +130,11 @@ def status(sb: Sandbox, as_json: bool) -> int:
             print(f"{n['name']}: {n['error']} (log: {n['log']}, last lines below)")
             print(tail(Path(n["log"]), 5))
     print()
-    rows = [("PEERS SEEN FROM", "PEER", "SUBNET", "UNDERLAY", "STATE", "PROGRAMMED")]
+    rows = [("PEERS SEEN FROM", "PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT", "TUNNEL RTT",
+             "SINCE", "PROGRAMMED")]
     for n in doc["nodes"]:
         for p in n["peers"]:
-            rows.append((n["name"], p["name"], p["subnet"], p["underlayIP"], p["state"],
-                         "yes" if p["programmed"] else "no"))
+            rows.append((n["name"], *peer_row(p)))
     print_table(rows)
     print()
     rows = [("POD", "NODE", "IP", "NAMESPACE")]

@@ -1,0 +1,604 @@
+"""The membership shell: the Membership gRPC service, its clients, and the timers.
+
+All decisions are the pure core's (`swim.Swim`); this module only moves
+messages, measures round trips, keeps one channel per peer address and
+turns what the core changed into logs, metrics and a reconcile wake-up.
+
+Per probe interval one peer is probed directly and, concurrently, through
+the VXLAN tunnel (its gRPC port on its VTEP address, which routes through
+our VXLAN device): the tunnel round trip is shown in status but never used
+for liveness, so that a broken tunnel is visible as such and not mistaken
+for a dead node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any
+
+import grpc
+
+from overlay import metrics
+from overlay.errors import ConfigError
+from overlay.membership import tls as tlsmod
+from overlay.membership.effective import Peer, Source, effective_peers, programmable
+from overlay.membership.swim import Change, Member, Record, State, Swim, SwimConfig, Update
+from overlay.membership.wire import update_pb, updates_from_pb
+from overlay.model import LeaseEntry, NodeRecord
+from overlay.v1 import overlay_pb2 as pb
+from overlay.v1 import overlay_pb2_grpc as pb_grpc
+
+log = logging.getLogger("overlay.membership")
+
+# Reconnect quickly to a peer that comes back (gRPC's defaults back off up to
+# 2 minutes); never go through an HTTP proxy from the environment.
+CHANNEL_OPTIONS = [
+    ("grpc.enable_http_proxy", 0),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 2000),
+]
+MAX_IN_FLIGHT = 64
+
+
+class RpcFailed(Exception):
+    pass
+
+
+@dataclass
+class PeerHealth:
+    grpc_rtt_us: int | None = None
+    grpc_error: str | None = None
+    tunnel_rtt_us: int | None = None
+    tunnel_error: str | None = None
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """One row of the peer table in `overlayctl status`."""
+
+    record: NodeRecord
+    lease_revision: int
+    incarnation: int
+    state: State | None          # None: no membership (it has no gRPC address)
+    since_unix_ms: int
+    in_etcd: bool
+    source: str                  # etcd, gossip (newer details announced), left, or "" (no lease)
+    health: PeerHealth
+
+
+def _rpc_error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "no answer in time"
+        details = (exc.details() or "").splitlines()[0][:120] if exc.details() else ""
+        return f"{code.name.lower()}: {details}" if details else code.name.lower()
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Membership:
+    def __init__(
+        self,
+        me: NodeRecord,
+        lease_revision: int,
+        incarnation: int,
+        cfg: SwimConfig,
+        listen: str,
+        tls: tlsmod.TlsMaterial | None,
+        etcd_entries: Callable[[], Mapping[IPv4Network, LeaseEntry]],
+        on_change: Callable[[], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.swim = Swim(Record(me, lease_revision), incarnation, cfg, rng or random.Random())
+        self.listen = listen
+        self.tls = tls
+        self.etcd_entries = etcd_entries
+        self.on_change = on_change
+        self.health: dict[str, PeerHealth] = {}
+        self._channels: dict[tuple[str, str], Any] = {}
+        self._creds = tlsmod.channel_credentials(tls) if tls is not None else None
+        self._seq = itertools.count(1)
+        self._server: Any = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._programmed: list[tuple[NodeRecord, Source]] = []
+        self._pull_soon: set[str] = set()
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    @property
+    def name(self) -> str:
+        return self.swim.name
+
+    # --- life cycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve the Membership service on the listen address."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_MembershipServicer_to_server(_Servicer(self), server)
+        try:
+            if self.tls is not None:
+                port = server.add_secure_port(self.listen, tlsmod.server_credentials(self.tls))
+            else:
+                port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:
+            port, why = 0, str(exc)
+        else:
+            why = "address in use or not local"
+        if not port:
+            await server.stop(None)
+            raise ConfigError("--grpc-listen", f"cannot listen on {self.listen}: {why}")
+        await server.start()
+        self._server = server
+        self.sync_etcd()
+        log.info("membership: serving on %s (%s), incarnation %d", self.listen,
+                 "mutual TLS" if self.tls else "plaintext; give --tls-cert/--tls-key/--tls-ca "
+                 "for mutual TLS", self.swim.incarnation)
+
+    async def close(self) -> None:
+        for t in list(self._in_flight):
+            t.cancel()
+        if self._server is not None:
+            await self._server.stop(0.2)
+            self._server = None
+        for ch in self._channels.values():
+            with contextlib.suppress(Exception):
+                await ch.close()
+        self._channels.clear()
+
+    async def run(self) -> None:
+        """Join (full exchange with the known peers), then probe, gossip and
+        push-pull forever."""
+        await self.join()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._loop("probe", self.cfg.probe_interval, self._probe_once))
+            tg.create_task(self._loop("gossip", self.cfg.gossip_interval, self._gossip_once))
+            tg.create_task(self._loop("push-pull", self.cfg.push_pull_interval,
+                                      self._push_pull_once, jitter=0.2))
+            tg.create_task(self._loop("tick", 0.1, self._tick_once))
+
+    async def _loop(self, what: str, interval: float, step: Callable[[], Awaitable[None]],
+                    jitter: float = 0.0) -> None:
+        loop = asyncio.get_running_loop()
+        last_error = ""
+        while True:
+            t0 = loop.time()
+            try:
+                await step()
+                last_error = ""
+            except Exception as exc:  # a membership bug must not take the node agent down
+                if str(exc) != last_error:
+                    log.warning("membership %s step failed: %s", what, exc, exc_info=exc)
+                last_error = str(exc)
+            wait = interval * (1 + jitter * (2 * self.swim.rng.random() - 1))
+            await asyncio.sleep(max(0.0, wait - (loop.time() - t0)))
+
+    async def join(self) -> None:
+        targets = self.swim.join_targets()
+        if not targets:
+            log.info("membership: no peers to join yet")
+            return
+        results = await asyncio.gather(*(self._push_pull(m, timeout=2.0) for m in targets))
+        ok = sum(results)
+        log.info("membership: joined, exchanged state with %d of %d peers tried", ok,
+                 len(targets))
+
+    # --- what the agent asks --------------------------------------------------
+
+    def sync_etcd(self) -> None:
+        """etcd's leases changed: align the member table (called by the agent)."""
+        leases = {e.record.node: Record(e.record, e.mod_revision)
+                  for e in self.etcd_entries().values()}
+        self._handle(self.swim.sync_etcd(leases, time.monotonic()))
+
+    def set_self(self, rec: NodeRecord, lease_revision: int) -> None:
+        """Our lease changed (re-taken, moved, or new details): announce it."""
+        if self.swim.set_self(Record(rec, lease_revision)):
+            log.info("membership: announcing our record at incarnation %d (lease revision %d)",
+                     self.swim.incarnation, lease_revision)
+
+    def peers(self) -> list[Peer]:
+        return effective_peers(self.etcd_entries(), self.swim.members, self.name)
+
+    def peer_records(self) -> list[NodeRecord]:
+        """What the data plane programs (the reconciler's peer source)."""
+        return programmable(self.peers())
+
+    def condition(self) -> tuple[bool, str]:
+        c = self.swim.counts()
+        parts = [f"{c[s]} {s.label}" for s in State if c[s]]
+        return c[State.SUSPECT] + c[State.DEAD] == 0, ", ".join(parts) or "no peers"
+
+    def views(self) -> list[PeerView]:
+        now_mono, now_unix = time.monotonic(), time.time()
+
+        def since(m: Member) -> int:
+            return int((now_unix - (now_mono - m.since)) * 1000)
+
+        out = []
+        seen = set()
+        for p in self.peers():
+            m = self.swim.members.get(p.record.node)
+            seen.add(p.record.node)
+            out.append(PeerView(
+                p.record, m.record.lease_revision if m and m.heard else p.entry.mod_revision,
+                m.incarnation if m else 0,
+                m.state if m is not None and m.addr else None,
+                since(m) if m else 0, True, p.source,
+                self.health.get(p.record.node, PeerHealth())))
+        for name, m in sorted(self.swim.members.items()):
+            if name in seen:
+                continue
+            out.append(PeerView(m.record.node, m.record.lease_revision, m.incarnation, m.state,
+                                since(m), False, "", self.health.get(name, PeerHealth())))
+        return out
+
+    async def leave(self, timeout: float = 1.0) -> int:
+        """Tell every reachable peer that we leave; how many acknowledged."""
+        u = self.swim.leave()
+        req = pb.LeaveRequest(name=self.name, incarnation=u.incarnation)
+        targets = [m for m in self.swim.members.values()
+                   if m.state in (State.ALIVE, State.SUSPECT) and m.addr]
+
+        async def one(m: Member) -> bool:
+            try:
+                await self._call("leave", m.addr, m.name, "Leave", req, timeout)
+                return True
+            except RpcFailed as exc:
+                log.info("membership: could not tell %s that we leave: %s", m.name, exc)
+                return False
+
+        acks = sum(await asyncio.gather(*(one(m) for m in targets)))
+        log.info("membership: told %d of %d peers that we leave", acks, len(targets))
+        return acks
+
+    # --- outgoing messages ----------------------------------------------------
+
+    def _channel(self, addr: str, name: str) -> Any:
+        key = (addr, name)
+        ch = self._channels.get(key)
+        if ch is None:
+            if self._creds is not None:
+                # Verify the peer's certificate against its node name, whatever the address.
+                opts = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
+                ch = grpc.aio.secure_channel(addr, self._creds, options=opts)
+            else:
+                ch = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            self._channels[key] = ch
+        return ch
+
+    async def _call(self, kind: str, addr: str, name: str, method: str, req: Any,
+                    timeout: float) -> Any:
+        stub = pb_grpc.MembershipStub(self._channel(addr, name))
+        size = req.ByteSize()
+        metrics.GOSSIP_MESSAGES.labels(type=kind, direction="out").inc()
+        metrics.GOSSIP_BYTES.labels(direction="out").inc(size)
+        self.bytes_out += size
+        try:
+            reply = await getattr(stub, method)(req, timeout=max(timeout, 0.01))
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            raise RpcFailed(_rpc_error(exc)) from None
+        size = reply.ByteSize()
+        metrics.GOSSIP_BYTES.labels(direction="in").inc(size)
+        self.bytes_in += size
+        return reply
+
+    def _piggyback(self, about: str) -> list[Any]:
+        updates = self.swim.piggyback(about=about)
+        m = self.swim.members.get(about)
+        if m is not None and m.state in (State.SUSPECT, State.DEAD) and \
+                not any(u.name == about for u in updates):
+            # It must learn what we believe about it, to refute if it is alive.
+            updates.append(Update(m.record, m.state, m.incarnation, self.name))
+        return [update_pb(u) for u in updates]
+
+    def _merge(self, items: Any, sender: str) -> None:
+        updates, bad = updates_from_pb(items)
+        for why in bad:
+            log.warning("membership: dropped an invalid %s from %s", why, sender)
+        if updates:
+            self._handle(self.swim.merge(updates, time.monotonic()))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        task = asyncio.ensure_future(coro)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _probe(self, name: str, addr: str, timeout: float) -> bool:
+        """A direct probe; True if `name` itself answered at `addr`."""
+        h = self.health.setdefault(name, PeerHealth())
+        req = pb.ProbeRequest(sender=self.name, seq=next(self._seq), target=name,
+                              updates=self._piggyback(name))
+        t0 = time.perf_counter()
+        try:
+            reply = await self._call("probe", addr, name, "Probe", req, timeout)
+        except RpcFailed as exc:
+            h.grpc_error = str(exc)
+            return False
+        if reply.responder != name:
+            h.grpc_error = f"{addr} answered as {reply.responder or 'nobody'}"
+            return False
+        h.grpc_rtt_us, h.grpc_error = int((time.perf_counter() - t0) * 1e6), None
+        self._merge(reply.updates, name)
+        cur = self.swim.members.get(name)
+        if cur is not None and reply.incarnation > cur.incarnation:
+            self._pull_soon.add(name)  # it has news we missed: fetch its record
+        return True
+
+    async def _tunnel_probe(self, m: Member, timeout: float) -> None:
+        h = self.health.setdefault(m.name, PeerHealth())
+        node = self._programmed_record(m.name)
+        port = node.grpc_addr.rpartition(":")[2] if node is not None else ""
+        if node is None or not port:
+            return
+        req = pb.ProbeRequest(sender=self.name, seq=next(self._seq), target=m.name, tunnel=True)
+        t0 = time.perf_counter()
+        try:
+            reply = await self._call("tunnel-probe", f"{node.vtep_ip}:{port}", m.name, "Probe",
+                                     req, timeout)
+        except RpcFailed as exc:
+            h.tunnel_error = str(exc)
+            return
+        if reply.responder != m.name:
+            h.tunnel_error = f"{node.vtep_ip} answered as {reply.responder or 'nobody'}"
+            return
+        h.tunnel_rtt_us, h.tunnel_error = int((time.perf_counter() - t0) * 1e6), None
+
+    def _programmed_record(self, name: str) -> NodeRecord | None:
+        for rec, source in self._programmed:
+            if rec.node == name and source != "left":
+                return rec
+        return None
+
+    async def _indirect(self, helper: Member, target: Member, timeout: float) -> bool:
+        req = pb.IndirectProbeRequest(sender=self.name, seq=next(self._seq), target=target.name,
+                                      target_addr=target.addr,
+                                      timeout_ms=max(1, int(timeout * 800)))
+        try:
+            reply = await self._call("indirect-probe", helper.addr, helper.name, "IndirectProbe",
+                                     req, timeout)
+        except RpcFailed:
+            return False
+        self._merge(reply.updates, helper.name)
+        return bool(reply.ack)
+
+    async def _probe_once(self) -> None:
+        m = self.swim.next_probe()
+        if m is None:
+            return
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        end = loop.time() + cfg.probe_interval
+        self._spawn(self._tunnel_probe(m, cfg.probe_interval))
+        direct = asyncio.ensure_future(self._probe(m.name, m.addr, cfg.probe_interval))
+        try:
+            done, _ = await asyncio.wait({direct}, timeout=cfg.probe_timeout)
+            if direct in done and direct.result():
+                return
+            if m.state == State.DEAD or self.swim.members.get(m.name) is not m:
+                await asyncio.wait({direct}, timeout=max(0.0, end - loop.time()))
+                return
+            # No answer yet: ask helpers, and keep waiting for the direct answer too.
+            waiting: set[asyncio.Future[bool]] = set() if direct.done() else {direct}
+            for h in self.swim.helpers(m.name):
+                waiting.add(asyncio.ensure_future(
+                    self._indirect(h, m, max(0.01, end - loop.time()))))
+            ok = False
+            while waiting and not ok:
+                finished, waiting = await asyncio.wait(
+                    waiting, timeout=max(0.0, end - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED)
+                if not finished:
+                    break
+                ok = any(not t.cancelled() and t.exception() is None and t.result()
+                         for t in finished)
+            for t in waiting:
+                t.cancel()
+            if ok:
+                return
+            changes = self.swim.probe_failed(m.name, time.monotonic())
+            self._handle(changes)
+            if any(c.new == State.SUSPECT for c in changes):
+                # Tell the suspect at once: if it is alive it refutes in its answer.
+                self._spawn(self._gossip_to(m, timeout=cfg.suspicion_timeout(
+                    self.swim.cluster_size())))
+        finally:
+            if not direct.done():
+                direct.cancel()
+
+    async def _gossip_to(self, m: Member, timeout: float = 1.0) -> None:
+        updates = self._piggyback(m.name)
+        if not updates:
+            return
+        req = pb.GossipRequest(sender=self.name, updates=updates)
+        try:
+            reply = await self._call("gossip", m.addr, m.name, "Gossip", req, timeout)
+        except RpcFailed:
+            return
+        self._merge(reply.updates, m.name)
+
+    async def _gossip_once(self) -> None:
+        if not self.swim.pending():
+            return
+        for m in self.swim.gossip_targets():
+            self._spawn(self._gossip_to(m))
+
+    async def _push_pull(self, m: Member, timeout: float = 2.0) -> bool:
+        req = pb.PushPullRequest(sender=self.name,
+                                 members=[update_pb(u) for u in self.swim.full_state()])
+        try:
+            reply = await self._call("push-pull", m.addr, m.name, "PushPull", req, timeout)
+        except RpcFailed as exc:
+            log.debug("membership: push-pull with %s failed: %s", m.name, exc)
+            return False
+        self._merge(reply.members, m.name)
+        return True
+
+    async def _push_pull_once(self) -> None:
+        m = self.swim.push_pull_target()
+        if m is not None:
+            await self._push_pull(m)
+
+    async def _tick_once(self) -> None:
+        self._handle(self.swim.tick(time.monotonic()))
+        while self._pull_soon:
+            name = self._pull_soon.pop()
+            m = self.swim.members.get(name)
+            if m is not None and m.addr:
+                self._spawn(self._push_pull(m))
+
+    # --- what changed ---------------------------------------------------------
+
+    def _handle(self, changes: list[Change]) -> None:
+        for c in changes:
+            self._log(c)
+        programmed = [(p.record, p.source) for p in self.peers()]
+        if programmed != self._programmed:
+            self._programmed = programmed
+            self.on_change()
+        if changes:
+            counts = self.swim.counts()
+            for s in State:
+                metrics.PEERS.labels(state=s.label).set(counts[s])
+            self._drop_unused_channels()
+
+    def _log(self, c: Change) -> None:
+        m = self.swim.members.get(c.name)
+        by = f" (reported by {c.reporter})" if c.reporter and c.reporter not in (
+            self.name, c.name, "etcd") else ""
+        if c.new is None:
+            log.info("membership: forgot %s (no lease in etcd, %s)", c.name,
+                     c.old.label if c.old else "-")
+        elif c.old is None:
+            if c.reporter != "etcd":
+                log.info("membership: new peer %s, %s at incarnation %d%s", c.name,
+                         c.new.label, m.incarnation if m else 0, by)
+        elif c.new != c.old:
+            if c.new == State.SUSPECT:
+                log.info("membership: %s is suspect: %s%s", c.name,
+                         "no answer to direct and indirect probes" if c.reporter == self.name
+                         else "suspected by a peer", by)
+            elif c.new == State.DEAD:
+                log.warning("membership: %s is dead: it did not refute the suspicion%s; its "
+                            "subnet stays programmed while its lease is in etcd", c.name, by)
+            elif c.new == State.LEFT:
+                log.info("membership: %s left the cluster; its entries are removed", c.name)
+            else:
+                log.info("membership: %s is %s again (incarnation %d)", c.name, c.new.label,
+                         m.incarnation if m else 0)
+        if c.record_changed and c.new is not None and c.reporter != "etcd" and m is not None \
+                and c.old is not None:
+            log.info("membership: %s announced its record: underlay %s, VTEP %s, lease revision "
+                     "%d", c.name, m.record.node.underlay_ip, m.record.node.vtep_mac,
+                     m.record.lease_revision)
+
+    def _drop_unused_channels(self) -> None:
+        """Close channels to addresses no member has any more (a node moved)."""
+        wanted = {(m.addr, n) for n, m in self.swim.members.items()}
+        for rec, _ in self._programmed:
+            port = rec.grpc_addr.rpartition(":")[2]
+            wanted.add((f"{rec.vtep_ip}:{port}", rec.node))
+        for key in list(self._channels):
+            if key not in wanted:
+                self._spawn(self._channels.pop(key).close())
+
+
+class _Servicer(pb_grpc.MembershipServicer):  # type: ignore[misc,unused-ignore]
+    def __init__(self, ms: Membership) -> None:
+        self.ms = ms
+
+    async def _authorize(self, context: Any, claimed: str, what: str) -> None:
+        """With mutual TLS, a peer may only speak for the node its certificate names."""
+        metrics.GOSSIP_MESSAGES.labels(type=what, direction="in").inc()
+        if self.ms.tls is None:
+            return
+        auth = context.auth_context()
+        names = {v.decode(errors="replace") for k in ("x509_subject_alternative_name",
+                                                      "x509_common_name")
+                 for v in auth.get(k, [])}
+        if claimed not in names:
+            log.warning("membership: refused a %s from a certificate for %s claiming to be %r",
+                        what, ", ".join(sorted(names)) or "nobody", claimed)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"certificate names {sorted(names)}, not {claimed!r}")
+
+    def _count_in(self, req: Any) -> None:
+        size = req.ByteSize()
+        metrics.GOSSIP_BYTES.labels(direction="in").inc(size)
+        self.ms.bytes_in += size
+
+    def _count_out(self, reply: Any) -> Any:
+        size = reply.ByteSize()
+        metrics.GOSSIP_BYTES.labels(direction="out").inc(size)
+        self.ms.bytes_out += size
+        return reply
+
+    async def Probe(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, request.sender, "tunnel-probe" if request.tunnel
+                              else "probe")
+        self._count_in(request)
+        ms = self.ms
+        if request.tunnel:
+            return self._count_out(pb.ProbeReply(responder=ms.name, seq=request.seq,
+                                                 incarnation=ms.swim.incarnation))
+        ms._merge(request.updates, request.sender)
+        return self._count_out(pb.ProbeReply(
+            responder=ms.name, seq=request.seq, incarnation=ms.swim.incarnation,
+            updates=ms._piggyback(request.sender)))
+
+    async def IndirectProbe(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, request.sender, "indirect-probe")
+        self._count_in(request)
+        ms = self.ms
+        timeout = max(0.01, request.timeout_ms / 1000)
+        if request.target == ms.name:
+            ok = True
+        elif request.target_addr:
+            ok = await ms._probe(request.target, request.target_addr, timeout)
+        else:
+            ok = False
+        return self._count_out(pb.IndirectProbeReply(ack=ok, seq=request.seq,
+                                                      updates=ms._piggyback(request.sender)))
+
+    async def PushPull(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, request.sender, "push-pull")
+        self._count_in(request)
+        ms = self.ms
+        reply = pb.PushPullReply(members=[update_pb(u) for u in ms.swim.full_state()])
+        ms._merge(request.members, request.sender)
+        return self._count_out(reply)
+
+    async def Gossip(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, request.sender, "gossip")
+        self._count_in(request)
+        ms = self.ms
+        ms._merge(request.updates, request.sender)
+        return self._count_out(pb.GossipReply(updates=ms._piggyback(request.sender)))
+
+    async def Leave(self, request: Any, context: Any) -> Any:
+        await self._authorize(context, request.name, "leave")
+        self._count_in(request)
+        ms = self.ms
+        m = ms.swim.members.get(request.name)
+        if m is not None:
+            ms._handle(ms.swim.merge(
+                [Update(m.record, State.LEFT, int(request.incarnation), request.name)],
+                time.monotonic()))
+        return self._count_out(pb.LeaveReply())

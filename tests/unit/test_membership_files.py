@@ -1,0 +1,135 @@
+"""Wire conversion, the state saved for a start without etcd, and TLS file checks."""
+
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from overlay.agent import state
+from overlay.errors import ConfigError
+from overlay.membership import tls
+from overlay.membership.swim import Record, State, Update
+from overlay.membership.wire import update_from_pb, update_pb, updates_from_pb
+from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
+from overlay.sandbox.pki import CertificateAuthority
+
+REC = NodeRecord("n2", IPv4Network("10.244.2.0/24"), IPv4Address("172.30.1.12"),
+                 "02:00:00:00:00:02", "172.30.1.12:7946")
+
+
+def test_update_round_trips_through_protobuf():
+    u = Update(Record(REC, 17), State.SUSPECT, 1234, "n3")
+    m = update_pb(u)
+    assert m.record.lease_revision == 17 and m.state == 2
+    assert update_from_pb(m) == u
+
+
+@pytest.mark.parametrize("field,value", [
+    ("name", "bad name!"), ("subnet", "10.244.2.1/24"), ("underlay_ip", "fe80::1"),
+    ("vtep_mac", "01:00:5e:00:00:01"), ("grpc_addr", "nohostport"), ("backend", "gre"),
+])
+def test_invalid_updates_are_dropped_with_a_reason(field, value):
+    good = update_pb(Update(Record(REC, 1), State.ALIVE, 2, "n2"))
+    bad = update_pb(Update(Record(REC, 1), State.ALIVE, 2, "n2"))
+    setattr(bad.record, field, value)
+    updates, why = updates_from_pb([good, bad])
+    assert len(updates) == 1 and len(why) == 1 and field in why[0]
+
+
+def test_unknown_state_is_dropped():
+    m = update_pb(Update(Record(REC, 1), State.ALIVE, 2, "n2"))
+    m.state = 0
+    assert updates_from_pb([m])[0] == []
+
+
+def test_identity_keeps_lease_revision_and_incarnation(tmp_path):
+    ident = state.Identity("n1", "02:00:00:00:00:01", IPv4Network("10.244.1.0/24"), 42, 99)
+    state.save(tmp_path, ident)
+    assert state.load(tmp_path) == ident
+    assert state.resolve(tmp_path, "n1", None) == ident
+    # another name does not inherit the subnet nor the revision
+    other = state.resolve(tmp_path, "n9", None)
+    assert other.subnet is None and other.lease_revision == 0 and other.incarnation == 0
+
+
+def test_identity_from_before_these_fields_still_loads(tmp_path):
+    (tmp_path / "node.json").write_text(json.dumps(
+        {"node": "n1", "vtepMAC": "02:00:00:00:00:01", "subnet": "10.244.1.0/24"}))
+    ident = state.load(tmp_path)
+    assert ident is not None and ident.lease_revision == 0 and ident.incarnation == 0
+
+
+def test_next_incarnation_is_above_the_last_and_time_based():
+    assert state.next_incarnation(0, 1_000) == 1_000
+    assert state.next_incarnation(5_000, 1_000) == 5_001  # the clock went back
+
+
+def test_network_and_peers_are_saved_for_a_start_without_etcd(tmp_path):
+    assert state.load_network(tmp_path) is None and state.load_peers(tmp_path) is None
+    cfg = NetworkConfig(IPv4Network("10.244.0.0/16"), 24, 3, 4789)
+    state.save_network(tmp_path, cfg)
+    assert state.load_network(tmp_path) == cfg
+    snap = LeaseSnapshot(77, {REC.subnet: LeaseEntry(REC, 40, 12345)})
+    state.save_peers(tmp_path, snap)
+    assert state.load_peers(tmp_path) == snap
+
+
+def test_corrupt_saved_files_are_ignored(tmp_path):
+    (tmp_path / state.NETWORK_FILE).write_text("{")
+    (tmp_path / state.PEERS_FILE).write_text('{"revision": 1, "leases": [{"record": {}}]}')
+    assert state.load_network(tmp_path) is None
+    assert state.load_peers(tmp_path) is None
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority(d / "ca")
+    return ca, ca.issue("n1", ("172.30.1.11",)), CertificateAuthority(d / "other")
+
+
+def test_tls_files_load_and_name_the_node(pki):
+    _, issued, _ = pki
+    files = tls.TlsFiles(issued.cert, issued.key, issued.ca)
+    m = tls.load(files, "n1")
+    assert m.cert.startswith(b"-----BEGIN CERTIFICATE")
+    assert set(tls.cert_names(m.cert)) == {"n1", "172.30.1.11"}
+
+
+def test_tls_refuses_a_certificate_that_does_not_name_the_node(pki):
+    _, issued, _ = pki
+    with pytest.raises(ConfigError, match="not this node 'n2'"):
+        tls.load(tls.TlsFiles(issued.cert, issued.key, issued.ca), "n2")
+
+
+def test_tls_refuses_a_certificate_from_another_ca(pki):
+    _, issued, other = pki
+    with pytest.raises(ConfigError, match="not signed by the CA"):
+        tls.load(tls.TlsFiles(issued.cert, issued.key, other.cert_path), "n1")
+
+
+def test_tls_refuses_a_key_of_another_certificate(pki):
+    ca, issued, _ = pki
+    n2 = ca.issue("n2")
+    with pytest.raises(ConfigError, match="is not the key of"):
+        tls.load(tls.TlsFiles(issued.cert, n2.key, issued.ca), "n1")
+
+
+def test_tls_refuses_unreadable_files(pki, tmp_path):
+    _, issued, _ = pki
+    with pytest.raises(ConfigError) as e:
+        tls.load(tls.TlsFiles(tmp_path / "missing.crt", issued.key, issued.ca), "n1")
+    assert e.value.field == "--tls-cert"
+
+
+def test_tls_flags_are_all_or_nothing():
+    assert tls.tls_files(None, None, None) is None
+    with pytest.raises(ConfigError) as e:
+        tls.tls_files("a.crt", None, "ca.crt")
+    assert e.value.field == "--tls-key"
+
+
+def test_ca_is_reused_from_its_directory(tmp_path):
+    a = CertificateAuthority(tmp_path)
+    b = CertificateAuthority(tmp_path)
+    assert a.cert == b.cert
