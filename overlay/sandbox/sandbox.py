@@ -112,6 +112,7 @@ class State:
     agent_args: list[str] = field(default_factory=list)
     etcd_tls: bool = False
     underlay_mtu: int = 1500
+    tls: bool = False  # agents talk mutual TLS with certificates from <dir>/pki
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -218,7 +219,7 @@ class Sandbox:
     def up(self, nodes: int = 3, pods_per_node: int = 2, *, etcd_members: int = 1,
            cidr: str = "10.244.0.0/16", subnet_len: int = 24, vni: int = 1,
            port: int = 8472, agent_args: Sequence[str] = (), wait: float = 60,
-           underlay_mtu: int = 1500) -> State:
+           underlay_mtu: int = 1500, tls: bool = False) -> State:
         if self.state is not None:
             raise SandboxError("up", f"sandbox {self.name!r} already exists; run "
                                f"`overlayctl sandbox down --name {self.name}` first")
@@ -235,7 +236,8 @@ class Sandbox:
         (self.dir / "logs").mkdir(exist_ok=True)
         self.state = State(name=self.name, dir=str(self.dir), underlay=self.ns("ul"),
                            cidr=cidr, subnet_len=subnet_len, vni=vni, port=port,
-                           agent_args=list(agent_args), underlay_mtu=underlay_mtu)
+                           agent_args=list(agent_args), underlay_mtu=underlay_mtu,
+                           tls=tls)
         self.save()
         t0 = time.monotonic()
         with self.step("underlay network"):
@@ -249,6 +251,9 @@ class Sandbox:
         with self.step("CNI plugin"):
             install(InstallOptions(bin_dir=self.dir / "cni" / "bin",
                                    conf_dir=self.dir / "cni" / "unused"))
+        if tls:
+            with self.step("certificate authority for mutual TLS between agents"):
+                self.pki()
         if nodes == 0:
             self.progress(f"sandbox {self.name} up in {time.monotonic() - t0:.1f}s: etcd only")
             return self.st
@@ -412,6 +417,8 @@ class Sandbox:
                                    agent_socket=str(self.cni_socket(name))))
             st.nodes.append(h)
             self.save()
+            if st.tls:
+                self.pki().issue(name, (h.underlay_ip,))
             self.start_agent(name, extra_args)
         if wait:
             self.wait_ready(name)
@@ -427,8 +434,22 @@ class Sandbox:
             *([] if chosen else ["--iface", "eth0"]),
             "--run-dir", str(d / "run"), "--state-dir", str(d / "state"),
             "--health-addr", "127.0.0.1:9181", "--reconcile-interval", "0.5",
-            *args,
+            *self.tls_args(name), *args,
         ]
+
+    # --- membership: certificates ------------------------------------------------
+
+    def pki(self) -> Any:
+        from overlay.sandbox.pki import CertificateAuthority
+
+        return CertificateAuthority(self.dir / "pki")
+
+    def tls_args(self, name: str) -> list[str]:
+        if not self.st.tls:
+            return []
+        d = self.dir / "pki"
+        return ["--tls-cert", str(d / f"{name}.crt"), "--tls-key", str(d / f"{name}.key"),
+                "--tls-ca", str(d / "ca.crt")]
 
     def start_agent(self, name: str, extra_args: Sequence[str] = (),
                     env: dict[str, str] | None = None) -> int:
