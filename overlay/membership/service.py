@@ -39,8 +39,12 @@ from overlay.v1 import overlay_pb2_grpc as pb_grpc
 log = logging.getLogger("overlay.membership")
 
 # Reconnect quickly to a peer that comes back (gRPC's defaults back off up to
-# 2 minutes); never go through an HTTP proxy from the environment.
+# 2 minutes); never go through an HTTP proxy from the environment; no
+# bandwidth-delay probing (a PING after every message: more wire bytes than
+# the small messages themselves, for windows they never fill).
+COMMON_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 CHANNEL_OPTIONS = [
+    *COMMON_OPTIONS,
     ("grpc.enable_http_proxy", 0),
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -113,7 +117,7 @@ class Membership:
         self._creds = tlsmod.channel_credentials(tls) if tls is not None else None
         self._seq = itertools.count(1)
         self._server: Any = None
-        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self._programmed: list[tuple[NodeRecord, Source]] = []
         self._pull_soon: set[str] = set()
         self.bytes_out = 0
@@ -127,7 +131,7 @@ class Membership:
 
     async def start(self) -> None:
         """Serve the Membership service on the listen address."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[*COMMON_OPTIONS, ("grpc.so_reuseport", 0)])
         pb_grpc.add_MembershipServicer_to_server(_Servicer(self), server)
         try:
             if self.tls is not None:
@@ -319,7 +323,12 @@ class Membership:
             return
         task = asyncio.ensure_future(coro)
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("membership: background message failed: %s", task.exception())
 
     async def _probe(self, name: str, addr: str, timeout: float) -> bool:
         """A direct probe; True if `name` itself answered at `addr`."""
@@ -469,6 +478,8 @@ class Membership:
     def _handle(self, changes: list[Change]) -> None:
         for c in changes:
             self._log(c)
+            if c.new is None:
+                self.health.pop(c.name, None)
         programmed = [(p.record, p.source) for p in self.peers()]
         if programmed != self._programmed:
             self._programmed = programmed
