@@ -76,8 +76,8 @@ class SwimConfig:
     """Timings. The defaults detect a crashed node within 3 s at 10 nodes and do not
     declare a live node dead under 20% random packet loss (see bench/membership.py)."""
 
-    probe_interval: float = 0.5
-    probe_timeout: float = 0.25
+    probe_interval: float = 0.4
+    probe_timeout: float = 0.2
     indirect_probes: int = 3
     suspect_timeout: float = 1.0
     gossip_interval: float = 0.2

@@ -146,7 +146,7 @@ def test_crashed_host_is_dead_within_3s_everywhere_and_keeps_its_entries(cluster
         return len(dead_at) == len(others)
 
     try:
-        wait_until(everyone_knows, timeout=10, interval=0.02)
+        wait_until(everyone_knows, timeout=10, interval=0.1)  # polling loads the agents
         slowest = max(dead_at.values())
         print(f"crash of {victim} known as dead on all 9 peers after {slowest:.2f}s "
               f"(first {min(dead_at.values()):.2f}s)")
