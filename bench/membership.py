@@ -11,10 +11,10 @@ In one sandbox of --nodes nodes (no pods), measured:
   loss                20% random loss on the underlay for --loss-seconds s:
                       peers ever seen "dead" (must be none) and "suspect"
   detection           --crashes times, a host "loses power" (agent SIGKILLed,
-                      its underlay port down): time until every other agent
-                      has declared it dead, from the agents' own log time
-                      stamps (no polling that would load them); median,
-                      against the 3 s target
+                      every frame to or from it dropped on the underlay):
+                      time until every other agent has declared it dead,
+                      from the agents' own log time stamps (no polling that
+                      would load them); median, against the 3 s target
   new-MAC convergence --mac-reps times, a node restarts with a new VTEP MAC
                       while etcd is frozen (SIGSTOP): time from its restart
                       until every peer's kernel has the new neighbour and FDB
@@ -180,7 +180,7 @@ def suspicions(sb: Sandbox, nodes: list[str], since: float, until: float) -> lis
 def loss(sb: Sandbox, nodes: list[str], seconds: float) -> dict[str, Any]:
     dead: dict[str, float] = {}
     suspect_views = polls = 0
-    sb.underlay_loss(20)
+    sb.set_faults(loss_percent=20)
     t_start = time.time()
     try:
         t0 = time.monotonic()
@@ -192,9 +192,12 @@ def loss(sb: Sandbox, nodes: list[str], seconds: float) -> dict[str, Any]:
                     suspect_views += p["state"] == "suspect"
             polls += 1
             time.sleep(0.25)
-        dropped = sb.underlay_dropped()
+        out = sb.run_in(sb.st.underlay, "nft", "list", "table", "bridge",
+                        "ovs_faults").stdout.decode()
+        m = re.search(r"numgen random mod 100 < \d+ counter packets (\d+)", out)
+        dropped = int(m.group(1)) if m else 0
     finally:
-        sb.underlay_loss(0)
+        sb.clear_faults()
     wait_for(lambda: all_alive(sb, nodes), 20, 0.2)
     episodes = suspicions(sb, nodes, t_start, time.time())
     return {"seconds": seconds, "loss_percent": 20, "frames_dropped": dropped,
@@ -222,7 +225,7 @@ def detection(sb: Sandbox, nodes: list[str], crashes: int) -> dict[str, Any]:
         others = [n for n in nodes if n != victim]
         t_crash = time.time()
         sb.stop_agent(victim, signal.SIGKILL)
-        sb.unplug(victim)
+        sb.set_faults(partitioned=[victim])
         seen: dict[str, float] = {}
         try:
             for _ in range(100):  # look at the logs every 0.5 s, up to 50 s
@@ -233,7 +236,7 @@ def detection(sb: Sandbox, nodes: list[str], crashes: int) -> dict[str, Any]:
             else:
                 raise TimeoutError(f"{victim} not dead everywhere: {seen}")
         finally:
-            sb.unplug(victim, plugged=True)
+            sb.clear_faults()
             sb.start_agent(victim)
         alls.append(max(seen.values()))
         firsts.append(min(seen.values()))

@@ -485,9 +485,6 @@ class Membership:
             self._programmed = programmed
             self.on_change()
         if changes:
-            counts = self.swim.counts()
-            for s in State:
-                metrics.PEERS.labels(state=s.label).set(counts[s])
             self._drop_unused_channels()
 
     def _log(self, c: Change) -> None:

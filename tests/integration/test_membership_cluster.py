@@ -63,7 +63,7 @@ def test_graceful_leave_removes_the_peer_at_once_even_with_etcd_frozen(make_sand
         sb.signal_etcd(signal.SIGCONT)
     wait_until(lambda: not pid_alive(pid), timeout=30)
     log = Path(sb.node("n3").log).read_text()
-    assert "told 2 of 2 peers that we leave" in log and "left the cluster" in log
+    assert "told 2 of 2 peers that we leave" in log and "stopped after leaving" in log
     # etcd back: the lease is released (or expires); n3 is never programmed again
     time.sleep(2)
     assert has_none(sb, "n1", gone) and peers_of(sb, "n1").get("n3", {}).get("state",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.utils import rdpcap
 
@@ -45,6 +45,8 @@ def test_vxlan_packets_on_the_underlay(make_sandbox, tmp_path):
     packets = rdpcap(str(pcap))
     members = {sb.node("n1").underlay_ip, sb.node("n2").underlay_ip}
     pods = {p1.ip, p2.ip}
+    vteps = {sb.status(n).self.subnet.split("/")[0] for n in ("n1", "n2")}
+    probes = 0
     vxlan = [p for p in packets if p.haslayer(VXLAN)]
     assert len(vxlan) >= 22, f"only {len(vxlan)} VXLAN packets captured"
     assert not [p for p in packets if UDP in p and p[UDP].dport == 8472], "default port used"
@@ -57,6 +59,11 @@ def test_vxlan_packets_on_the_underlay(make_sandbox, tmp_path):
         assert outer.dst != stranger.underlay_ip
         assert outer.flags.MF == 0 and outer.frag == 0, "outer packet fragmented"
         inner = p[VXLAN].payload[IP]
+        if TCP in inner and 7946 in (inner[TCP].sport, inner[TCP].dport):
+            # the membership's tunnel round-trip probe: VTEP to VTEP, gRPC port
+            assert inner.src in vteps and inner.dst in vteps, (inner.src, inner.dst)
+            probes += 1
+            continue
         assert inner.src in pods and inner.dst in pods, (inner.src, inner.dst)
         assert ICMP in inner
         if inner.len == mtu:
@@ -66,4 +73,5 @@ def test_vxlan_packets_on_the_underlay(make_sandbox, tmp_path):
     assert full_size >= 6, "the full-MTU pings (and replies) did not cross"
     print(f"\nSCENARIO | packet checks | capture on the underlay bridge, VNI {VNI} port {PORT} "
           f"| {len(vxlan)} VXLAN packets: port/VNI as configured, inner = pod addresses, "
-          f"{full_size} full-MTU ({mtu}) packets unfragmented, none to the non-member host")
+          f"{full_size} full-MTU ({mtu}) packets unfragmented, none to the non-member host; "
+          f"{probes} membership tunnel probes VTEP to VTEP")
