@@ -204,7 +204,8 @@ def loss(sb: Sandbox, nodes: list[str], seconds: float) -> dict[str, Any]:
             "status_polls": polls, "suspect_views": suspect_views, "false_dead": dead,
             "suspicion_episodes": len(episodes),
             "longest_suspicion_s": round(max(episodes), 3) if episodes else None,
-            "suspicion_timeout_s": SwimConfig().suspect_timeout}
+            "suspicion_timeout_unconfirmed_s": SwimConfig().suspect_timeout_max,
+            "suspicion_timeout_confirmed_s": SwimConfig().suspect_timeout}
 
 
 def dead_times(sb: Sandbox, nodes: list[str], victim: str, since: float) -> dict[str, float]:
@@ -357,7 +358,8 @@ def main() -> int:
          f"{len(lo['false_dead'])}", f"{lo['frames_dropped']} frames dropped"),
         ("  suspicions under loss: count, longest until refuted",
          f"{lo['suspicion_episodes']}, {lo['longest_suspicion_s']} s",
-         f"suspicion timeout {lo['suspicion_timeout_s']} s"),
+         f"timeout {lo['suspicion_timeout_unconfirmed_s']} s unconfirmed, "
+         f"{lo['suspicion_timeout_confirmed_s']} s confirmed"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:

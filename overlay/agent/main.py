@@ -108,9 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peers asked to probe a peer that does not answer (default: "
                         "%(default)s)")
     g.add_argument("--suspect-timeout", type=float, default=d.suspect_timeout, metavar="SECONDS",
-                   help="a suspect peer that does not refute within this time (x log10 of "
-                        "the cluster size above 10 nodes) is declared dead (default: "
-                        "%(default)s)")
+                   help="a suspect peer that does not refute is declared dead after this "
+                        "long once 3 other peers confirm they cannot reach it either "
+                        "(default: %(default)s)")
+    g.add_argument("--suspect-timeout-max", type=float, default=d.suspect_timeout_max,
+                   metavar="SECONDS", help="... and after this long while nobody confirms "
+                   "(packet loss rather than a crash; default: %(default)s); both grow with "
+                   "log10 of the cluster size above 10 nodes")
     g.add_argument("--push-pull-interval", type=float, default=d.push_pull_interval,
                    metavar="SECONDS", help="full state exchange with a random peer "
                    "(default: %(default)s)")
@@ -139,6 +143,7 @@ def options_from_args(args: argparse.Namespace) -> object:
 
     swim = SwimConfig(probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
                       indirect_probes=args.indirect_probes, suspect_timeout=args.suspect_timeout,
+                      suspect_timeout_max=args.suspect_timeout_max,
                       push_pull_interval=args.push_pull_interval)
     swim.validate()
     return AgentOptions(

@@ -390,8 +390,12 @@ class Membership:
 
     async def _probe_once(self) -> None:
         m = self.swim.next_probe()
-        if m is None:
-            return
+        if m is not None:
+            await self._probe_member(m)
+
+    async def _probe_member(self, m: Member) -> None:
+        """One probe round: direct, then indirect through helpers, within an interval;
+        no answer makes it suspect (or confirms that it is)."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         end = loop.time() + cfg.probe_interval
@@ -424,10 +428,9 @@ class Membership:
                 return
             changes = self.swim.probe_failed(m.name, time.monotonic())
             self._handle(changes)
-            if any(c.new == State.SUSPECT for c in changes):
+            if any(c.new == State.SUSPECT and c.old != State.SUSPECT for c in changes):
                 # Tell the suspect at once: if it is alive it refutes in its answer.
-                self._spawn(self._gossip_to(m, timeout=cfg.suspicion_timeout(
-                    self.swim.cluster_size())))
+                self._spawn(self._gossip_to(m, timeout=1.0))
         finally:
             if not direct.done():
                 direct.cancel()
@@ -480,6 +483,13 @@ class Membership:
             self._log(c)
             if c.new is None:
                 self.health.pop(c.name, None)
+            if c.new == State.SUSPECT and c.old != State.SUSPECT and c.reporter != self.name \
+                    and self.swim.should_probe_suspect():
+                # Heard of a suspicion: check for ourselves now. A crash is confirmed
+                # within an interval; a live suspect learns it is suspected and refutes.
+                m = self.swim.members.get(c.name)
+                if m is not None and m.addr:
+                    self._spawn(self._probe_member(m))
         programmed = [(p.record, p.source) for p in self.peers()]
         if programmed != self._programmed:
             self._programmed = programmed

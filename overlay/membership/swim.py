@@ -9,6 +9,13 @@ protocol is tested with a fake clock.
   pick). A peer that answers neither directly nor through `indirect_probes`
   helpers becomes SUSPECT; a suspect that does not refute (by announcing a
   higher incarnation) within the suspicion timeout becomes DEAD.
+- Suspicion timeout (Lifeguard, as in HashiCorp memberlist): long
+  (`suspect_timeout_max`) while one member alone suspects, shrinking to
+  `suspect_timeout` as `confirmations` other members independently fail to
+  reach the suspect too. Members hearing of a suspicion probe the suspect at
+  once (about `eager_probers` of them), so a crashed node is confirmed within
+  a probe interval, while a node only hit by packet loss is reached by
+  someone, learns it is suspected and refutes, with time to spare.
 - Dissemination: every state change is queued and piggybacked on probes and
   gossip messages, each at most `retransmit_limit(n)` times, newest first.
 - Merge: per member, a higher incarnation wins; at the same incarnation the
@@ -79,7 +86,10 @@ class SwimConfig:
     probe_interval: float = 0.4
     probe_timeout: float = 0.2
     indirect_probes: int = 3
-    suspect_timeout: float = 1.0
+    suspect_timeout: float = 1.0       # once `confirmations` others suspect it too
+    suspect_timeout_max: float = 3.0   # while only one member suspects it
+    confirmations: int = 3
+    eager_probers: int = 6
     gossip_interval: float = 0.2
     gossip_fanout: int = 3
     retransmit_mult: int = 4
@@ -99,14 +109,26 @@ class SwimConfig:
             raise ConfigError("--indirect-probes", "must be >= 0")
         if self.suspect_timeout <= 0:
             raise ConfigError("--suspect-timeout", "must be positive")
+        if self.suspect_timeout_max < self.suspect_timeout:
+            raise ConfigError("--suspect-timeout-max", "must be at least --suspect-timeout "
+                              f"({self.suspect_timeout}s)")
+        if self.confirmations < 0 or self.eager_probers < 0:
+            raise ConfigError("confirmations", "must be >= 0")
         if self.push_pull_interval <= 0:
             raise ConfigError("--push-pull-interval", "must be positive")
         if self.gossip_interval <= 0 or self.gossip_fanout < 1:
             raise ConfigError("gossip", "interval must be positive and fan-out >= 1")
 
-    def suspicion_timeout(self, n: int) -> float:
-        """Longer in big clusters, where news of a refutation needs more hops."""
-        return self.suspect_timeout * max(1.0, math.log10(max(n, 1)))
+    def suspicion_timeout(self, n: int, confirmations: int = 0) -> float:
+        """From `suspect_timeout_max` with no confirmation down to `suspect_timeout` with
+        `confirmations` of them (logarithmically, as Lifeguard); both longer in big
+        clusters, where news of a refutation needs more hops."""
+        scale = max(1.0, math.log10(max(n, 1)))
+        lo, hi = self.suspect_timeout * scale, self.suspect_timeout_max * scale
+        if self.confirmations <= 0 or confirmations >= self.confirmations:
+            return lo
+        frac = math.log(confirmations + 1) / math.log(self.confirmations + 1)
+        return max(lo, hi - (hi - lo) * frac)
 
     def retransmit_limit(self, n: int) -> int:
         return self.retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
@@ -120,6 +142,8 @@ class Member:
     since: float
     etcd: Record | None = None          # its lease as etcd holds it (None: no lease)
     suspect_deadline: float | None = None
+    suspect_since: float = 0.0
+    suspecters: set[str] = field(default_factory=set)  # who independently suspect it
 
     @property
     def name(self) -> str:
@@ -282,11 +306,18 @@ class Swim:
         return self.rng.sample(cands, min(self.cfg.join_fanout, len(cands)))
 
     def probe_failed(self, name: str, now: float) -> list[Change]:
-        """Neither the direct nor an indirect probe was answered: suspect it."""
+        """Neither the direct nor an indirect probe was answered: suspect it (or, if it
+        is suspect already, confirm the suspicion)."""
         m = self.members.get(name)
-        if m is None or m.state != State.ALIVE:
+        if m is None or m.state not in (State.ALIVE, State.SUSPECT):
             return []
         return self._apply(Update(m.record, State.SUSPECT, m.incarnation, self.name), now)
+
+    def should_probe_suspect(self) -> bool:
+        """Heard of a new suspicion: probe the suspect now? (About `eager_probers`
+        members do, whatever the cluster size.)"""
+        others = max(1, len(self.members) - 1)
+        return self.rng.random() < min(1.0, self.cfg.eager_probers / others)
 
     def tick(self, now: float) -> list[Change]:
         """Expire suspicions (-> DEAD) and forget what etcd dropped long enough ago."""
@@ -321,12 +352,15 @@ class Swim:
         if tomb is not None and u.incarnation <= tomb[0]:
             return []
         m = self.members.get(u.name)
+        if m is not None and u.state == m.state == State.SUSPECT \
+                and u.incarnation == m.incarnation:
+            return self._confirm(m, u, now)
         if m is None:
             self._tombstones.pop(u.name, None)
             m = Member(u.record, u.state, u.incarnation, now)
             self.members[u.name] = m
             if u.state == State.SUSPECT:
-                m.suspect_deadline = now + self.cfg.suspicion_timeout(self.cluster_size())
+                self._suspect(m, u, now)
             self._schedule(u.name)
             self._enqueue(u)
             return [Change(u.name, None, u.state, True, u.reporter)]
@@ -342,11 +376,29 @@ class Swim:
             m.state = u.state
             m.since = now
         if u.state == State.SUSPECT:
-            m.suspect_deadline = now + self.cfg.suspicion_timeout(self.cluster_size())
+            self._suspect(m, u, now)
         else:
             m.suspect_deadline = None
+            m.suspecters = set()
         self._enqueue(u)
         return [Change(u.name, old, u.state, record_changed, u.reporter)]
+
+    def _suspect(self, m: Member, u: Update, now: float) -> None:
+        m.suspect_since = now
+        m.suspecters = {u.reporter} if u.reporter else set()
+        m.suspect_deadline = now + self.cfg.suspicion_timeout(self.cluster_size())
+
+    def _confirm(self, m: Member, u: Update, now: float) -> list[Change]:
+        """Another member independently suspects `m`: the deadline comes closer."""
+        if not u.reporter or u.reporter in m.suspecters:
+            return []
+        m.suspecters.add(u.reporter)
+        n = len(m.suspecters) - 1
+        m.suspect_deadline = m.suspect_since + self.cfg.suspicion_timeout(
+            self.cluster_size(), n)
+        if n <= self.cfg.confirmations:
+            self._enqueue(u)  # others may not have this confirmation yet
+        return [Change(m.name, State.SUSPECT, State.SUSPECT, False, u.reporter)]
 
     def _about_me(self, u: Update) -> None:
         """News about ourselves: refute a suspicion, a death, a stale leave or a higher

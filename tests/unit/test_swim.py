@@ -11,6 +11,7 @@ from overlay.membership.swim import Member, Record, State, Swim, SwimConfig, Upd
 from overlay.model import NodeRecord
 
 CFG = SwimConfig()
+LONE = CFG.suspect_timeout_max  # a suspicion nobody confirms
 
 
 def rec(i, mac_last=None, rev=1):
@@ -68,10 +69,10 @@ def test_failed_probe_suspects_then_dead_after_the_timeout():
     s = swim(3)
     ch = s.probe_failed("n2", 10.0)
     assert [(c.name, c.old, c.new) for c in ch] == [("n2", State.ALIVE, State.SUSPECT)]
-    assert s.tick(10.0 + CFG.suspect_timeout - 0.01) == []
-    ch = s.tick(10.0 + CFG.suspect_timeout)
+    assert s.tick(10.0 + LONE - 0.01) == []
+    ch = s.tick(10.0 + LONE)
     assert [(c.name, c.old, c.new) for c in ch] == [("n2", State.SUSPECT, State.DEAD)]
-    assert s.members["n2"].since == 10.0 + CFG.suspect_timeout
+    assert s.members["n2"].since == 10.0 + LONE
     # the suspicion and the death are both queued for dissemination
     assert [(u.name, u.state) for u in drain(s)] == [("n2", State.DEAD)]
 
@@ -89,7 +90,7 @@ def test_alive_at_the_same_incarnation_does_not_refute():
     s = swim(3)
     s.probe_failed("n2", 10.0)
     assert s.merge([Update(rec(2), State.ALIVE, 10, "n3")], 10.1) == []
-    assert s.tick(10.0 + CFG.suspect_timeout)[0].new == State.DEAD
+    assert s.tick(10.0 + LONE)[0].new == State.DEAD
 
 
 def test_probe_failure_of_a_member_not_alive_changes_nothing():
@@ -137,7 +138,7 @@ def test_unknown_member_learned_from_gossip_is_added_and_scheduled():
     s = swim(0)
     ch = s.merge([Update(rec(5), State.SUSPECT, 3, "n7")], 2.0)
     assert [(c.name, c.old, c.new) for c in ch] == [("n5", None, State.SUSPECT)]
-    assert s.members["n5"].suspect_deadline == 2.0 + CFG.suspect_timeout
+    assert s.members["n5"].suspect_deadline == 2.0 + LONE
     assert s.next_probe().name == "n5"
 
 
@@ -283,7 +284,7 @@ def test_tombstone_keeps_stale_news_from_resurrecting_a_forgotten_member():
 def test_helpers_and_gossip_and_push_pull_targets():
     s = swim(5)
     s.probe_failed("n3", 0.0)
-    s.tick(CFG.suspect_timeout)           # n3 dead
+    s.tick(LONE)                          # n3 dead
     s.probe_failed("n4", 0.0)             # n4 suspect
     s.merge([Update(rec(5), State.LEFT, 11, "n5")], 0.0)
     for _ in range(20):
@@ -293,10 +294,59 @@ def test_helpers_and_gossip_and_push_pull_targets():
         assert s.push_pull_target().name in {"n2", "n3", "n4", "n6"}
 
 
-def test_suspicion_timeout_grows_with_the_cluster_and_retransmits_too():
-    assert CFG.suspicion_timeout(3) == CFG.suspect_timeout
-    assert CFG.suspicion_timeout(10) == CFG.suspect_timeout
-    assert CFG.suspicion_timeout(100) == pytest.approx(2 * CFG.suspect_timeout)
+def test_suspicion_timeout_shrinks_with_confirmations_and_grows_with_the_cluster():
+    t = [CFG.suspicion_timeout(10, c) for c in range(CFG.confirmations + 2)]
+    assert t[0] == CFG.suspect_timeout_max
+    assert t[0] > t[1] > t[2] > t[3] == t[4] == CFG.suspect_timeout
+    assert CFG.suspicion_timeout(3, 0) == CFG.suspect_timeout_max
+    assert CFG.suspicion_timeout(100, 0) == pytest.approx(2 * CFG.suspect_timeout_max)
+    assert CFG.suspicion_timeout(100, 9) == pytest.approx(2 * CFG.suspect_timeout)
+    fixed = SwimConfig(confirmations=0)
+    assert fixed.suspicion_timeout(10, 0) == fixed.suspect_timeout
+
+
+def test_independent_confirmations_bring_the_deadline_closer():
+    s = swim(6)
+    s.probe_failed("n2", 10.0)                              # we suspect n2: alone
+    assert s.members["n2"].suspect_deadline == 10.0 + LONE
+    drain(s)
+    same = Update(rec(2), State.SUSPECT, 10, "n1")
+    assert s.merge([same], 10.1) == []                      # our own again: nothing
+    ch = s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 10.2)
+    assert [(c.old, c.new, c.reporter) for c in ch] == [(State.SUSPECT, State.SUSPECT, "n3")]
+    assert s.members["n2"].suspect_deadline == pytest.approx(
+        10.0 + CFG.suspicion_timeout(s.cluster_size(), 1))
+    assert [u.reporter for u in drain(s)] == ["n3"]         # passed on
+    s.merge([Update(rec(2), State.SUSPECT, 10, r) for r in ("n4", "n5")], 10.3)
+    assert s.members["n2"].suspect_deadline == 10.0 + CFG.suspect_timeout
+    assert s.tick(10.0 + CFG.suspect_timeout)[0].new == State.DEAD
+
+
+def test_our_own_failed_probe_of_a_suspect_confirms_it():
+    s = swim(4)
+    s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 5.0)   # heard from n3
+    ch = s.probe_failed("n2", 5.3)                             # and we cannot reach it
+    assert ch and ch[0].reporter == "n1"
+    assert s.members["n2"].suspecters == {"n3", "n1"}
+    assert s.members["n2"].suspect_deadline < 5.0 + LONE
+
+
+def test_a_stale_suspicion_of_an_older_incarnation_does_not_confirm():
+    s = swim(3)
+    s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 1.0)
+    s.merge([Update(rec(2), State.ALIVE, 11, "n2")], 1.1)     # refuted
+    assert s.merge([Update(rec(2), State.SUSPECT, 10, "n4")], 1.2) == []
+    assert s.members["n2"].state == State.ALIVE and not s.members["n2"].suspecters
+
+
+def test_about_eager_probers_members_probe_a_new_suspect():
+    for n_peers, expect in ((3, 1.0), (60, CFG.eager_probers / 59)):
+        s = swim(n_peers, seed=7)
+        share = sum(s.should_probe_suspect() for _ in range(4000)) / 4000
+        assert share == pytest.approx(expect, abs=0.03)
+
+
+def test_retransmits_grow_with_the_cluster():
     assert CFG.retransmit_limit(10) == 2 * CFG.retransmit_mult
     assert CFG.retransmit_limit(1000) == 4 * CFG.retransmit_mult
 
@@ -316,6 +366,7 @@ def test_counts_and_member_properties():
     ({"indirect_probes": -1}, "--indirect-probes"),
     ({"suspect_timeout": 0}, "--suspect-timeout"),
     ({"push_pull_interval": 0}, "--push-pull-interval"),
+    ({"suspect_timeout_max": 0.5}, "--suspect-timeout-max"),
 ])
 def test_invalid_timings_name_the_flag(kw, flag):
     with pytest.raises(ConfigError) as e:
