@@ -84,6 +84,21 @@ class WatchLost(TemporaryError):
     """The watch cannot continue from where it was (compacted, cancelled): relist."""
 
 
+def tls_hint(details: str) -> str:
+    """A plain-words reason for a TLS failure hidden in a gRPC error, or ''."""
+    d = details.lower()
+    if "tsi_data_corrupted" in d or "unwrap failed" in d or "bad_certificate" in d \
+            or "certificate required" in d:
+        return ("etcd closed the TLS connection: it did not accept our client certificate "
+                "(missing, expired, or not signed by the CA etcd trusts; see --etcd-certfile "
+                "and --etcd-keyfile)")
+    if "certificate_verify_failed" in d or "handshake failed" in d \
+            or "ssl_transport_security" in d:
+        return ("cannot verify etcd's certificate with --etcd-cafile (wrong CA, or the "
+                "certificate does not name this endpoint; see --etcd-server-name)")
+    return ""
+
+
 def _translate(op: str, exc: BaseException) -> Exception:
     import grpc
     from etcd3aio import (
@@ -96,13 +111,17 @@ def _translate(op: str, exc: BaseException) -> Exception:
     if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
         return PermanentError(f"etcd refused {op}: {exc}")
     if isinstance(exc, EtcdConnectionError | EtcdTransientError):
-        return TemporaryError(f"etcd {op} failed: {exc}")
+        hint = tls_hint(str(exc))
+        return TemporaryError(f"etcd {op} failed: {hint}" if hint else f"etcd {op} failed: {exc}")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return TemporaryError(f"etcd {op} timed out")
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return PermanentError(f"etcd refused {op}: {exc.details()}")
+        hint = tls_hint(exc.details() or "")
+        if hint:
+            return TemporaryError(f"etcd {op} failed: {hint}")
         return TemporaryError(f"etcd {op} failed: {code.name} {exc.details() or ''}".strip())
     if isinstance(exc, OSError):
         return TemporaryError(f"etcd {op} failed: {exc}")

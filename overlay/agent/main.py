@@ -164,7 +164,14 @@ def options_from_args(args: argparse.Namespace) -> object:
     )
 
 
+def quiet_grpc() -> None:
+    """gRPC's C core logs TLS and connection errors to stderr on its own; we report
+    them ourselves, in words, so it stays quiet unless GRPC_VERBOSITY asks otherwise."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_grpc()
     args = build_parser().parse_args(argv)
     from overlay import log as logsetup
 

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--subnet-len", type=int, default=24)
     up.add_argument("--tls", action="store_true",
                     help="make a CA and a certificate per node; agents talk mutual TLS")
+    up.add_argument("--etcd-tls", action="store_true",
+                    help="etcd serves https and requires client certificates (its own CA); "
+                         "every agent gets one")
     for name, helptext in (("check", "ping every pod from every pod"),
                            ("status", "nodes, subnets and peers"),
                            ("down", "remove everything the sandbox made")):
@@ -146,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_grpc() -> None:
+    """gRPC's C core logs TLS and connection errors to stderr on its own; we report
+    them ourselves, in words, so it stays quiet unless GRPC_VERBOSITY asks otherwise."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_grpc()
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)

@@ -36,7 +36,8 @@ def _run(args: argparse.Namespace) -> int:
               f"{args.etcd_members} etcd member(s)", flush=True)
         try:
             sb.up(args.nodes, args.pods_per_node, etcd_members=args.etcd_members,
-                  cidr=args.cidr, subnet_len=args.subnet_len, tls=args.tls)
+                  cidr=args.cidr, subnet_len=args.subnet_len, tls=args.tls,
+                  etcd_tls=args.etcd_tls)
         except SandboxError:
             print(f"(the partial sandbox is left for inspection; remove it with "
                   f"`overlayctl sandbox down --name {args.name}`)", file=sys.stderr)

@@ -52,6 +52,51 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 2000),
 ]
 MAX_IN_FLIGHT = 64
+# An indirect probe on someone's behalf never waits longer than this.
+MAX_INDIRECT_TIMEOUT = 2.0
+# At most one warning about invalid updates per this many seconds (with a count).
+BAD_UPDATE_LOG_INTERVAL = 10.0
+_MALFORMED = object()
+
+
+def _safe_decoder(cls: Any) -> Callable[[bytes], Any]:
+    """Bytes that are not a `cls` become _MALFORMED instead of an exception inside grpc
+    (which logs a traceback per request: an easy way for anyone to flood the log)."""
+    from google.protobuf.message import DecodeError
+
+    def decode(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError):
+            return _MALFORMED
+
+    return decode
+
+
+def add_membership_servicer(servicer: Any, server: Any) -> None:
+    """Like the generated add_MembershipServicer_to_server, with forgiving decoding."""
+    methods: dict[str, tuple[Any, Any]] = {
+        "Probe": (pb.ProbeRequest, pb.ProbeReply),
+        "IndirectProbe": (pb.IndirectProbeRequest, pb.IndirectProbeReply),
+        "PushPull": (pb.PushPullRequest, pb.PushPullReply),
+        "Gossip": (pb.GossipRequest, pb.GossipReply),
+        "Leave": (pb.LeaveRequest, pb.LeaveReply),
+    }
+    handlers = {}
+    for name, (req_cls, reply_cls) in methods.items():
+        fn = getattr(servicer, name)
+
+        async def handle(request: Any, context: Any, fn: Any = fn) -> Any:
+            if request is _MALFORMED:
+                metrics.GOSSIP_MESSAGES.labels(type="malformed", direction="in").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+            return await fn(request, context)
+
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=_safe_decoder(req_cls),
+            response_serializer=reply_cls.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("overlay.v1.Membership", handlers),))
 
 
 class RpcFailed(Exception):
@@ -118,6 +163,8 @@ class Membership:
         self._seq = itertools.count(1)
         self._server: Any = None
         self._in_flight: set[asyncio.Future[Any]] = set()
+        self._bad_updates = 0
+        self._bad_logged_at = -BAD_UPDATE_LOG_INTERVAL
         self._programmed: list[tuple[NodeRecord, Source]] = []
         self._pull_soon: set[str] = set()
         self.bytes_out = 0
@@ -132,7 +179,7 @@ class Membership:
     async def start(self) -> None:
         """Serve the Membership service on the listen address."""
         server = grpc.aio.server(options=[*COMMON_OPTIONS, ("grpc.so_reuseport", 0)])
-        pb_grpc.add_MembershipServicer_to_server(_Servicer(self), server)
+        add_membership_servicer(_Servicer(self), server)
         try:
             if self.tls is not None:
                 port = server.add_secure_port(self.listen, tlsmod.server_credentials(self.tls))
@@ -311,8 +358,14 @@ class Membership:
 
     def _merge(self, items: Any, sender: str) -> None:
         updates, bad = updates_from_pb(items)
-        for why in bad:
-            log.warning("membership: dropped an invalid %s from %s", why, sender)
+        if bad:
+            self._bad_updates += len(bad)
+            now = time.monotonic()
+            if now - self._bad_logged_at >= BAD_UPDATE_LOG_INTERVAL:
+                log.warning("membership: dropped %d invalid update(s) in the last %.0fs, "
+                            "latest from %r: %s", self._bad_updates,
+                            min(now - self._bad_logged_at, 1e9), sender[:64], bad[-1][:200])
+                self._bad_logged_at, self._bad_updates = now, 0
         if updates:
             self._handle(self.swim.merge(updates, time.monotonic()))
 
@@ -585,11 +638,13 @@ class _Servicer(pb_grpc.MembershipServicer):  # type: ignore[misc,unused-ignore]
         await self._authorize(context, request.sender, "indirect-probe")
         self._count_in(request)
         ms = self.ms
-        timeout = max(0.01, request.timeout_ms / 1000)
+        timeout = min(MAX_INDIRECT_TIMEOUT, max(0.01, request.timeout_ms / 1000))
+        target = ms.swim.members.get(request.target)
         if request.target == ms.name:
             ok = True
-        elif request.target_addr:
-            ok = await ms._probe(request.target, request.target_addr, timeout)
+        elif target is not None and target.probeable:
+            # Only members, at the address we know: nobody can make us probe anything else.
+            ok = await ms._probe(request.target, target.addr, timeout)
         else:
             ok = False
         return self._count_out(pb.IndirectProbeReply(ack=ok, seq=request.seq,

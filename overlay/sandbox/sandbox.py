@@ -219,7 +219,7 @@ class Sandbox:
     def up(self, nodes: int = 3, pods_per_node: int = 2, *, etcd_members: int = 1,
            cidr: str = "10.244.0.0/16", subnet_len: int = 24, vni: int = 1,
            port: int = 8472, agent_args: Sequence[str] = (), wait: float = 60,
-           underlay_mtu: int = 1500, tls: bool = False) -> State:
+           underlay_mtu: int = 1500, tls: bool = False, etcd_tls: bool = False) -> State:
         if self.state is not None:
             raise SandboxError("up", f"sandbox {self.name!r} already exists; run "
                                f"`overlayctl sandbox down --name {self.name}` first")
@@ -237,7 +237,7 @@ class Sandbox:
         self.state = State(name=self.name, dir=str(self.dir), underlay=self.ns("ul"),
                            cidr=cidr, subnet_len=subnet_len, vni=vni, port=port,
                            agent_args=list(agent_args), underlay_mtu=underlay_mtu,
-                           tls=tls)
+                           tls=tls, etcd_tls=etcd_tls)
         self.save()
         t0 = time.monotonic()
         with self.step("underlay network"):
@@ -270,8 +270,42 @@ class Sandbox:
                       f"{nodes} nodes, {nodes * pods_per_node} pods")
         return self.st
 
+    @property
+    def etcd_scheme(self) -> str:
+        return "https" if self.st.etcd_tls else "http"
+
     def etcd_endpoints(self) -> str:
-        return ",".join(f"http://{h.underlay_ip}:2379" for h in self.st.etcd)
+        return ",".join(f"{self.etcd_scheme}://{h.underlay_ip}:2379" for h in self.st.etcd)
+
+    # --- etcd with client-certificate authentication -------------------------------
+
+    def etcd_pki(self) -> Any:
+        """A CA of its own for etcd: agent certificates for the membership do not open it."""
+        from overlay.sandbox.pki import CertificateAuthority
+
+        return CertificateAuthority(self.dir / "pki-etcd", "overlay sandbox etcd CA")
+
+    def etcd_client_files(self, name: str) -> tuple[Path, Path, Path]:
+        """(cert, key, ca) for client `name`, issued on first use."""
+        d = self.dir / "pki-etcd"
+        cert, key = d / f"client-{name}.crt", d / f"client-{name}.key"
+        if not cert.exists():
+            issued = self.etcd_pki().issue(f"client-{name}")
+            return issued.cert, issued.key, issued.ca
+        return cert, key, d / "ca.crt"
+
+    def etcd_agent_args(self, name: str) -> list[str]:
+        if not self.st.etcd_tls:
+            return []
+        cert, key, ca = self.etcd_client_files(name)
+        return ["--etcd-cafile", str(ca), "--etcd-certfile", str(cert), "--etcd-keyfile",
+                str(key)]
+
+    def _etcdctl_tls(self) -> list[str]:
+        if not self.st.etcd_tls:
+            return []
+        cert, key, ca = self.etcd_client_files("etcdctl")
+        return ["--cacert", str(ca), "--cert", str(cert), "--key", str(key)]
 
     def start_etcd(self, members: int = 1) -> None:
         st = self.st
@@ -295,23 +329,29 @@ class Sandbox:
 
     def _spawn_etcd(self, h: Host, cluster: str, cluster_state: str) -> None:
         Path(h.dir).mkdir(parents=True, exist_ok=True)
+        scheme = self.etcd_scheme
         cmd = [
             "etcd", "--name", h.name, "--data-dir", h.dir,
-            "--listen-client-urls", f"http://{h.underlay_ip}:2379,http://127.0.0.1:2379",
-            "--advertise-client-urls", f"http://{h.underlay_ip}:2379",
+            "--listen-client-urls", f"{scheme}://{h.underlay_ip}:2379,{scheme}://127.0.0.1:2379",
+            "--advertise-client-urls", f"{scheme}://{h.underlay_ip}:2379",
             "--listen-peer-urls", f"http://{h.underlay_ip}:2380",
             "--initial-advertise-peer-urls", f"http://{h.underlay_ip}:2380",
             "--initial-cluster", cluster, "--initial-cluster-state", cluster_state,
             "--initial-cluster-token", f"ovs-{self.name}",
             "--heartbeat-interval", "100", "--election-timeout", "1000",
         ]
+        if self.st.etcd_tls:
+            server = self.etcd_pki().issue(h.name, (h.underlay_ip, "127.0.0.1"))
+            cmd += ["--cert-file", str(server.cert), "--key-file", str(server.key),
+                    "--client-cert-auth", "--trusted-ca-file", str(server.ca)]
         h.pid = self._spawn(h.netns, cmd, Path(h.log))
         self.save()
 
     def wait_etcd(self, h: Host, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            p = self.run_in(h.netns, "etcdctl", "--endpoints", "http://127.0.0.1:2379",
+            p = self.run_in(h.netns, "etcdctl", "--endpoints",
+                            f"{self.etcd_scheme}://127.0.0.1:2379", *self._etcdctl_tls(),
                             "--command-timeout=2s", "endpoint", "health", check=False)
             if p.returncode == 0:
                 return
@@ -350,14 +390,16 @@ class Sandbox:
     def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         """Run etcdctl on the first live etcd host against its local member."""
         h = next((m for m in self.st.etcd if pid_alive(m.pid)), self.st.etcd[0])
-        return self.run_in(h.netns, "etcdctl", "--endpoints", "http://127.0.0.1:2379", *args,
+        return self.run_in(h.netns, "etcdctl", "--endpoints",
+                           f"{self.etcd_scheme}://127.0.0.1:2379", *self._etcdctl_tls(), *args,
                            check=check)
 
     def etcdctl_overlay(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         """Run `overlayctl <args>` on the first etcd host, against the local etcd."""
         h = self.st.etcd[0]
         return self.run_in(h.netns, tool("overlayctl"), *args, "--etcd-endpoints",
-                           "http://127.0.0.1:2379")
+                           f"{self.etcd_scheme}://127.0.0.1:2379",
+                           *self.etcd_agent_args("overlayctl"))
 
     def _spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str] | None = None
                ) -> int:
@@ -434,7 +476,7 @@ class Sandbox:
             *([] if chosen else ["--iface", "eth0"]),
             "--run-dir", str(d / "run"), "--state-dir", str(d / "state"),
             "--health-addr", "127.0.0.1:9181", "--reconcile-interval", "0.5",
-            *self.tls_args(name), *args,
+            *self.tls_args(name), *self.etcd_agent_args(name), *args,
         ]
 
     # --- membership: certificates ------------------------------------------------

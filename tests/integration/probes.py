@@ -57,3 +57,44 @@ def start_listener(prefix: Sequence[str], port: int, seconds: float) -> subproce
     line = p.stdout.readline()
     assert line.strip() == "ready", line + (p.stderr.read() if p.stderr else "")
     return p
+
+# Relay raw gRPC requests: one JSON line per request on stdin
+# {"method": "/overlay.v1.Membership/Probe", "hex": "..."}; prints one JSON line
+# per answer {"code": "OK" | status name}. argv = target host:port.
+GRPC_RELAY = """
+import json, sys
+import grpc
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    call = ch.unary_unary(req["method"], request_serializer=lambda b: b,
+                          response_deserializer=lambda b: b)
+    try:
+        call(bytes.fromhex(req["hex"]), timeout=5)
+        code = "OK"
+    except grpc.RpcError as exc:
+        code = exc.code().name
+    print(json.dumps({"code": code}), flush=True)
+"""
+
+# Count TCP connections accepted on port argv[1] for argv[2] seconds; print the count.
+TCP_COUNTER = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(16)
+s.settimeout(0.2)
+print("ready", flush=True)
+n = 0
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        c, _ = s.accept()
+        n += 1
+        c.close()
+    except TimeoutError:
+        pass
+print(n, flush=True)
+"""

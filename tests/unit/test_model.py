@@ -93,3 +93,12 @@ def test_subnet_keys():
     assert parse_subnet_key("/overlay/", "/overlay/subnets/10.244.3.1-24") is None
     assert parse_subnet_key("/overlay/", "/overlay/network/config") is None
     assert parse_subnet_key("/overlay/", "/overlay/subnets/garbage") is None
+
+
+def test_tls_failures_are_explained():
+    from overlay.etcdstore import tls_hint
+
+    assert "client certificate" in tls_hint(
+        "UNAVAILABLE: ipv4:172.30.0.11:2379: Unwrap failed (TSI_DATA_CORRUPTED)")
+    assert "--etcd-cafile" in tls_hint("Ssl handshake failed: CERTIFICATE_VERIFY_FAILED")
+    assert tls_hint("connection refused") == ""
