@@ -16,7 +16,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all")
+OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all",
+        "membership")
 
 
 def load(results: Path) -> dict[str, Any]:
@@ -102,7 +103,8 @@ def targets_of(docs: dict[str, Any]) -> list[dict[str, Any]]:
     for name, doc in docs.items():
         if not isinstance(doc, dict):
             continue
-        for t in doc.get("targets", []) + cni_targets(doc):
+        extra = membership_targets(doc) if name == "membership" else cni_targets(doc)
+        for t in doc.get("targets", []) + extra:
             if isinstance(t, dict) and "ratio" in t:
                 out.append({**t, "source": name})
     return out
@@ -121,6 +123,58 @@ def cni_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
              "ratio": v["ratio_median"], "op": "<=", "threshold": v["target_ratio_max"],
              "met": bool(v.get("met"))}
             for cmd, v in doc["latency_ms"].items() if "target_ratio_max" in v]
+
+
+def membership_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 4's targets are absolute times; quoted as a fraction of the time allowed."""
+    out = []
+    det = doc.get("detection") or {}
+    if det.get("target_s"):
+        r = det["all_peers_s"]["median"] / det["target_s"]
+        out.append({"id": "membership.detection", "what": "crash detected by all 9 peers at 10 "
+                    f"nodes (median), fraction of {det['target_s']:g} s", "ratio": r,
+                    "op": "<=", "threshold": 1.0, "met": r <= 1.0})
+    mac = doc.get("new_mac_convergence") or {}
+    if mac.get("target_s"):
+        r = mac["etcd_frozen_s"]["median"] / mac["target_s"]
+        out.append({"id": "membership.new_mac", "what": "new VTEP MAC reprogrammed with etcd "
+                    f"frozen (median), fraction of {mac['target_s']:g} s", "ratio": r,
+                    "op": "<=", "threshold": 1.0, "met": r <= 1.0})
+    return out
+
+
+def membership_section(mb: dict[str, Any] | None) -> str:
+    if not mb:
+        return "_Not run._"
+    det, mac, tr, loss = (mb["detection"], mb["new_mac_convergence"], mb["traffic"], mb["loss"])
+
+    def dist(d: dict[str, Any]) -> str:
+        return f"{d['median']:.2f} s (min {d['min']:.2f}, max {d['max']:.2f}, n={d['n']})"
+
+    rows = [
+        ["crash → first peer marks it dead", dist(det["first_peer_s"]), ""],
+        ["crash → all peers mark it dead", dist(det["all_peers_s"]),
+         f"target {det['target_s']:g} s"],
+        ["restart with a new VTEP MAC, etcd frozen → every peer reprogrammed",
+         dist(mac["etcd_frozen_s"]), f"target {mac['target_s']:g} s"],
+        ["the same with etcd up (reference)", dist(mac["reference_etcd_up_s"]),
+         f"ratio {f(mac['ratio_frozen_to_etcd_up'])}"],
+        ["gossip payload out per node", byterate(
+            tr["payload_bytes_out_per_s_per_node"]["median"]), "median of the nodes"],
+        ["gossip on the wire per node (both directions)",
+         byterate(tr["gossip_wire_bytes_per_s_per_node"]),
+         f"{f(tr['ratio_gossip_wire_to_etcd_wire'])}x the node's etcd traffic "
+         f"({byterate(tr['reference_etcd_wire_bytes_per_s_per_node'])})"],
+        [f"{loss['loss_percent']}% random loss for {loss['seconds']:g} s: peers wrongly marked "
+         "dead", str(len(loss["false_dead"])),
+         f"{loss['suspicion_episodes']} suspicions, longest {loss['longest_suspicion_s']:.2f} s"],
+    ]
+    t = mb.get("timings", {})
+    return "\n".join([
+        f"SWIM membership at {mb['nodes']} nodes (`bench/membership.py`); probe every "
+        f"{t.get('probe_interval', '?')} s, suspicion {t.get('suspect_timeout', '?')} to "
+        f"{t.get('suspect_timeout_max', '?')} s:", "",
+        table(["figure", "measured", "against"], rows)])
 
 
 def cni_section(doc: dict[str, Any]) -> str:
@@ -517,7 +571,8 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
                                                  imgs.get("peer_programming")), "",
               "## 3. Convergence", "", safe(convergence_section, docs.get("convergence"),
                                             imgs.get("convergence")), "",
-              "## 4. CNI", ""]
+              "### Membership (gRPC, SWIM)", "", safe(membership_section, docs.get("membership")),
+              "", "## 4. CNI", ""]
     others = {k: v for k, v in docs.items() if k not in OURS}
     cni = {k: v for k, v in others.items() if is_cni(v)}
     for name, doc in cni.items():

@@ -29,6 +29,7 @@ PLAN: list[tuple[str, list[str], int]] = [
     ("convergence.py", [], 240),
     ("cni_latency.py", [], 300),
     ("footprint.py", [], 240),
+    ("membership.py", [], 300),
 ]
 QUICK: dict[str, list[str]] = {
     "spine.py": ["--runs", "1"],
@@ -37,6 +38,8 @@ QUICK: dict[str, list[str]] = {
     "peer_programming.py": ["--sizes", "100,1000", "--reps", "1", "--idle-seconds", "3"],
     "convergence.py": ["--reps", "1"],
     "footprint.py": ["--peers", "10,1000", "--window", "6", "--settle", "1"],
+    "membership.py": ["--nodes", "5", "--window", "5", "--loss-seconds", "5", "--crashes", "1",
+                      "--mac-reps", "1"],
 }
 TOOLS = ("ip", "bridge", "etcd", "etcdctl", "ping", "iperf3", "nft")
 
@@ -45,7 +48,7 @@ def remove_leftovers(since: float) -> None:
     """Sandboxes our scripts made in this run and could not remove (killed): remove them."""
     from overlay.sandbox.sandbox import BASE, Sandbox
 
-    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni")
+    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms")
     for d in BASE.glob("*") if BASE.exists() else ():
         if d.name.startswith(tags) and d.stat().st_mtime >= since - 1:
             print(f"   removing leftover sandbox {d.name}", file=sys.stderr)

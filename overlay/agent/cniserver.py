@@ -180,6 +180,9 @@ class CniService:
         return spec.render(ours, conf.cni_version)
 
     async def delete(self, e: spec.Env, conf: spec.NetConf, ns_fd: int | None) -> bytes:
+        if conf.lenient:
+            log.warning("CNI DEL %s/%s: the network config is invalid (%s); removing the "
+                        "attachment anyway", e.container_id[:12], e.ifname, conf.lenient)
         have = self.ipam.find(e.container_id, e.ifname)
         try:
             await self.wiring.detach(e.container_id, e.ifname, ns_fd,

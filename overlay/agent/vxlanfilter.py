@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
+import time
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
@@ -55,6 +57,24 @@ def ruleset(port: int, members: Iterable[IPv4Address]) -> str:
     )
 
 
+_RULE = re.compile(r"udp dport (\d+) ip saddr != @members counter")
+_ELEMENTS = re.compile(r"elements = \{([^}]*)\}")
+
+
+def parse_table(text: str) -> tuple[int | None, frozenset[IPv4Address]]:
+    """(the port the drop rule guards or None, the member set) from `nft list table`."""
+    m = _RULE.search(text)
+    port = int(m.group(1)) if m else None
+    members: set[IPv4Address] = set()
+    e = _ELEMENTS.search(text)
+    if e:
+        for item in e.group(1).replace("\n", " ").split(","):
+            item = item.strip()
+            if item:
+                members.add(IPv4Address(item))
+    return port, frozenset(members)
+
+
 def member_update(members: Iterable[IPv4Address]) -> str:
     """Replace the member set atomically (one nft transaction)."""
     elems = _elements(members)
@@ -63,9 +83,14 @@ def member_update(members: Iterable[IPv4Address]) -> str:
 
 
 class VxlanFilter:
+    # The table is checked against the kernel this often: deleted or edited by hand, it is
+    # rebuilt, like any other drifted state.
+    VERIFY_INTERVAL = 2.0
+
     def __init__(self, port: int) -> None:
         self.port = port
         self.members: frozenset[IPv4Address] | None = None
+        self._verified = 0.0
         self.nft = shutil.which("nft") or "/usr/sbin/nft"
         self._lock = asyncio.Lock()
 
@@ -84,6 +109,13 @@ class VxlanFilter:
         """Make the accepted sources exactly `members`. Cheap when nothing changed."""
         want = frozenset(members)
         async with self._lock:
+            now = time.monotonic()
+            if self.members is not None and now - self._verified >= self.VERIFY_INTERVAL:
+                self._verified = now
+                if await self._kernel_state() != (self.port, self.members):
+                    log.warning("VXLAN filter: table ip %s was changed outside overlayd; "
+                                "rebuilding it", TABLE)
+                    self.members = None
             if want == self.members:
                 return
             if self.members is None:
@@ -98,6 +130,15 @@ class VxlanFilter:
                 for ip in sorted(removed):
                     log.info("VXLAN filter: no longer accepting %s (not a member)", ip)
             self.members = want
+
+    async def _kernel_state(self) -> tuple[int | None, frozenset[IPv4Address]] | None:
+        proc = await asyncio.create_subprocess_exec(
+            self.nft, "list", "table", "ip", TABLE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            return None
+        return parse_table(out.decode(errors="replace"))
 
     async def dropped(self) -> int:
         """Packets dropped so far (from the rule's counter)."""

@@ -167,6 +167,8 @@ class NetConf:
     runtime_config: dict[str, Any] = field(default_factory=dict)
     valid_attachments: tuple[tuple[str, str], ...] | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Set when a DEL goes ahead despite an invalid optional field: what was wrong.
+    lenient: str = ""
 
     def at_least(self, v: str) -> bool:
         return _ver(self.cni_version) >= _ver(v)
@@ -212,6 +214,22 @@ def parse_conf(stdin: bytes, command: str) -> NetConf:
     if command in ("GC", "STATUS") and _ver(version) < (1, 1, 0):
         raise CniError(E_INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0",
                        f"config is {version!r}")
+    try:
+        return _parse_fields(doc, version, command)
+    except CniError as err:
+        if command != "DEL" or err.code != E_INVALID_CONFIG:
+            raise
+        # A conflist edited with a mistake after pods started must not make their DEL fail
+        # for ever: DEL needs only the attachment and the agent, so it goes on without the
+        # broken optional field (the handler logs `lenient`).
+        sock = doc.get("agentSocket")
+        return NetConf(cni_version=version, name=str(doc.get("name") or ""),
+                       type=str(doc.get("type") or ""),
+                       agent_socket=sock if isinstance(sock, str) else "", raw=doc,
+                       lenient=f"{err.msg} {err.details}".strip())
+
+
+def _parse_fields(doc: dict[str, Any], version: str, command: str) -> NetConf:
     name = doc.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise CniError(E_INVALID_CONFIG, f"name: {name!r} is not a valid network name "

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -157,6 +158,8 @@ def quiet_grpc() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_grpc()
+    # `overlayctl ... | head` ends quietly, as a Unix tool should, not with a traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)

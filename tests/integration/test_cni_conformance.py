@@ -410,6 +410,22 @@ def test_del_is_idempotent_and_always_releases_the_address(n1, pods, version):
     wait_until(lambda: {n for n in n1.links() if n.startswith("veth")} == veths_before, 5)
 
 
+def test_del_with_a_config_broken_after_add_still_releases_everything(n1, pods):
+    """An operator edits the conflist with a mistake while pods run: their DEL must not
+    fail for ever (the address and the veth would never be released)."""
+    veths_before = {n for n in n1.links() if n.startswith("veth")}
+    pod = pods()
+    cid, _ = n1.add(pod)
+    assert n1.allocated_to(cid)
+    n1.delete(cid, pod, mtu="a lot", hairpinMode="yes", dns=[])
+    assert not n1.allocated_to(cid) and "eth0" not in ns_links(pod)
+    wait_until(lambda: {n for n in n1.links() if n.startswith("veth")} == veths_before, 5)
+    log = Path(n1.sb.node("n1").log).read_text()
+    assert "the network config is invalid" in log and "removing the attachment anyway" in log
+    # ADD with the same mistake is refused, naming the key.
+    assert_error(n1.call("ADD", n1.conf(mtu="a lot"), cid="x", netns=path(pods())), 7, "mtu")
+
+
 # --- CHECK --------------------------------------------------------------------------
 
 

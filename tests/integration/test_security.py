@@ -89,3 +89,20 @@ def test_filter_follows_membership(make_sandbox):
     assert "overlay_vxlan" not in sb.run_in(sb.node("n3").netns, "nft", "list",
                                              "tables").stdout.decode()
     assert "stopped after leaving the cluster" in Path(sb.node("n3").log).read_text()
+
+
+def test_filter_deleted_by_hand_comes_back(make_sandbox):
+    sb = make_sandbox(2, 0)
+    ns = sb.node("n1").netns
+
+    def present() -> bool:
+        out = sb.run_in(ns, "nft", "list", "table", "ip", "overlay_vxlan", check=False)
+        return out.returncode == 0 and sb.node("n2").underlay_ip in out.stdout.decode()
+
+    assert present()
+    sb.run_in(ns, "nft", "delete", "table", "ip", "overlay_vxlan")
+    took = wait_until(present, 5, 0.1)
+    sb.run_in(ns, "nft", "flush", "chain", "ip", "overlay_vxlan", "input")
+    wait_until(lambda: "@members" in sb.run_in(ns, "nft", "list", "chain", "ip",
+                                               "overlay_vxlan", "input").stdout.decode(), 5)
+    print(f"VXLAN filter table restored {took:.1f}s after it was deleted by hand")

@@ -178,3 +178,29 @@ def test_cni_results_of_the_cni_script_join_the_headline_and_get_their_table():
     assert "VERSION latency" not in text  # no target for it
     assert "| ADD | 22.5 | 59.1 | 16.8 | 45.1 | **1.34** | 1.31 |" in text
     assert "ours 35.3 pods/s, reference 71.6 pods/s (ratio 0.493)" in text
+
+
+def _dist(median: float) -> dict[str, float]:
+    return {"n": 5, "median": median, "min": median - 0.1, "max": median + 0.1}
+
+
+def test_membership_times_are_targets_as_a_fraction_of_the_time_allowed():
+    doc = {"nodes": 10, "timings": {"probe_interval": 0.4},
+           "detection": {"all_peers_s": _dist(3.6), "first_peer_s": _dist(1.0), "target_s": 3.0},
+           "new_mac_convergence": {"etcd_frozen_s": _dist(1.5), "reference_etcd_up_s": _dist(0.5),
+                                   "target_s": 5.0, "ratio_frozen_to_etcd_up": 3.0},
+           "traffic": {"payload_bytes_out_per_s_per_node": _dist(345.0),
+                       "gossip_wire_bytes_per_s_per_node": 2138.0,
+                       "reference_etcd_wire_bytes_per_s_per_node": 207.0,
+                       "ratio_gossip_wire_to_etcd_wire": 10.3},
+           "loss": {"loss_percent": 20, "seconds": 30.0, "false_dead": {"n3": 1},
+                    "suspicion_episodes": 4, "longest_suspicion_s": 0.3}}
+    targets = {t["id"]: t for t in report.targets_of({"membership": doc})}
+    assert targets["membership.detection"]["ratio"] == pytest.approx(1.2)
+    assert not targets["membership.detection"]["met"]
+    assert targets["membership.new_mac"]["ratio"] == pytest.approx(0.3)
+    assert targets["membership.new_mac"]["met"]
+    text = report.membership_section(doc)
+    assert "3.60 s" in text and "target 3 s" in text
+    assert "peers wrongly marked dead | 1 |" in text
+    assert "Other results" not in report.render({"membership": doc}, {})

@@ -227,3 +227,15 @@ def test_deleted_link_notifications_are_parsed():
     length, mtype, _flags, seq = struct.unpack_from("=IHHI", msg)
     assert (length, mtype, seq) == (len(msg), RTM_DELLINK, 7) and len(msg) % 4 == 0
     assert deleted_links(msg) == ["vethabc"]
+
+
+def test_del_goes_ahead_despite_a_broken_optional_field():
+    bad = conf(mtu="large", agentSocket="/run/x.sock")
+    with pytest.raises(spec.CniError):
+        spec.parse_conf(bad, "ADD")
+    c = spec.parse_conf(bad, "DEL")
+    assert c.agent_socket == "/run/x.sock" and "mtu" in c.lenient
+    # but an unsupported version is still refused before anything happens
+    with pytest.raises(spec.CniError) as ei:
+        spec.parse_conf(conf(cniVersion="0.2.0", mtu="large"), "DEL")
+    assert ei.value.code == spec.E_INCOMPATIBLE_VERSION

@@ -34,3 +34,27 @@ def test_fault_ruleset_partitions_and_loss():
     assert "hook forward" in text and "table bridge ovs_faults" in text
     clean = faults(Faults())
     assert "drop" not in clean
+
+
+def test_parse_table_reads_back_what_the_kernel_shows():
+    from overlay.agent.vxlanfilter import parse_table
+
+    listing = """table ip overlay_vxlan {
+    set members {
+        type ipv4_addr
+        elements = { 172.30.1.12, 172.30.1.13,
+                 172.30.1.14 }
+    }
+
+    chain input {
+        type filter hook input priority -150; policy accept;
+        udp dport 8472 ip saddr != @members counter packets 5 bytes 400 drop
+    }
+}
+"""
+    port, members = parse_table(listing)
+    assert port == 8472
+    assert members == {IPv4Address(f"172.30.1.{i}") for i in (12, 13, 14)}
+    flushed = listing.replace("udp dport 8472 ip saddr != @members counter packets 5 bytes "
+                              "400 drop", "")
+    assert parse_table(flushed)[0] is None
