@@ -22,6 +22,11 @@ RECONCILE_SECONDS = Histogram(
     "overlay_reconcile_duration_seconds", "Duration of one reconcile pass", registry=REGISTRY,
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+DRIFT_NOTIFICATIONS = Counter(
+    "overlay_drift_notifications_total",
+    "Kernel notifications that may mean drift and woke a reconcile pass",
+    registry=REGISTRY,
+)
 REPAIRS = Counter(
     "overlay_repairs_total",
     "Kernel entries or devices put back after they were changed outside overlayd",

@@ -44,7 +44,7 @@ from overlay.dataplane.devices import (
     stable_mac,
     vxlan_name,
 )
-from overlay.dataplane.kernel import NetlinkKernel, Underlay, find_underlay
+from overlay.dataplane.kernel import ChangeMonitor, NetlinkKernel, Underlay, find_underlay
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.etcdstore import EtcdOptions, EtcdStore, WatchLost
 from overlay.log import change_fields
@@ -69,7 +69,7 @@ class AgentOptions:
     run_dir: Path = Path("/run/overlay")
     state_dir: Path = Path("/var/lib/overlay")
     lease_ttl: int = 60
-    reconcile_interval: float = 1.0
+    reconcile_interval: float = 10.0
     health_addr: str | None = None
     metrics_addr: str | None = None
     ip_masq: bool = False
@@ -113,6 +113,8 @@ class Agent:
         self._main_task: asyncio.Task[Any] | None = None
         self.notifier = Notifier()  # systemd Type=notify ($NOTIFY_SOCKET)
         self._notified = ""
+        self._cfg_bad = ""  # the last refusal of the config in etcd, logged once
+        self._cfg_msg = ""  # the last "config changed, restart" warning, logged once
 
     # --- what other parts ask -------------------------------------------------
 
@@ -317,8 +319,10 @@ class Agent:
             opts.grpc_listen, tls, lambda: self.peers.entries if self.peers else {},
             self._membership_changed)
         self._closers.append(ms.close)
-        self.reconciler = Reconciler(self.kernel, ms.peer_records,
-                                     opts.reconcile_interval, self._vxlan_filter_hook(cfg))
+        monitor = ChangeMonitor()
+        self._closers.append(monitor.close)
+        self.reconciler = Reconciler(self.kernel, ms.peer_records, opts.reconcile_interval,
+                                     self._vxlan_filter_hook(cfg), monitor)
         self.reconciler.set_specs(self._specs(entry))
         if pending is None:
             snap = await self._list_until_ok(store)
@@ -475,7 +479,17 @@ class Agent:
 
     async def _run_reconciler(self) -> None:
         assert self.reconciler is not None
-        await self.reconciler.run()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.reconciler.run(), name="reconcile-loop")
+            if self.vxlan_filter is not None:
+                tg.create_task(self._verify_filter(), name="vxlan-filter-verify")
+
+    async def _verify_filter(self) -> None:
+        assert self.reconciler is not None and self.vxlan_filter is not None
+        while True:
+            await asyncio.sleep(self.vxlan_filter.VERIFY_INTERVAL)
+            if await self.vxlan_filter.verify():
+                self.reconciler.wake()
 
     async def _conditions_loop(self) -> None:
         while True:
@@ -650,32 +664,53 @@ class Agent:
         elif e.record.node != self.node:
             lease.lost(f"node {e.record.node} now holds it")
 
-    async def _watch_config(self, store: EtcdStore, interval: float = 5.0) -> None:
-        last_bad = ""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                cfg = await store.get_config()
-            except (ConfigError, NotFound) as exc:
-                msg = str(exc)
-                if msg != last_bad:
-                    log.error("refusing the network config now in etcd (%s); keeping the last "
-                              "good one (%s)", msg, self.cfg.network if self.cfg else "-")
-                    last_bad = msg
-                self.set_condition("config", False, f"refused: {msg}; using the last good one")
-                continue
-            except TemporaryError:
-                continue
-            last_bad = ""
-            if self.cfg is not None and cfg != self.cfg:
-                msg = (f"the network config changed in etcd ({self.cfg.to_json()} -> "
-                       f"{cfg.to_json()}); restart overlayd on every node to apply it")
-                self.set_condition("config", True, msg)
-                if self.conditions["config"].message != getattr(self, "_cfg_msg", ""):
-                    log.warning("%s", msg)
-                    self._cfg_msg = msg
-            else:
-                self.set_condition("config", True, str(cfg.network))
+    async def _watch_config(self, store: EtcdStore, recheck: float = 60.0) -> None:
+        """Check the config in etcd whenever it changes (a watch), and every `recheck`
+        seconds in case a change slipped past a watch that was being re-established."""
+        changed = asyncio.Event()
+
+        async def follow() -> None:
+            while True:
+                try:
+                    start = await store.ping() + 1
+                    changed.set()  # anything before `start` is checked by this read
+                    async for _ in store.watch_config(start):
+                        changed.set()
+                except (WatchLost, TemporaryError) as exc:
+                    log.debug("config watch restarts: %s", exc)
+                await asyncio.sleep(1)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(follow(), name="config-watch-stream")
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), recheck)
+                changed.clear()
+                await self._check_config(store)
+
+    async def _check_config(self, store: EtcdStore) -> None:
+        try:
+            cfg = await store.get_config()
+        except (ConfigError, NotFound) as exc:
+            msg = str(exc)
+            if msg != self._cfg_bad:
+                log.error("refusing the network config now in etcd (%s); keeping the last "
+                          "good one (%s)", msg, self.cfg.network if self.cfg else "-")
+                self._cfg_bad = msg
+            self.set_condition("config", False, f"refused: {msg}; using the last good one")
+            return
+        except TemporaryError:
+            return
+        self._cfg_bad = ""
+        if self.cfg is not None and cfg != self.cfg:
+            msg = (f"the network config changed in etcd ({self.cfg.to_json()} -> "
+                   f"{cfg.to_json()}); restart overlayd on every node to apply it")
+            self.set_condition("config", True, msg)
+            if msg != self._cfg_msg:
+                log.warning("%s", msg)
+                self._cfg_msg = msg
+        else:
+            self.set_condition("config", True, str(cfg.network))
 
     # --- status for the local API ---------------------------------------------
 

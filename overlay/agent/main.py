@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lease-ttl", type=int, default=60, metavar="SECONDS",
                    help="TTL of the subnet lease in etcd: how long a dead node keeps its "
                         "subnet (default: %(default)s)")
-    g.add_argument("--reconcile-interval", type=float, default=1.0, metavar="SECONDS",
-                   help="period of the pass that repairs kernel drift (default: %(default)s)")
+    g.add_argument("--reconcile-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="period of the full pass that compares the kernel with the leases "
+                        "(default: %(default)s); entries or devices changed by hand are "
+                        "noticed from kernel notifications and repaired at once, so this "
+                        "is a safety net")
     g.add_argument("--ip-masq", action="store_true",
                    help="masquerade all traffic from this node's pods that leaves the "
                         "cluster network (nftables table 'ip overlay'); without it, only pods "

@@ -4,7 +4,9 @@ One pass: ensure the bridge and the VXLAN device (recreate only if
 incompatible), read the entries the device has, diff against the desired
 state from the current peers, apply the difference, and only then record
 what is programmed. Passes run when something changes (`wake`) and on a
-timer, so an entry deleted by hand or a deleted device comes back by itself.
+timer. With a `ChangeMonitor`, a kernel notification that may mean drift (an
+entry or device deleted or changed by hand) wakes a pass at once, so the timer
+is only the safety net and can be slow; without one, the timer finds drift.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
+from typing import Protocol
 
 from overlay import metrics
+from overlay.dataplane import rtnl
 from overlay.dataplane.desired import (
     Desired,
     Entries,
@@ -36,6 +40,10 @@ from overlay.log import change_fields
 from overlay.model import NodeRecord
 
 log = logging.getLogger(__name__)
+
+
+class Monitor(Protocol):
+    async def changed(self, watched: Callable[[], rtnl.Watched]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class Reconciler:
         peers: Callable[[], Iterable[NodeRecord]],
         interval: float = 1.0,
         after_pass: Callable[[Desired], Awaitable[None]] | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.kernel = kernel
         # Runs after the entries are applied, with the desired state (e.g. to
@@ -77,6 +86,8 @@ class Reconciler:
         self.specs: Specs | None = None
         self.programmed = Entries()
         self.vxlan_index: int | None = None
+        self.bridge_index: int | None = None
+        self.monitor = monitor
         self.passes = 0
         self.first_done = asyncio.Event()
         self.last_ok: float | None = None
@@ -127,6 +138,8 @@ class Reconciler:
                 res.repaired += 1
         if bops:
             await self.kernel.apply_device_ops(bops)
+            br = await self.kernel.link(specs.bridge.name)
+        self.bridge_index = br.index if br is not None else None
         if vops:
             await self.kernel.apply_device_ops(vops)
             if any(op.action == "create" for op in vops):
@@ -188,30 +201,55 @@ class Reconciler:
                      or Neigh(rec.vtep_ip, rec.vtep_mac, permanent=False) in p.neighs)
                 and Fdb(rec.vtep_mac, rec.underlay_ip) in p.fdbs)
 
+    def watched(self) -> rtnl.Watched:
+        assert self.specs is not None
+        sp = self.specs
+        return rtnl.Watched(self.vxlan_index, self.bridge_index, sp.vxlan.mtu, sp.bridge.mtu,
+                            sp.vxlan.mac, sp.bridge.mac, sp.cluster)
+
+    async def _follow_kernel(self, monitor: Monitor) -> None:
+        while True:
+            why = await monitor.changed(self.watched)
+            log.debug("kernel notification: %s; reconciling", why)
+            metrics.DRIFT_NOTIFICATIONS.inc()
+            self.wake()
+
     async def run(self) -> None:
         """Reconcile on every wake-up and at least every `interval` seconds. Never returns."""
-        backoff = self.interval
+        if self.monitor is None:
+            await self._loop()
+            return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._follow_kernel(self.monitor), name="kernel-notifications")
+            tg.create_task(self._loop(), name="reconcile-passes")
+
+    # A failed pass is retried soon, whatever the periodic interval: the safety-net
+    # interval is long, but an entry that could not be programmed is a broken peer.
+    RETRY_FIRST = 0.5
+    RETRY_MAX = 10.0
+
+    async def _loop(self) -> None:
+        first = min(self.RETRY_FIRST, self.interval)
+        backoff = first
         while True:
             self._wake.clear()
             try:
                 res = await self.reconcile_once()
             except OverlayError as exc:
                 if str(exc) != self.last_error:
-                    log.warning("reconcile failed: %s; retrying", exc)
+                    log.warning("reconcile failed: %s; retrying in %.1fs", exc, backoff)
                 self.last_error = str(exc)
-                backoff = min(backoff * 2, 10 * self.interval)
-                await self._sleep(backoff)
-                continue
-            if res.ok:
-                self.last_ok = time.monotonic()
-                self.last_error = ""
-                backoff = self.interval
-                self.first_done.set()
-                await self._sleep(self.interval)
             else:
+                if res.ok:
+                    self.last_ok = time.monotonic()
+                    self.last_error = ""
+                    backoff = first
+                    self.first_done.set()
+                    await self._sleep(self.interval)
+                    continue
                 self.last_error = "; ".join(res.errors[:3])
-                backoff = min(backoff * 2, 10 * self.interval)
-                await self._sleep(backoff)
+            await self._sleep(backoff)
+            backoff = min(backoff * 2, self.RETRY_MAX)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

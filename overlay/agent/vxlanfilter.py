@@ -24,7 +24,6 @@ import asyncio
 import logging
 import re
 import shutil
-import time
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
@@ -83,14 +82,13 @@ def member_update(members: Iterable[IPv4Address]) -> str:
 
 
 class VxlanFilter:
-    # The table is checked against the kernel this often: deleted or edited by hand, it is
-    # rebuilt, like any other drifted state.
+    # The agent checks the table against the kernel this often: deleted or edited by hand,
+    # it is rebuilt, like any other drifted state.
     VERIFY_INTERVAL = 2.0
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.members: frozenset[IPv4Address] | None = None
-        self._verified = 0.0
         self.nft = shutil.which("nft") or "/usr/sbin/nft"
         self._lock = asyncio.Lock()
 
@@ -109,13 +107,6 @@ class VxlanFilter:
         """Make the accepted sources exactly `members`. Cheap when nothing changed."""
         want = frozenset(members)
         async with self._lock:
-            now = time.monotonic()
-            if self.members is not None and now - self._verified >= self.VERIFY_INTERVAL:
-                self._verified = now
-                if await self._kernel_state() != (self.port, self.members):
-                    log.warning("VXLAN filter: table ip %s was changed outside overlayd; "
-                                "rebuilding it", TABLE)
-                    self.members = None
             if want == self.members:
                 return
             if self.members is None:
@@ -130,6 +121,20 @@ class VxlanFilter:
                 for ip in sorted(removed):
                     log.info("VXLAN filter: no longer accepting %s (not a member)", ip)
             self.members = want
+
+    async def verify(self) -> bool:
+        """True if the table in the kernel is no longer what we installed (deleted or edited
+        by hand); the next `sync` then rebuilds it whole. nftables changes raise no
+        rtnetlink notification, so the agent calls this on a timer."""
+        async with self._lock:
+            if self.members is None:
+                return False
+            if await self._kernel_state() == (self.port, self.members):
+                return False
+            log.warning("VXLAN filter: table ip %s was changed outside overlayd; rebuilding "
+                        "it", TABLE)
+            self.members = None
+            return True
 
     async def _kernel_state(self) -> tuple[int | None, frozenset[IPv4Address]] | None:
         proc = await asyncio.create_subprocess_exec(

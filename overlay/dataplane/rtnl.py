@@ -270,3 +270,86 @@ class BatchReplies:
             self.failures[seq] = (code, text)
         if seq == self.last_seq:
             self.done = True
+
+
+# --- notifications (rtnetlink multicast groups) -----------------------------------------
+
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+IFLA_ADDRESS = 1
+IFLA_MTU = 4
+IFF_UP = 0x1
+_IFINFO = struct.Struct("=BBHiII")  # family, pad, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBi")  # family, prefixlen, flags, scope, index
+
+
+@dataclass(frozen=True)
+class Watched:
+    """What the agent keeps in the kernel, as notifications name it."""
+
+    vxlan: int | None  # ifindex
+    bridge: int | None
+    vxlan_mtu: int
+    bridge_mtu: int
+    vxlan_mac: str
+    bridge_mac: str
+    cluster: IPv4Network
+
+
+def drift(msg: Message, w: Watched) -> str:
+    """Why notification `msg` may mean the kernel no longer matches what we programmed,
+    or "" if it cannot. Errs towards yes (a pass that finds nothing costs one diff);
+    ignores what changes all the time and is not ours: pods' veths, bridge port churn."""
+    try:
+        return _drift(msg, w)
+    except (struct.error, ValueError):
+        return "undecodable notification"
+
+
+def _drift(msg: Message, w: Watched) -> str:
+    ours = {w.vxlan, w.bridge} - {None}
+    t, p = msg.type, msg.payload
+    if t in (RTM_NEWLINK, RTM_DELLINK):
+        _f, _p, _t, index, flags, _c = _IFINFO.unpack_from(p, 0)
+        if index not in ours:
+            return ""
+        if t == RTM_DELLINK:
+            return f"device {index} deleted"
+        if not flags & IFF_UP:
+            return f"device {index} down"
+        a = attrs(p, _IFINFO.size)
+        mtu, mac = a.get(IFLA_MTU), a.get(IFLA_ADDRESS)
+        want_mtu, want_mac = ((w.vxlan_mtu, w.vxlan_mac) if index == w.vxlan
+                              else (w.bridge_mtu, w.bridge_mac))
+        if mtu is not None and struct.unpack("=I", mtu)[0] != want_mtu:
+            return f"device {index} MTU changed"
+        if mac is not None and mac.hex(":") != want_mac.lower():
+            return f"device {index} MAC changed"
+        return ""
+    if t in (RTM_NEWADDR, RTM_DELADDR):
+        family, _l, _f, _s, index = _IFADDR.unpack_from(p, 0)
+        return f"address changed on device {index}" if index in ours else ""
+    if t in (RTM_NEWNEIGH, RTM_DELNEIGH):
+        _fam, _p1, _p2, index, _st, _f, _t = _NDMSG.unpack_from(p, 0)
+        return "neighbour or FDB entry changed" if index == w.vxlan else ""
+    if t in (RTM_NEWROUTE, RTM_DELROUTE):
+        family, dst_len, *_ = _RTMSG.unpack_from(p, 0)
+        if family != socket.AF_INET:
+            return ""
+        a = attrs(p, _RTMSG.size)
+        oif = a.get(RTA_OIF)
+        if oif is not None and struct.unpack("=I", oif)[0] == w.vxlan:
+            return "route changed"
+        dst = a.get(RTA_DST)
+        if dst is not None and len(dst) == 4:
+            net = IPv4Network((int.from_bytes(dst, "big"), dst_len), strict=False)
+            if net.subnet_of(w.cluster) and dst_len > w.cluster.prefixlen:
+                return f"route to {net} changed"
+        return ""
+    return ""

@@ -404,6 +404,10 @@ class Sandbox:
     def _spawn(self, ns: str, cmd: list[str], log: Path, env: dict[str, str] | None = None
                ) -> int:
         log.parent.mkdir(parents=True, exist_ok=True)
+        # Reap daemons that died meanwhile (killed by a test, crashed): no zombies pile up.
+        for pid, child in list(_CHILDREN.items()):
+            if child.poll() is not None:
+                del _CHILDREN[pid]
         with open(log, "ab") as f:
             p = subprocess.Popen([*self.exec_prefix(ns), *cmd], stdout=f, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir,
@@ -475,7 +479,7 @@ class Sandbox:
             tool("overlayd"), "--node-name", name, "--etcd-endpoints", self.etcd_endpoints(),
             *([] if chosen else ["--iface", "eth0"]),
             "--run-dir", str(d / "run"), "--state-dir", str(d / "state"),
-            "--health-addr", "127.0.0.1:9181", "--reconcile-interval", "0.5",
+            "--health-addr", "127.0.0.1:9181",
             *self.tls_args(name), *self.etcd_agent_args(name), *args,
         ]
 

@@ -198,8 +198,8 @@ def test_membership_times_are_targets_as_a_fraction_of_the_time_allowed():
     targets = {t["id"]: t for t in report.targets_of({"membership": doc})}
     assert targets["membership.detection"]["ratio"] == pytest.approx(1.2)
     assert not targets["membership.detection"]["met"]
-    assert targets["membership.new_mac"]["ratio"] == pytest.approx(0.3)
-    assert targets["membership.new_mac"]["met"]
+    assert targets["membership.new_mac_convergence"]["ratio"] == pytest.approx(0.3)
+    assert targets["membership.new_mac_convergence"]["met"]
     text = report.membership_section(doc)
     assert "3.60 s" in text and "target 3 s" in text
     assert "peers wrongly marked dead | 1 |" in text

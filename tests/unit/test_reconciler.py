@@ -114,3 +114,44 @@ def test_observe_failure_raises_and_run_loop_survives_it():
 
     run(go())
     assert r.is_programmed(peer)
+
+
+def test_a_kernel_notification_wakes_a_pass_long_before_the_timer():
+    peer = rec("n2", 2, 2)
+    k = FakeKernel()
+
+    class Monitor:
+        def __init__(self):
+            self.fire = asyncio.Event()
+            self.seen = []
+
+        async def changed(self, watched):
+            await self.fire.wait()
+            self.fire.clear()
+            self.seen.append(watched())
+            return "route changed"
+
+    mon = Monitor()
+    r = Reconciler(k, lambda: [peer], interval=3600, monitor=mon)
+    r.set_specs(SPECS)
+
+    async def go():
+        task = asyncio.create_task(r.run())
+        await asyncio.wait_for(r.first_done.wait(), 5)
+        idx = r.vxlan_index
+        k.remove_entry(idx, Route(peer.subnet, peer.vtep_ip))
+        mon.fire.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if r.passes >= 2:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return idx
+
+    idx = run(go())
+    assert r.passes == 2 and r.is_programmed(peer)
+    assert Route(peer.subnet, peer.vtep_ip) in k.entries[idx].routes
+    w = mon.seen[0]
+    assert w.vxlan == idx and w.bridge is not None and w.vxlan_mtu == 1450
+    assert w.cluster == SPECS.cluster

@@ -220,3 +220,67 @@ def test_done_carries_the_error_of_a_failed_dump():
     bad = rtnl.Message(rtnl.NLMSG_DONE, 2, 1, struct.pack("=i", -16))
     assert rtnl.done_error(ok) == 0 and rtnl.done_error(bad) == 16
     assert rtnl.done_error(rtnl.Message(rtnl.NLMSG_DONE, 2, 1, b"")) == 0
+
+
+# --- notifications that may mean drift ---------------------------------------------------
+
+WATCHED = rtnl.Watched(vxlan=IFINDEX, bridge=8, vxlan_mtu=1450, bridge_mtu=1450,
+                       vxlan_mac="02:00:00:00:00:01", bridge_mac="02:00:00:00:00:aa",
+                       cluster=IPv4Network("10.244.0.0/16"))
+
+
+def notification(mtype, body):
+    return next(rtnl.split(struct.pack("=IHHII", 16 + len(body), mtype, 0, 0, 0) + body))
+
+
+def link_msg(mtype, index, up=True, mtu=1450, mac="02:00:00:00:00:01"):
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    m = ifinfmsg()
+    m["index"], m["flags"] = index, 1 if up else 0
+    m["attrs"] = [("IFLA_MTU", mtu), ("IFLA_ADDRESS", mac)]
+    m.encode()
+    return notification(mtype, bytes(m.data[16:m["header"]["length"]]))
+
+
+def as_notification(op):
+    buf = rtnl.encode_op(op, IFINDEX, 1)
+    mtype = header(buf)[1]
+    return notification(mtype, buf[16:])
+
+
+def test_changes_to_our_devices_and_entries_are_drift():
+    assert rtnl.drift(link_msg(rtnl.RTM_DELLINK, IFINDEX), WATCHED)
+    assert rtnl.drift(link_msg(rtnl.RTM_NEWLINK, IFINDEX, up=False), WATCHED)
+    assert "MTU" in rtnl.drift(link_msg(rtnl.RTM_NEWLINK, IFINDEX, mtu=1400), WATCHED)
+    assert "MAC" in rtnl.drift(link_msg(rtnl.RTM_NEWLINK, 8, mac="02:00:00:00:00:01"), WATCHED)
+    assert rtnl.drift(link_msg(rtnl.RTM_DELLINK, 8), WATCHED)
+    for op in (Op("del", FDB), Op("del", NEIGH), Op("del", ROUTE), Op("add", NEIGH)):
+        assert rtnl.drift(as_notification(op), WATCHED), op
+    addr = struct.pack("=BBBBi", socket.AF_INET, 24, 0, 0, 8)
+    assert rtnl.drift(notification(rtnl.RTM_DELADDR, addr), WATCHED)
+
+
+def test_a_route_into_the_cluster_moved_to_another_device_is_drift():
+    buf = bytearray(rtnl.encode_op(Op("add", ROUTE), 99, 1))
+    assert rtnl.drift(notification(header(buf)[1], bytes(buf[16:])), WATCHED)
+
+
+def test_what_changes_all_the_time_and_is_not_ours_is_not_drift():
+    # A pod's veth comes and goes; the bridge gains a port and stays as it was.
+    assert not rtnl.drift(link_msg(rtnl.RTM_NEWLINK, 30, mac="0a:58:00:00:00:01"), WATCHED)
+    assert not rtnl.drift(link_msg(rtnl.RTM_DELLINK, 30), WATCHED)
+    assert not rtnl.drift(link_msg(rtnl.RTM_NEWLINK, 8, mac="02:00:00:00:00:aa"), WATCHED)
+    # The bridge learns a pod's MAC on its port; an unrelated route elsewhere.
+    bridge_fdb = rtnl.encode_op(Op("add", FDB), 30, 1)
+    assert not rtnl.drift(notification(header(bridge_fdb)[1], bridge_fdb[16:]), WATCHED)
+    other = Route(IPv4Network("192.168.5.0/24"), IPv4Address("192.168.5.1"))
+    buf = rtnl.encode_op(Op("add", other), 99, 1)
+    assert not rtnl.drift(notification(header(buf)[1], buf[16:]), WATCHED)
+    addr = struct.pack("=BBBBi", socket.AF_INET, 24, 0, 0, 30)
+    assert not rtnl.drift(notification(rtnl.RTM_NEWADDR, addr), WATCHED)
+
+
+@given(st.binary(max_size=64), st.sampled_from([16, 17, 20, 21, 24, 25, 28, 29]))
+def test_garbage_notifications_never_raise(body, mtype):
+    rtnl.drift(rtnl.Message(mtype, 0, 0, body), WATCHED)
