@@ -60,18 +60,14 @@ _RULE = re.compile(r"udp dport (\d+) ip saddr != @members counter")
 _ELEMENTS = re.compile(r"elements = \{([^}]*)\}")
 
 
-def parse_table(text: str) -> tuple[int | None, frozenset[IPv4Address]]:
-    """(the port the drop rule guards or None, the member set) from `nft list table`."""
+def parse_table(text: str) -> tuple[int | None, frozenset[str]]:
+    """(the port the drop rule guards or None, the member set as nft prints it) from
+    `nft list table`. Text, not addresses: this runs every 2 s over every member."""
     m = _RULE.search(text)
     port = int(m.group(1)) if m else None
-    members: set[IPv4Address] = set()
     e = _ELEMENTS.search(text)
-    if e:
-        for item in e.group(1).replace("\n", " ").split(","):
-            item = item.strip()
-            if item:
-                members.add(IPv4Address(item))
-    return port, frozenset(members)
+    items = e.group(1).replace("\n", " ").split(",") if e else []
+    return port, frozenset(filter(None, (i.strip() for i in items)))
 
 
 def member_update(members: Iterable[IPv4Address]) -> str:
@@ -89,6 +85,7 @@ class VxlanFilter:
     def __init__(self, port: int) -> None:
         self.port = port
         self.members: frozenset[IPv4Address] | None = None
+        self._texts: frozenset[str] = frozenset()  # the members as nft lists them
         self.nft = shutil.which("nft") or "/usr/sbin/nft"
         self._lock = asyncio.Lock()
 
@@ -121,6 +118,7 @@ class VxlanFilter:
                 for ip in sorted(removed):
                     log.info("VXLAN filter: no longer accepting %s (not a member)", ip)
             self.members = want
+            self._texts = frozenset(str(ip) for ip in want)
 
     async def verify(self) -> bool:
         """True if the table in the kernel is no longer what we installed (deleted or edited
@@ -129,14 +127,14 @@ class VxlanFilter:
         async with self._lock:
             if self.members is None:
                 return False
-            if await self._kernel_state() == (self.port, self.members):
+            if await self._kernel_state() == (self.port, self._texts):
                 return False
             log.warning("VXLAN filter: table ip %s was changed outside overlayd; rebuilding "
                         "it", TABLE)
             self.members = None
             return True
 
-    async def _kernel_state(self) -> tuple[int | None, frozenset[IPv4Address]] | None:
+    async def _kernel_state(self) -> tuple[int | None, frozenset[str]] | None:
         proc = await asyncio.create_subprocess_exec(
             self.nft, "list", "table", "ip", TABLE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

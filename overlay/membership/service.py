@@ -253,7 +253,7 @@ class Membership:
         """etcd's leases changed: align the member table (called by the agent)."""
         leases = {e.record.node: Record(e.record, e.mod_revision)
                   for e in self.etcd_entries().values()}
-        self._handle(self.swim.sync_etcd(leases, time.monotonic()))
+        self._handle(self.swim.sync_etcd(leases, time.monotonic()), etcd_changed=True)
 
     def set_self(self, rec: NodeRecord, lease_revision: int) -> None:
         """Our lease changed (re-taken, moved, or new details): announce it."""
@@ -531,7 +531,7 @@ class Membership:
 
     # --- what changed ---------------------------------------------------------
 
-    def _handle(self, changes: list[Change]) -> None:
+    def _handle(self, changes: list[Change], etcd_changed: bool = False) -> None:
         for c in changes:
             self._log(c)
             if c.new is None:
@@ -543,6 +543,8 @@ class Membership:
                 m = self.swim.members.get(c.name)
                 if m is not None and m.addr:
                     self._spawn(self._probe_member(m))
+        if not changes and not etcd_changed:
+            return  # nothing the data plane sees can differ (O(peers) to find out)
         programmed = [(p.record, p.source) for p in self.peers()]
         if programmed != self._programmed:
             self._programmed = programmed

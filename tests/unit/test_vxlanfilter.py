@@ -54,7 +54,7 @@ def test_parse_table_reads_back_what_the_kernel_shows():
 """
     port, members = parse_table(listing)
     assert port == 8472
-    assert members == {IPv4Address(f"172.30.1.{i}") for i in (12, 13, 14)}
+    assert members == {str(IPv4Address(f"172.30.1.{i}")) for i in (12, 13, 14)}
     flushed = listing.replace("udp dport 8472 ip saddr != @members counter packets 5 bytes "
                               "400 drop", "")
     assert parse_table(flushed)[0] is None
