@@ -209,7 +209,15 @@ class Reconciler:
 
     async def _follow_kernel(self, monitor: Monitor) -> None:
         while True:
-            why = await monitor.changed(self.watched)
+            try:
+                why = await monitor.changed(self.watched)
+            except KernelError as exc:
+                # Not fatal: the periodic pass still finds drift, only later.
+                log.warning("cannot read kernel notifications: %s; reconciling now and "
+                            "retrying in 1 s", exc)
+                self.wake()
+                await asyncio.sleep(1)
+                continue
             log.debug("kernel notification: %s; reconciling", why)
             metrics.DRIFT_NOTIFICATIONS.inc()
             self.wake()

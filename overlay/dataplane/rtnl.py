@@ -336,8 +336,10 @@ def _drift(msg: Message, w: Watched) -> str:
         family, _l, _f, _s, index = _IFADDR.unpack_from(p, 0)
         return f"address changed on device {index}" if index in ours else ""
     if t in (RTM_NEWNEIGH, RTM_DELNEIGH):
-        _fam, _p1, _p2, index, _st, _f, _t = _NDMSG.unpack_from(p, 0)
-        return "neighbour or FDB entry changed" if index == w.vxlan else ""
+        fam, _p1, _p2, index, _st, _f, _t = _NDMSG.unpack_from(p, 0)
+        # (IPv6 neighbour discovery on the device is not ours and would only add passes)
+        ours_family = fam in (socket.AF_INET, AF_BRIDGE)
+        return "neighbour or FDB entry changed" if index == w.vxlan and ours_family else ""
     if t in (RTM_NEWROUTE, RTM_DELROUTE):
         family, dst_len, *_ = _RTMSG.unpack_from(p, 0)
         if family != socket.AF_INET:

@@ -155,3 +155,35 @@ def test_a_kernel_notification_wakes_a_pass_long_before_the_timer():
     w = mon.seen[0]
     assert w.vxlan == idx and w.bridge is not None and w.vxlan_mtu == 1450
     assert w.cluster == SPECS.cluster
+
+
+def test_a_broken_notification_socket_is_not_fatal_and_still_wakes_a_pass():
+    from overlay.dataplane.kernel import KernelError
+
+    k = FakeKernel()
+
+    class Broken:
+        calls = 0
+
+        async def changed(self, watched):
+            Broken.calls += 1
+            if Broken.calls == 1:
+                await asyncio.sleep(0.05)  # after the first pass
+                raise KernelError("read kernel notifications", 22, "Invalid argument")
+            await asyncio.Event().wait()
+
+    r = Reconciler(k, lambda: [], interval=3600, monitor=Broken())
+    r.set_specs(SPECS)
+
+    async def go():
+        task = asyncio.create_task(r.run())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if r.passes >= 2 and Broken.calls >= 2:
+                break
+        assert not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(go())
+    assert r.passes >= 2 and Broken.calls >= 2

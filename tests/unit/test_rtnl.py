@@ -279,6 +279,9 @@ def test_what_changes_all_the_time_and_is_not_ours_is_not_drift():
     assert not rtnl.drift(notification(header(buf)[1], buf[16:]), WATCHED)
     addr = struct.pack("=BBBBi", socket.AF_INET, 24, 0, 0, 30)
     assert not rtnl.drift(notification(rtnl.RTM_NEWADDR, addr), WATCHED)
+    # IPv6 neighbour discovery on our device when it comes up.
+    nd = struct.pack("=BBHiHBB", socket.AF_INET6, 0, 0, IFINDEX, 0x2, 0, 1)
+    assert not rtnl.drift(notification(rtnl.RTM_NEWNEIGH, nd), WATCHED)
 
 
 @given(st.binary(max_size=64), st.sampled_from([16, 17, 20, 21, 24, 25, 28, 29]))
