@@ -196,7 +196,7 @@ def crash(sb: Sandbox, victim: str, timeout: float = 60) -> dict[str, Any]:
             if o not in dead_at and peer_state(sb, o, victim) == pb.PEER_STATE_DEAD:
                 dead_at[o] = time.time() - t0
         time.sleep(0.05)
-    out = {"victim": victim, "observers": len(others),
+    out = {"victim": victim, "nodes": len(others) + 1, "observers": len(others),
            "all_dead_s": max(dead_at.values()) if len(dead_at) == len(others) else None,
            "first_dead_s": min(dead_at.values()) if dead_at else None,
            "dead_s": dict(sorted(dead_at.items())), "machine_busy": cpu.busy()}
@@ -247,12 +247,15 @@ def main() -> None:
             }
             membership = has_peer_states(sb)
             if membership:
+                # The joiners were removed: crash at the size this run is named after.
+                while len(sb.st.nodes) < size:
+                    sb.add_node(f"n{size + args.reps + len(sb.st.nodes)}", wait=True)
                 cruns = []
                 for rep in range(args.reps):
                     victim = sb.st.nodes[1 + rep % (len(sb.st.nodes) - 1)].name
                     c = crash(sb, victim)
                     cruns.append(c)
-                    log(f"  crash of {victim} at {size} nodes: all peers say dead after "
+                    log(f"  crash of {victim} at {c['nodes']} nodes: all peers say dead after "
                         f"{_fmt(c['all_dead_s'])}")
                 crashes[str(size)] = {
                     "runs": cruns,

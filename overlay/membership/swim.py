@@ -119,15 +119,20 @@ class SwimConfig:
         if self.gossip_interval <= 0 or self.gossip_fanout < 1:
             raise ConfigError("gossip", "interval must be positive and fan-out >= 1")
 
-    def suspicion_timeout(self, n: int, confirmations: int = 0) -> float:
+    def suspicion_timeout(self, n: int, confirmations: int = 0,
+                          could_confirm: int | None = None) -> float:
         """From `suspect_timeout_max` with no confirmation down to `suspect_timeout` with
-        `confirmations` of them (logarithmically, as Lifeguard); both longer in big
-        clusters, where news of a refutation needs more hops."""
+        `confirmations` of them, or as many as the cluster can give (logarithmically, as
+        Lifeguard); both longer in big clusters, where a refutation needs more hops."""
         scale = max(1.0, math.log10(max(n, 1)))
         lo, hi = self.suspect_timeout * scale, self.suspect_timeout_max * scale
-        if self.confirmations <= 0 or confirmations >= self.confirmations:
+        # No more confirmations can come than there are other live members to suspect
+        # it (at most n - 2: not us, not the suspect), as Lifeguard: in a cluster of two,
+        # the one survivor's suspicion is all there will ever be.
+        expected = min(self.confirmations, n - 2 if could_confirm is None else could_confirm)
+        if expected <= 0 or confirmations >= expected:
             return lo
-        frac = math.log(confirmations + 1) / math.log(self.confirmations + 1)
+        frac = math.log(confirmations + 1) / math.log(expected + 1)
         return max(lo, hi - (hi - lo) * frac)
 
     def retransmit_limit(self, n: int) -> int:
@@ -392,7 +397,15 @@ class Swim:
     def _suspect(self, m: Member, u: Update, now: float) -> None:
         m.suspect_since = now
         m.suspecters = {u.reporter} if u.reporter else set()
-        m.suspect_deadline = now + self.cfg.suspicion_timeout(self.cluster_size())
+        m.suspect_deadline = now + self.cfg.suspicion_timeout(
+            self.cluster_size(), 0, self._could_confirm(m))
+
+    def _could_confirm(self, suspect: Member) -> int:
+        """Members other than us and `suspect` that are alive or suspect themselves: the
+        most confirmations that can come (dead ones waiting to be forgotten do not probe)."""
+        live = (State.ALIVE, State.SUSPECT)
+        return sum(1 for m in self.members.values() if m.state in live) - (
+            1 if suspect.state in live else 0)
 
     def _confirm(self, m: Member, u: Update, now: float) -> list[Change]:
         """Another member independently suspects `m`: the deadline comes closer."""
@@ -401,7 +414,7 @@ class Swim:
         m.suspecters.add(u.reporter)
         n = len(m.suspecters) - 1
         m.suspect_deadline = m.suspect_since + self.cfg.suspicion_timeout(
-            self.cluster_size(), n)
+            self.cluster_size(), n, self._could_confirm(m))
         if n <= self.cfg.confirmations:
             self._enqueue(u)  # others may not have this confirmation yet
         return [Change(m.name, State.SUSPECT, State.SUSPECT, False, u.reporter)]

@@ -138,7 +138,8 @@ def test_unknown_member_learned_from_gossip_is_added_and_scheduled():
     s = swim(0)
     ch = s.merge([Update(rec(5), State.SUSPECT, 3, "n7")], 2.0)
     assert [(c.name, c.old, c.new) for c in ch] == [("n5", None, State.SUSPECT)]
-    assert s.members["n5"].suspect_deadline == 2.0 + LONE
+    # we and n5 are all we know: no other member can confirm, so the short timeout
+    assert s.members["n5"].suspect_deadline == 2.0 + CFG.suspect_timeout
     assert s.next_probe().name == "n5"
 
 
@@ -299,6 +300,10 @@ def test_suspicion_timeout_shrinks_with_confirmations_and_grows_with_the_cluster
     assert t[0] == CFG.suspect_timeout_max
     assert t[0] > t[1] > t[2] > t[3] == t[4] == CFG.suspect_timeout
     assert CFG.suspicion_timeout(3, 0) == CFG.suspect_timeout_max
+    # Small clusters: only n - 2 members can confirm, and none in a cluster of two.
+    assert CFG.suspicion_timeout(3, 1) == CFG.suspect_timeout
+    assert CFG.suspect_timeout < CFG.suspicion_timeout(4, 1) < CFG.suspect_timeout_max
+    assert CFG.suspicion_timeout(2, 0) == CFG.suspect_timeout
     assert CFG.suspicion_timeout(100, 0) == pytest.approx(2 * CFG.suspect_timeout_max)
     assert CFG.suspicion_timeout(100, 9) == pytest.approx(2 * CFG.suspect_timeout)
     fixed = SwimConfig(confirmations=0)
@@ -377,3 +382,19 @@ def test_invalid_timings_name_the_flag(kw, flag):
 def test_own_incarnation_starts_at_one():
     with pytest.raises(ValueError):
         Swim(rec(1), 0)
+
+
+def test_dead_members_waiting_to_be_forgotten_are_not_counted_on_to_confirm():
+    s = swim(4)                                             # n2..n5
+    for i in (3, 4):
+        s.merge([Update(rec(i), State.DEAD, 10, "n1")], 1.0)
+    s.probe_failed("n2", 10.0)                              # only n5 could confirm
+    assert s.members["n2"].suspect_deadline == 10.0 + LONE
+    s.merge([Update(rec(2), State.SUSPECT, 10, "n5")], 10.2)
+    assert s.members["n2"].suspect_deadline == 10.0 + CFG.suspect_timeout
+    # The last survivor of a crash: nobody is left to confirm, so no long wait.
+    s = swim(3)
+    for i in (3, 4):
+        s.merge([Update(rec(i), State.DEAD, 10, "n1")], 1.0)
+    s.probe_failed("n2", 10.0)
+    assert s.members["n2"].suspect_deadline == 10.0 + CFG.suspect_timeout
