@@ -97,7 +97,8 @@ class Agent:
         self.peers: PeerTable | None = None
         self.reconciler: Reconciler | None = None
         self.kernel: NetlinkKernel | None = None
-        self.vxlan_filter: Any = None
+        self.vxlan_filter: Any = None  # overlay.agent.vxlanfilter.VxlanFilter when on
+        self._stale_filter: Any = None  # one to remove at start-up, when off
         self.membership: Any = None  # overlay.membership.service.Membership once started
         self.degraded = False
         self._etcd_down_at_start = False
@@ -331,9 +332,8 @@ class Agent:
         self.peers.reset(snap)
         self.peers.listeners.append(ms.sync_etcd)
         await ms.start()
-        stale_filter = getattr(self, "_pending_filter_removal", None)
-        if stale_filter is not None:
-            await stale_filter.remove()
+        if self._stale_filter is not None:
+            await self._stale_filter.remove()
         enable_forwarding()
         await self._first_reconcile()
         if opts.ip_masq or self.masq.has_pods():
@@ -440,20 +440,19 @@ class Agent:
             await self.vxlan_filter.remove()
 
     def _vxlan_filter_hook(self, cfg: NetworkConfig) -> Any:
+        from overlay.agent.vxlanfilter import VxlanFilter
+
+        filt = VxlanFilter(cfg.port)
         if not self.opts.vxlan_filter:
             log.warning("VXLAN filter disabled (--no-vxlan-filter): any host on the underlay "
                         "can inject packets into pods")
-            from overlay.agent.vxlanfilter import VxlanFilter
-
             # A table left by an earlier run with the filter on would still drop traffic.
-            self._pending_filter_removal = VxlanFilter(cfg.port)
+            self._stale_filter = filt
             return None
-        from overlay.agent.vxlanfilter import VxlanFilter
-
-        self.vxlan_filter = VxlanFilter(cfg.port)
+        self.vxlan_filter = filt
 
         async def sync(want: Any) -> None:
-            await self.vxlan_filter.sync(f.dst for f in want.fdbs)
+            await filt.sync(f.dst for f in want.fdbs)
 
         return sync
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from overlay.agent import nft
 from overlay.errors import TemporaryError
 from overlay.log import change_fields
 
@@ -46,15 +46,6 @@ class NftMasquerade:
         self.whole_node = whole_node
         self._built_for: tuple[IPv4Network | None, IPv4Network | None] | None = None
         self._lock = asyncio.Lock()
-        self.nft = shutil.which("nft") or "/usr/sbin/nft"
-
-    async def _nft(self, script: str) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            self.nft, "-f", "-", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate(script.encode())
-        if proc.returncode != 0:
-            raise TemporaryError(f"nft failed: {err.decode(errors='replace').strip()}")
 
     @property
     def active(self) -> bool:
@@ -100,7 +91,7 @@ class NftMasquerade:
             f"  }}\n"
             f"}}\n"
         )
-        await self._nft(script)
+        await nft.run(script)
         self._built_for = (cluster, subnet)
         why = ("overlayd --ip-masq" if node_rule else "pods whose CNI config sets ipMasq") + \
             f"; the node subnet is {subnet}"
@@ -115,7 +106,7 @@ class NftMasquerade:
             if self._built_for is not None:
                 return
             try:
-                await self._nft(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+                await nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
             except TemporaryError as exc:
                 log.warning("could not remove a stale nftables table ip %s: %s", TABLE, exc)
 
@@ -126,7 +117,7 @@ class NftMasquerade:
             if self._built_for is None:
                 await self._ensure_locked()  # the new element is included
                 return
-            await self._nft(f"add element ip {TABLE} masq_pods {{ {ip} }}\n")
+            await nft.run(f"add element ip {TABLE} masq_pods {{ {ip} }}\n")
             why = "its CNI config sets ipMasq"
             log.info("nftables: masquerading pod %s (%s)", ip, why,
                      extra=change_fields("nft", "add", why, element=str(ip)))
@@ -139,7 +130,7 @@ class NftMasquerade:
             marker.unlink(missing_ok=True)
             if self._built_for is not None:
                 try:
-                    await self._nft(f"delete element ip {TABLE} masq_pods {{ {ip} }}\n")
+                    await nft.run(f"delete element ip {TABLE} masq_pods {{ {ip} }}\n")
                     why = "the pod was deleted"
                     log.info("nftables: no longer masquerading %s (%s)", ip, why,
                              extra=change_fields("nft", "del", why, element=str(ip)))
@@ -150,7 +141,7 @@ class NftMasquerade:
         if self._built_for is None:
             return
         try:
-            await self._nft(f"delete table ip {TABLE}\n")
+            await nft.run(f"delete table ip {TABLE}\n")
             why = "overlayd is stopping"
             log.info("nftables table ip %s removed (%s)", TABLE, why,
                      extra=change_fields("nft", "delete", why, table=f"ip {TABLE}"))

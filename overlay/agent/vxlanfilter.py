@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import shutil
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
+from overlay.agent import nft
 from overlay.errors import TemporaryError
 
 log = logging.getLogger(__name__)
@@ -86,19 +86,7 @@ class VxlanFilter:
         self.port = port
         self.members: frozenset[IPv4Address] | None = None
         self._texts: frozenset[str] = frozenset()  # the members as nft lists them
-        self.nft = shutil.which("nft") or "/usr/sbin/nft"
         self._lock = asyncio.Lock()
-
-    async def _run(self, script: str) -> None:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                self.nft, "-f", "-", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            raise TemporaryError(f"cannot run nft: {exc}") from None
-        _, err = await proc.communicate(script.encode())
-        if proc.returncode != 0:
-            raise TemporaryError(f"nft failed: {err.decode(errors='replace').strip()}")
 
     async def sync(self, members: Iterable[IPv4Address]) -> None:
         """Make the accepted sources exactly `members`. Cheap when nothing changed."""
@@ -107,12 +95,12 @@ class VxlanFilter:
             if want == self.members:
                 return
             if self.members is None:
-                await self._run(ruleset(self.port, want))
+                await nft.run(ruleset(self.port, want))
                 log.info("VXLAN filter: UDP %d accepted only from %d member(s) "
                          "(nftables table ip %s)", self.port, len(want), TABLE)
             else:
                 added, removed = want - self.members, self.members - want
-                await self._run(member_update(want))
+                await nft.run(member_update(want))
                 for ip in sorted(added):
                     log.info("VXLAN filter: accepting %s (new member)", ip)
                 for ip in sorted(removed):
@@ -135,21 +123,12 @@ class VxlanFilter:
             return True
 
     async def _kernel_state(self) -> tuple[int | None, frozenset[str]] | None:
-        proc = await asyncio.create_subprocess_exec(
-            self.nft, "list", "table", "ip", TABLE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            return None
-        return parse_table(out.decode(errors="replace"))
+        text = await nft.listing("table", "ip", TABLE)
+        return None if text is None else parse_table(text)
 
     async def dropped(self) -> int:
         """Packets dropped so far (from the rule's counter)."""
-        proc = await asyncio.create_subprocess_exec(
-            self.nft, "list", "chain", "ip", TABLE, "input",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate()
-        for line in out.decode(errors="replace").splitlines():
+        for line in (await nft.listing("chain", "ip", TABLE, "input") or "").splitlines():
             if "counter packets" in line:
                 return int(line.split("counter packets", 1)[1].split()[0])
         return 0
@@ -157,7 +136,7 @@ class VxlanFilter:
     async def remove(self) -> None:
         async with self._lock:
             try:
-                await self._run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+                await nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
                 log.info("VXLAN filter removed (nftables table ip %s)", TABLE)
             except TemporaryError as exc:
                 log.warning("could not remove the VXLAN filter: %s", exc)

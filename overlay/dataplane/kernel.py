@@ -29,13 +29,6 @@ from overlay.errors import ConfigError, TemporaryError
 
 log = logging.getLogger(__name__)
 
-RTPROT_OVERLAY = rtnl.RTPROT_OVERLAY  # the protocol number on our routes
-RTNH_F_ONLINK = rtnl.RTNH_F_ONLINK
-NUD_PERMANENT = rtnl.NUD_PERMANENT
-NUD_NOARP = rtnl.NUD_NOARP
-NTF_SELF = rtnl.NTF_SELF
-IFF_UP = 1
-AF_BRIDGE = rtnl.AF_BRIDGE
 NETLINK_ROUTE = 0
 SO_RCVBUFFORCE = 33
 # Requests per sendmsg: the kernel spends ~30 us on each, so a batch holds
@@ -127,7 +120,7 @@ def link_info(msg: Any, addresses: frozenset[IPv4Interface] = frozenset()) -> Li
         name=msg.get("IFLA_IFNAME"),
         index=msg["index"],
         kind=kind,
-        up=bool(msg["flags"] & IFF_UP),
+        up=bool(msg["flags"] & rtnl.IFF_UP),
         mtu=msg.get("IFLA_MTU"),
         mac=(msg.get("IFLA_ADDRESS") or "").lower(),
         addresses=addresses,
@@ -139,6 +132,19 @@ def link_info(msg: Any, addresses: frozenset[IPv4Interface] = frozenset()) -> Li
     )
 
 
+def rtnl_socket(groups: int) -> socket.socket:
+    """A non-blocking rtnetlink socket with a large receive buffer, subscribed to
+    `groups` (0: requests and their replies only)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                         | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    sock.bind((0, groups))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    return sock
+
+
 class NetlinkKernel:
     """`Kernel` over one pyroute2 AsyncIPRoute socket in the agent's namespace."""
 
@@ -147,13 +153,8 @@ class NetlinkKernel:
 
         self._ipr = AsyncIPRoute()
         # Entries go through a socket of our own, in batches (see `apply`).
-        self._raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                  | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        self._raw.bind((0, 0))
-        try:  # room for every reply of a batch, even if all of them are errors
-            self._raw.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            self._raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        # (its RCVBUF has room for every reply of a batch, even if all are errors)
+        self._raw = rtnl_socket(groups=0)
         for opt in (rtnl.NETLINK_CAP_ACK, rtnl.NETLINK_EXT_ACK):
             with contextlib.suppress(OSError):
                 self._raw.setsockopt(rtnl.SOL_NETLINK, opt, 1)
@@ -411,13 +412,8 @@ class ChangeMonitor:
               | rtnl.RTMGRP_IPV4_ROUTE)
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                   | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        self._sock.bind((0, self.GROUPS))
-        try:  # our own first pass at 5,000 peers raises 15,000 notifications at once
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        # (its RCVBUF holds the 15,000 notifications of a first pass at 5,000 peers)
+        self._sock = rtnl_socket(groups=self.GROUPS)
         self._buf = bytearray(RECV_SIZE)
 
     def close(self) -> None:
