@@ -85,8 +85,8 @@ async def _pyroute2_op(ipr: Any, ifindex: int, op: Op) -> None:
 
 
 async def reconcile_mode(n: int, passes: int) -> dict[str, Any]:
-    from overlay.agent.reconciler import Reconciler, Specs
     from overlay.dataplane.devices import BridgeSpec, VxlanSpec, stable_mac
+    from overlay.dataplane.reconciler import Reconciler, Specs
 
     logdir = tempfile.TemporaryDirectory(prefix="reconcile-")
     handler = logging.FileHandler(f"{logdir.name}/agent.log")

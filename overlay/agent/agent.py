@@ -32,7 +32,6 @@ from overlay.agent import state
 from overlay.agent.cniserver import CniService, NodeNet
 from overlay.agent.lease import LeaseManager, Template
 from overlay.agent.peers import PeerTable
-from overlay.agent.reconciler import Reconciler, Specs
 from overlay.agent.sdnotify import Notifier
 from overlay.cni.ipam import Ipam
 from overlay.cni.wiring import PodWiring
@@ -45,6 +44,7 @@ from overlay.dataplane.devices import (
     vxlan_name,
 )
 from overlay.dataplane.kernel import ChangeMonitor, NetlinkKernel, Underlay, find_underlay
+from overlay.dataplane.reconciler import Reconciler, Specs
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.etcdstore import EtcdOptions, EtcdStore, WatchLost
 from overlay.log import change_fields

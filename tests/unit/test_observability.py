@@ -203,9 +203,9 @@ def _sample(name: str, **labels: str) -> float:
 def test_reconcile_passes_repairs_and_netlink_errors_are_counted(caplog):
     from test_reconciler import SPECS, rec
 
-    from overlay.agent.reconciler import Reconciler
     from overlay.dataplane.desired import Entries, Neigh
     from overlay.dataplane.fake import FakeKernel
+    from overlay.dataplane.reconciler import Reconciler
     from overlay.errors import OverlayError
 
     peers = [rec("n2", 2, 2)]
@@ -221,7 +221,7 @@ def test_reconcile_passes_repairs_and_netlink_errors_are_counted(caplog):
     fdb = next(iter(k.entries[vx].fdbs))
     k.entries[vx] = Entries(k.entries[vx].routes, k.entries[vx].neighs, frozenset())
     rep0 = _sample("overlay_repairs_total", kind="fdb")
-    with caplog.at_level(logging.INFO, logger="overlay.agent.reconciler"):
+    with caplog.at_level(logging.INFO, logger="overlay.dataplane.reconciler"):
         assert asyncio.run(r.reconcile_once()).ok
     assert _sample("overlay_repairs_total", kind="fdb") == rep0 + 1
     lines = [x for x in caplog.records if getattr(x, "event", "") == "kernel-change"]

@@ -1,10 +1,10 @@
 import asyncio
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from overlay.agent.reconciler import Reconciler, Specs
 from overlay.dataplane.desired import Fdb, Neigh, Route
 from overlay.dataplane.devices import BridgeSpec, VxlanSpec
 from overlay.dataplane.fake import FakeKernel
+from overlay.dataplane.reconciler import Reconciler, Specs
 from overlay.model import NodeRecord
 
 
