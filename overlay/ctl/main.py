@@ -187,7 +187,7 @@ def dispatch(args: argparse.Namespace) -> int:
         print("leave requested; the agent releases its lease and exits")
         return 0
     if args.cmd == "install-cni":
-        from overlay.ctl.install import InstallOptions, install
+        from overlay.cni.install import InstallOptions, install
 
         extra: dict[str, Any] = {}
         if args.python:

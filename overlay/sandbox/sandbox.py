@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from overlay.ctl.install import InstallOptions, install
+from overlay.cni.install import InstallOptions, install
 from overlay.sandbox.runtime import NetworkList
 
 BASE = Path("/run/overlay-sandbox")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from overlay.agent.main import build_parser as overlayd_parser
-from overlay.ctl.install import read_conflist
+from overlay.cni.install import read_conflist
 from overlay.ctl.main import build_parser as overlayctl_parser
 from overlay.model import NetworkConfig
 

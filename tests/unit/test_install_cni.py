@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from overlay.ctl.install import InstallOptions, install
+from overlay.cni.install import InstallOptions, install
 
 OVERLAYCTL = str(Path(sys.executable).parent / "overlayctl")
 
