@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from overlay.ctl.client import status_json
+from overlay.agent.localclient import status_json
 from overlay.membership.swim import SwimConfig
 from overlay.sandbox.sandbox import Sandbox, SandboxError
 

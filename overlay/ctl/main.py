@@ -181,7 +181,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "status":
         return status_cmd(args)
     if args.cmd == "leave":
-        from overlay.ctl.client import local_leave
+        from overlay.agent.localclient import local_leave
 
         local_leave(args.socket)
         print("leave requested; the agent releases its lease and exits")
@@ -325,7 +325,7 @@ def fmt_since(ms: int) -> str:
 
 
 def peer_rows(st: Any) -> list[tuple[str, ...]]:
-    from overlay.ctl.client import status_json
+    from overlay.agent.localclient import status_json
 
     doc = status_json(st)
     rows: list[tuple[str, ...]] = [("PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT",
@@ -350,7 +350,7 @@ def peer_row(p: dict[str, Any]) -> tuple[str, ...]:
 
 
 def status_cmd(args: argparse.Namespace) -> int:
-    from overlay.ctl.client import local_status, status_json
+    from overlay.agent.localclient import local_status, status_json
 
     try:
         st = local_status(args.socket)

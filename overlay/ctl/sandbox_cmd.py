@@ -80,7 +80,7 @@ def check(sb: Sandbox) -> int:
 
 
 def status_doc(sb: Sandbox) -> dict[str, Any]:
-    from overlay.ctl.client import status_json
+    from overlay.agent.localclient import status_json
 
     st = sb.st
     nodes = []

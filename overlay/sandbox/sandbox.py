@@ -512,7 +512,7 @@ class Sandbox:
         self.save()
 
     def status(self, name: str, timeout: float = 2.0) -> Any:
-        from overlay.ctl.client import local_status
+        from overlay.agent.localclient import local_status
 
         return local_status(self.agent_socket(name), timeout)
 

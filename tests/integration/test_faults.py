@@ -230,7 +230,7 @@ def test_subnet_exhaustion_waits_and_takes_a_released_subnet(make_sandbox):
     finally:
         subprocess.run(["ip", "netns", "del", pod_ns], check=False)
     freed = sb.status("n2").self.subnet
-    from overlay.ctl.client import local_leave
+    from overlay.agent.localclient import local_leave
 
     local_leave(sb.agent_socket("n2"))
     took = wait_until(lambda: sb.status("n5").ready, 30, 0.3)

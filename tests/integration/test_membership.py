@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import _require_environment, dump_logs, kernel_entries, new_name, wait_until
 
-from overlay.ctl.client import status_json
+from overlay.agent.localclient import status_json
 from overlay.sandbox.sandbox import Sandbox, SandboxError, tool
 
 NODES = [f"n{i}" for i in range(1, 11)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import kernel_entries, wait_until
 
-from overlay.ctl.client import status_json
+from overlay.agent.localclient import status_json
 from overlay.sandbox.pki import CertificateAuthority
 from overlay.sandbox.sandbox import pid_alive, tool
 

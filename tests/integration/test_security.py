@@ -75,7 +75,7 @@ def test_filter_follows_membership(make_sandbox):
     sb.add_node("n3")
     wait_until(lambda: sb.node("n3").underlay_ip in members(), 5)
     sb.run_in(sb.node("n3").netns, "true")
-    from overlay.ctl.client import local_leave
+    from overlay.agent.localclient import local_leave
 
     pid = sb.node("n3").pid
     local_leave(sb.agent_socket("n3"))

@@ -1,4 +1,6 @@
-"""Talking to a local overlayd over its unix socket."""
+"""The client of the agent's local API (gRPC over its unix socket): status and leave.
+
+Used by `overlayctl status`/`leave` and by the sandbox; the server is `localapi`."""
 
 from __future__ import annotations
 
