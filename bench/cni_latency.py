@@ -257,7 +257,7 @@ def run(calls: int, pods: int, parallel: int) -> dict[str, Any]:
         node_ns = sb.node("n1").netns
         conflist = json.loads(sb.conflist_path("n1").read_text())
         ours_conf = {**conflist["plugins"][0], "cniVersion": "1.0.0", "name": "overlay"}
-        mtu = int(json.loads(sb.run_in(node_ns, "ip", "-j", "link", "show", "overlay.1")
+        mtu = int(json.loads(sb.run_in(node_ns, "ip", "-j", "link", "show", sb.vxlan_device)
                              .stdout)[0]["mtu"])
         ref_conf = {"cniVersion": "1.0.0", "name": "refnet", "type": "bridge",
                     "bridge": "refbr0", "isGateway": True, "hairpinMode": True, "mtu": mtu,

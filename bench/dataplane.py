@@ -267,7 +267,7 @@ def main() -> None:
             if not sb.ping(src, ip, count=1, timeout=2) and not sb.ping(src, ip, timeout=2):
                 raise RuntimeError(f"{name}: {src} cannot reach {ip}")
         devices = {
-            "overlay": path_devices(n1.netns, pods["n1"].netns, f"overlay.{st.vni}"),
+            "overlay": path_devices(n1.netns, pods["n1"].netns, sb.vxlan_device),
             "reference": path_devices(ref["r1"]["host_ns"], ref["r1"]["pod_ns"], "flannel.1"),
         }
         servers = []

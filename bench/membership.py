@@ -116,17 +116,8 @@ def counters(sb: Sandbox) -> dict[str, int]:
 
 
 def kernel_has(sb: Sandbox, node: str, vtep_ip: str, mac: str, underlay: str) -> bool:
-    ns = sb.node(node).netns
-
-    def j(*cmd: str) -> list[dict[str, Any]]:
-        out = sb.run_in(ns, *cmd, check=False).stdout
-        return json.loads(out) if out.strip() else []
-
-    neigh = any(n.get("dst") == vtep_ip and n.get("lladdr") == mac
-                for n in j("ip", "-j", "neigh", "show", "dev", "overlay.1"))
-    fdb = any(f.get("mac") == mac and f.get("dst") == underlay
-              for f in j("bridge", "-j", "fdb", "show", "dev", "overlay.1"))
-    return neigh and fdb
+    e = sb.kernel_entries(node)
+    return (vtep_ip, mac) in e["neigh"] and (mac, underlay) in e["fdb"]
 
 
 def traffic(sb: Sandbox, nodes: list[str], window: float) -> dict[str, Any]:

@@ -48,9 +48,10 @@ from common import (
 from fakepeers import CIDR, fake_records
 
 from overlay.dataplane.desired import Entries, Fdb, Neigh, Op, desired, plan
+from overlay.devnames import vxlan_name
 from overlay.sandbox.sandbox import Sandbox, pid_alive
 
-DEV = "overlay.1"
+DEV = vxlan_name(1)
 
 
 def batch_lines(ops: list[Op], dev: str = DEV) -> tuple[list[str], list[str]]:

@@ -26,15 +26,17 @@ from fakepeers import CIDR, fake_records
 
 from overlay.dataplane.desired import Entries, Fdb, Neigh, Op, desired, plan
 from overlay.dataplane.kernel import NetlinkKernel
+from overlay.devnames import BRIDGE_NAME, vxlan_name
 
 ME = "bench-node"
+DEV = vxlan_name(1)
 
 
 async def apply_mode(n: int) -> dict[str, Any]:
     k = NetlinkKernel()
     try:
-        dev = await k.link("overlay.1")
-        assert dev is not None, "overlay.1 missing"
+        dev = await k.link(DEV)
+        assert dev is not None, f"{DEV} missing"
         t0 = time.perf_counter()
         want = desired(fake_records(n), ME)
         ops = plan(want, Entries())
@@ -59,7 +61,7 @@ async def loop_mode(n: int) -> dict[str, Any]:
     ops = plan(want, Entries())
     ipr = AsyncIPRoute()
     try:
-        idx = (await ipr.link_lookup(ifname="overlay.1"))[0]
+        idx = (await ipr.link_lookup(ifname=DEV))[0]
         t0 = time.perf_counter()
         errors = 0
         for op in ops:
@@ -103,9 +105,9 @@ async def reconcile_mode(n: int, passes: int) -> dict[str, Any]:
         me = IPv4Network("10.127.255.0/24")  # the last /24 of the cluster, no fake peer there
         specs = Specs(
             ME,
-            VxlanSpec("overlay.1", 1, 8472, local, 1450, stable_mac("vtep"),
+            VxlanSpec(DEV, 1, 8472, local, 1450, stable_mac("vtep"),
                       IPv4Interface(f"{me.network_address}/32"), eth0.index),
-            BridgeSpec("cni0", stable_mac("bridge"), 1450,
+            BridgeSpec(BRIDGE_NAME, stable_mac("bridge"), 1450,
                        IPv4Interface(f"{me.network_address + 1}/24")),
             IPv4Network(CIDR),
         )

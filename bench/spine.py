@@ -33,22 +33,6 @@ def name() -> str:
     return "bs" + secrets.token_hex(3)
 
 
-def entries(sb: Sandbox, node: str) -> dict[str, set[tuple[str, str]]]:
-    ns = sb.node(node).netns
-
-    def j(*cmd: str) -> list[dict[str, Any]]:
-        out = sb.run_in(ns, *cmd, check=False).stdout
-        return json.loads(out) if out.strip() else []
-
-    return {
-        "route": {(r["dst"], r.get("gateway", "")) for r in j("ip", "-j", "route", "show",
-                                                              "dev", "overlay.1")},
-        "neigh": {(n["dst"], n.get("lladdr", "")) for n in j("ip", "-j", "neigh", "show", "dev",
-                                                             "overlay.1")
-                  if "PERMANENT" in (n.get("state") or [])},
-        "fdb": {(f["mac"], f.get("dst", "")) for f in j("bridge", "-j", "fdb", "show", "dev",
-                                                        "overlay.1") if f.get("dst")},
-    }
 
 
 def wait(cond: Any, timeout: float = 10.0) -> float:
@@ -84,16 +68,16 @@ def measure_repair(runs: int) -> dict[str, list[float]]:
         fdb, neigh, route = (peer.vtep_mac, peer.underlay_ip), (net, peer.vtep_mac), \
             (peer.subnet, net)
         for _ in range(runs):
-            sb.run_in(ns, "bridge", "fdb", "del", peer.vtep_mac, "dev", "overlay.1", "dst",
+            sb.run_in(ns, "bridge", "fdb", "del", peer.vtep_mac, "dev", sb.vxlan_device, "dst",
                       peer.underlay_ip)
-            times["fdb"].append(wait(lambda: fdb in entries(sb, "n1")["fdb"]))
-            sb.run_in(ns, "ip", "neigh", "del", net, "dev", "overlay.1")
-            times["neigh"].append(wait(lambda: neigh in entries(sb, "n1")["neigh"]))
+            times["fdb"].append(wait(lambda: fdb in sb.kernel_entries("n1")["fdb"]))
+            sb.run_in(ns, "ip", "neigh", "del", net, "dev", sb.vxlan_device)
+            times["neigh"].append(wait(lambda: neigh in sb.kernel_entries("n1")["neigh"]))
             sb.run_in(ns, "ip", "route", "del", peer.subnet)
-            times["route"].append(wait(lambda: route in entries(sb, "n1")["route"]))
-            sb.run_in(ns, "ip", "link", "del", "overlay.1")
-            times["device"].append(wait(lambda: len(entries(sb, "n1")["fdb"]) == 2
-                                        and len(entries(sb, "n1")["route"]) == 2))
+            times["route"].append(wait(lambda: route in sb.kernel_entries("n1")["route"]))
+            sb.run_in(ns, "ip", "link", "del", sb.vxlan_device)
+            times["device"].append(wait(lambda: len(sb.kernel_entries("n1")["fdb"]) == 2
+                                        and len(sb.kernel_entries("n1")["route"]) == 2))
             time.sleep(0.3)
     finally:
         sb.down()

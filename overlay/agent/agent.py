@@ -35,16 +35,10 @@ from overlay.agent.peers import PeerTable
 from overlay.agent.sdnotify import Notifier
 from overlay.cni.ipam import Ipam
 from overlay.cni.wiring import PodWiring
-from overlay.dataplane.devices import (
-    BRIDGE_NAME,
-    VXLAN_OVERHEAD_V4,
-    BridgeSpec,
-    VxlanSpec,
-    stable_mac,
-    vxlan_name,
-)
+from overlay.dataplane.devices import VXLAN_OVERHEAD_V4, BridgeSpec, VxlanSpec, stable_mac
 from overlay.dataplane.kernel import ChangeMonitor, NetlinkKernel, Underlay, find_underlay
 from overlay.dataplane.reconciler import Reconciler, Specs
+from overlay.devnames import BRIDGE_NAME, vxlan_name
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.etcdstore import EtcdOptions, EtcdStore, WatchLost
 from overlay.log import change_fields

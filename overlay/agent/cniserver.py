@@ -25,7 +25,8 @@ from overlay.cni import spec
 from overlay.cni.client import MAGIC
 from overlay.cni.ipam import AddressesExhausted, Ipam
 from overlay.cni.spec import CniError
-from overlay.cni.wiring import PodWiring, WiringError, host_veth_name
+from overlay.cni.wiring import PodWiring, WiringError
+from overlay.devnames import BRIDGE_NAME, host_veth_name
 from overlay.errors import TemporaryError
 from overlay.netns import same_netns
 
@@ -42,7 +43,7 @@ class NodeNet:
     reason: str = ""
     subnet: IPv4Network | None = None
     mtu: int = 1450
-    bridge: str = "cni0"
+    bridge: str = BRIDGE_NAME
     bridge_mac: str = ""
 
     @property

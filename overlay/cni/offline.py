@@ -19,7 +19,7 @@ from typing import BinaryIO
 from overlay.cni import spec
 from overlay.cni.client import DEFAULT_SOCKET
 from overlay.cni.ipam import Ipam
-from overlay.cni.wiring import host_veth_name
+from overlay.devnames import host_veth_name
 
 
 def ipam_dir_for(socket_path: str) -> Path:

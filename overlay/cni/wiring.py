@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import os
-import re
 import secrets
 import socket
 import struct
@@ -23,19 +21,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
+from overlay.devnames import HOST_VETH_RE, host_veth_name
 from overlay.netns import netlink_socket
 
 log = logging.getLogger(__name__)
 
 IFF_UP = 1
-HOST_VETH_RE = re.compile(r"^veth[0-9a-f]{11}$")
-
-
-def host_veth_name(container_id: str, ifname: str) -> str:
-    """Deterministic, so DEL finds it without the container's namespace."""
-    return "veth" + hashlib.sha256(f"{container_id}\0{ifname}".encode()).hexdigest()[:11]
-
-
 def random_mac() -> str:
     b = bytearray(secrets.token_bytes(6))
     b[0] = (b[0] & 0xFC) | 0x02

@@ -262,12 +262,14 @@ def local_networks() -> list[Any]:
 
         from pyroute2 import IPRoute
 
+        from overlay.devnames import is_node_device
+
         with IPRoute() as ipr:
             for a in ipr.addr("dump", family=_s.AF_INET):
                 iface = IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
                 label = a.get("IFA_LABEL") or ""
                 # Our own devices hold cluster addresses once overlayd ran here.
-                if label == "cni0" or label.startswith("overlay."):
+                if is_node_device(label):
                     continue
                 if not iface.ip.is_loopback:
                     out.append(iface.network)

@@ -13,15 +13,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Literal
 
-IFNAMSIZ = 15
 VXLAN_OVERHEAD_V4 = 50
-BRIDGE_NAME = "cni0"
-
-
-def vxlan_name(vni: int) -> str:
-    """`overlay.<VNI>`; VNIs of eight digits do not fit IFNAMSIZ, so they get `ovl.<VNI>`."""
-    name = f"overlay.{vni}"
-    return name if len(name) <= IFNAMSIZ else f"ovl.{vni}"
 
 
 def stable_mac(seed: str) -> str:

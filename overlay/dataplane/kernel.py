@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from overlay.dataplane import rtnl
 from overlay.dataplane.desired import Entries, Fdb, Op
 from overlay.dataplane.devices import BridgeSpec, DeviceOp, LinkInfo, VxlanSpec
+from overlay.devnames import is_node_device
 from overlay.errors import ConfigError, TemporaryError
 
 log = logging.getLogger(__name__)
@@ -480,7 +481,7 @@ async def find_underlay(
     def usable(i: int) -> bool:
         """Not loopback and not one of our own devices (they carry pod addresses)."""
         n = names.get(i) or ""
-        return (n != "cni0" and not n.startswith("overlay.")
+        return (not is_node_device(n)
                 and any(not a.ip.is_loopback for a in addrs.get(i, [])))
 
     candidates: list[int]

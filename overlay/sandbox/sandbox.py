@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay.cni.install import InstallOptions, install
+from overlay.devnames import vxlan_name
 from overlay.sandbox.runtime import NetworkList
 
 BASE = Path("/run/overlay-sandbox")
@@ -437,6 +438,29 @@ class Sandbox:
 
     def cni_path(self) -> str:
         return f"{self.dir / 'cni' / 'bin'}:/usr/lib/cni"
+
+    @property
+    def vxlan_device(self) -> str:
+        """The VXLAN device every node has (its name depends on the VNI)."""
+        return vxlan_name(self.st.vni)
+
+    def kernel_entries(self, node: str) -> dict[str, set[tuple[str, str]]]:
+        """The peer entries on a node's VXLAN device, as `ip` and `bridge` show them:
+        route (dst, gateway), permanent neigh (dst, lladdr), fdb (mac, dst)."""
+        ns, dev = self.node(node).netns, self.vxlan_device
+
+        def j(*cmd: str) -> list[dict[str, Any]]:
+            out = self.run_in(ns, *cmd, check=False).stdout
+            return list(json.loads(out)) if out.strip() else []
+
+        routes = {(str(r["dst"]), str(r.get("gateway"))) for r in j("ip", "-j", "route", "show",
+                                                                 "dev", dev)}
+        neighs = {(str(n["dst"]), str(n.get("lladdr"))) for n in j("ip", "-j", "neigh", "show",
+                                                                "dev", dev)
+                  if "PERMANENT" in (n.get("state") or [])}
+        fdbs = {(str(f["mac"]), str(f.get("dst"))) for f in j("bridge", "-j", "fdb", "show",
+                                                             "dev", dev) if f.get("dst")}
+        return {"route": routes, "neigh": neighs, "fdb": fdbs}
 
     def add_node(self, name: str | None = None, *, wait: bool = True,
                  extra_args: Sequence[str] = (), preferred_subnet: str | None = None) -> Host:

@@ -8,7 +8,6 @@ Without root or a needed tool the tests fail loudly, naming what is missing.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import secrets
 import shutil
@@ -93,25 +92,6 @@ def dump_logs(sb: Sandbox, lines: int = 30) -> None:
             continue
         print(f"---- {h.name} log (last {lines} lines) ----")
         print("\n".join(text))
-
-
-def kernel_entries(sb: Sandbox, node: str, vni: int = 1) -> dict[str, set[tuple[str, str]]]:
-    """The peer entries on a node's VXLAN device, as `ip`/`bridge` show them."""
-    ns = sb.node(node).netns
-    dev = f"overlay.{vni}"
-
-    def j(*cmd: str) -> list[dict[str, object]]:
-        out = sb.run_in(ns, *cmd, check=False).stdout
-        return json.loads(out) if out.strip() else []
-
-    routes = {(str(r["dst"]), str(r.get("gateway"))) for r in j("ip", "-j", "route", "show",
-                                                             "dev", dev)}
-    neighs = {(str(n["dst"]), str(n.get("lladdr"))) for n in j("ip", "-j", "neigh", "show",
-                                                            "dev", dev)
-              if "PERMANENT" in (n.get("state") or [])}
-    fdbs = {(str(f["mac"]), str(f.get("dst"))) for f in j("bridge", "-j", "fdb", "show", "dev",
-                                                         dev) if f.get("dst")}
-    return {"route": routes, "neigh": neighs, "fdb": fdbs}
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import kernel_entries, wait_until
+from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from probes import GRPC_RELAY
@@ -68,7 +68,7 @@ def test_membership_api_survives_hostile_input(make_sandbox):
     sb = make_sandbox(2, 1)
     stranger = sb.add_outside_host("stranger")
     n1 = sb.node("n1")
-    before = kernel_entries(sb, "n1")
+    before = sb.kernel_entries("n1")
     fds_before = len(os.listdir(f"/proc/{n1.pid}/fd"))
     relay = subprocess.Popen([*sb.exec_prefix(stranger.netns), sys.executable, "-c", GRPC_RELAY,
                               f"{n1.underlay_ip}:7946"], stdin=subprocess.PIPE,
@@ -95,7 +95,7 @@ def test_membership_api_survives_hostile_input(make_sandbox):
     assert sb.status("n1").ready
     # No phantom peer in the kernel: etcd decides who exists. (A forged Leave for n2
     # may have removed it for a moment; n2 refutes it, so allow a short wait.)
-    wait_until(lambda: kernel_entries(sb, "n1") == before, 15, 0.2)
+    wait_until(lambda: sb.kernel_entries("n1") == before, 15, 0.2)
     names = {p.record.name for p in sb.status("n1").peers if p.programmed}
     assert names == {"n2"}, names
     _, ok, total = sb.check()

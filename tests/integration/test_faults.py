@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import kernel_entries, wait_until
+from conftest import wait_until
 
 from overlay.sandbox.sandbox import pid_alive
 
@@ -93,7 +93,7 @@ def test_etcd_member_loss_and_quorum_loss(make_sandbox):
 
 
 def _has_peer(sb, node, subnet):
-    return any(dst == subnet for dst, _ in kernel_entries(sb, node)["route"])
+    return any(dst == subnet for dst, _ in sb.kernel_entries(node)["route"])
 
 
 def test_lease_expiry_while_partitioned(make_sandbox):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import _require_environment, dump_logs, kernel_entries, new_name, wait_until
+from conftest import _require_environment, dump_logs, new_name, wait_until
 
 from overlay.agent.localclient import status_json
 from overlay.sandbox.sandbox import Sandbox, SandboxError, tool
@@ -154,7 +154,7 @@ def test_crashed_host_is_dead_within_3s_everywhere_and_keeps_its_entries(cluster
         # dead, not gone: its subnet stays programmed while its lease is in etcd
         views = peer_states(sb, ["n1"])["n1"]
         assert views[victim]["programmed"] and views[victim]["inEtcd"]
-        e = kernel_entries(sb, "n1")
+        e = sb.kernel_entries("n1")
         assert (rec.vtep_mac, rec.underlay_ip) in e["fdb"]
         assert (rec.subnet, rec.subnet.split("/")[0]) in e["route"]
         assert all(p["state"] == "alive" for n, p in views.items() if n != victim)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import kernel_entries, wait_until
+from conftest import wait_until
 
 from overlay.agent.localclient import status_json
 from overlay.sandbox.pki import CertificateAuthority
@@ -26,14 +26,14 @@ def peers_of(sb, node):
 
 def has_entries(sb, node, rec):
     """The route, neighbour and FDB entries for `rec` (a status record) are on `node`."""
-    e = kernel_entries(sb, node)
+    e = sb.kernel_entries(node)
     net = rec["subnet"].split("/")[0]
     return ((rec["subnet"], net) in e["route"] and (net, rec["vtepMAC"]) in e["neigh"]
             and (rec["vtepMAC"], rec["underlayIP"]) in e["fdb"])
 
 
 def has_none(sb, node, rec):
-    e = kernel_entries(sb, node)
+    e = sb.kernel_entries(node)
     return (all(dst != rec["subnet"] for dst, _ in e["route"])
             and all(mac != rec["vtepMAC"] for _, mac in e["neigh"])
             and all(mac != rec["vtepMAC"] for mac, _ in e["fdb"]))

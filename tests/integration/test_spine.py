@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import kernel_entries, wait_until
+from conftest import wait_until
 
 from overlay.sandbox.sandbox import pid_alive
 
@@ -23,7 +23,7 @@ def subnet_of(sb, node):
 
 def peer_entries_present(sb, node, peer):
     st = sb.status(peer).self
-    e = kernel_entries(sb, node)
+    e = sb.kernel_entries(node)
     return ((st.subnet, st.subnet.split("/")[0]) in e["route"]
             and (st.subnet.split("/")[0], st.vtep_mac) in e["neigh"]
             and (st.vtep_mac, st.underlay_ip) in e["fdb"])
@@ -106,7 +106,7 @@ def test_drift_repair_of_each_entry_kind_within_2s(cluster3):
     times = {}
     for kind, (cmd, present) in cases.items():
         times[kind] = _repair_time(cluster3, "n1", kind, cmd,
-                                   lambda p=present: p(kernel_entries(cluster3, "n1")))
+                                   lambda p=present: p(cluster3.kernel_entries("n1")))
     print(f"drift repair times: {times}")
     _results, ok, total = cluster3.check()
     assert ok == total
@@ -156,13 +156,13 @@ def test_vtep_mac_change_replaces_neigh_and_fdb_without_stale_entries(make_sandb
     sb.wait_ready("n2", 30)
 
     def updated():
-        e = kernel_entries(sb, "n1")
+        e = sb.kernel_entries("n1")
         net = old.subnet.split("/")[0]
         return ((net, "02:42:42:42:42:42") in e["neigh"]
                 and ("02:42:42:42:42:42", old.underlay_ip) in e["fdb"])
 
     wait_until(updated, 5)
-    e = kernel_entries(sb, "n1")
+    e = sb.kernel_entries("n1")
     assert all(mac != old.vtep_mac for _, mac in e["neigh"])
     assert all(mac != old.vtep_mac for mac, _ in e["fdb"])
     assert len(e["neigh"]) == len(e["fdb"]) == 1
@@ -177,7 +177,7 @@ def test_removed_node_disappears_from_peers(make_sandbox):
     sb.stop_agent("n3", signal.SIGKILL)
 
     def cleaned(node):
-        e = kernel_entries(sb, node)
+        e = sb.kernel_entries(node)
         return (all(mac != gone.vtep_mac for _, mac in e["neigh"])
                 and all(dst != gone.subnet for dst, _ in e["route"])
                 and all(mac != gone.vtep_mac for mac, _ in e["fdb"]))
@@ -193,10 +193,10 @@ def test_peers_that_left_while_the_agent_was_down_are_removed_at_startup(make_sa
     sb.stop_agent("n1", signal.SIGKILL)
     sb.stop_agent("n3", signal.SIGKILL)
     time.sleep(8)  # n3's lease expires while n1 is down
-    assert (gone.vtep_mac, gone.underlay_ip) in kernel_entries(sb, "n1")["fdb"]
+    assert (gone.vtep_mac, gone.underlay_ip) in sb.kernel_entries("n1")["fdb"]
     sb.start_agent("n1")
     sb.wait_ready("n1", 30)
-    e = kernel_entries(sb, "n1")
+    e = sb.kernel_entries("n1")
     assert all(mac != gone.vtep_mac for mac, _ in e["fdb"])
     assert peer_entries_present(sb, "n1", "n2")
 

@@ -6,7 +6,6 @@ from overlay.dataplane.devices import (
     VxlanSpec,
     bridge_ops,
     stable_mac,
-    vxlan_name,
     vxlan_ops,
 )
 
@@ -21,12 +20,6 @@ def link(**kw):
                 underlay_ifindex=2)
     base.update(kw)
     return LinkInfo(**base)
-
-
-def test_names():
-    assert vxlan_name(1) == "overlay.1"
-    assert vxlan_name(9_999_999) == "overlay.9999999"
-    assert len(vxlan_name(16_777_215)) <= 15
 
 
 def test_stable_mac_is_unicast_local_and_stable():

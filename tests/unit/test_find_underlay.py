@@ -15,7 +15,8 @@ from overlay.errors import ConfigError
 # index, name, mtu, addresses
 LINKS = [(1, "lo", 65536, ["127.0.0.1/8"]), (2, "eth0", 9000, ["172.30.1.11/16"]),
          (3, "mgmt0", 1500, ["192.168.77.2/24"]), (4, "cni0", 1450, ["10.244.7.1/24"]),
-         (5, "overlay.1", 1450, ["10.244.7.0/32"]), (6, "eth1", 1500, [])]
+         (5, "overlay.1", 1450, ["10.244.7.0/32"]), (6, "eth1", 1500, []),
+         (7, "ovl.10000000", 1450, ["10.245.7.0/32"])]
 
 
 class Msg(dict[str, Any]):
@@ -63,6 +64,8 @@ def test_iface_regex_skips_loopback_and_our_devices():
     assert pick(iface_regex=".*") == ("eth0", "172.30.1.11", 9000)
     with pytest.raises(ConfigError, match="--iface-regex"):
         pick(iface_regex="(cni0|overlay.*|lo)")
+    with pytest.raises(ConfigError, match="--iface-regex"):
+        pick(iface_regex=r"ovl\..*")  # the VXLAN device of a VNI >= 10,000,000
 
 
 def test_iface_and_public_ip():
