@@ -1,7 +1,7 @@
 """The agent end of the CNI plugin: a unix socket server and the command handlers.
 
 The `overlay` executable forwards env, stdin and the pod's netns fd here
-(see overlay.cni.client for the wire format). Validation happens before any
+(`overlay.cni.wire` is the format). Validation happens before any
 side effect; a failed ADD removes the veth and releases the address it
 allocated.
 """
@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from overlay import metrics
-from overlay.cni import spec
-from overlay.cni.client import MAGIC
+from overlay.cni import spec, wire
 from overlay.cni.ipam import AddressesExhausted, Ipam
 from overlay.cni.spec import CniError
 from overlay.cni.wiring import PodWiring, WiringError
@@ -31,9 +30,6 @@ from overlay.errors import TemporaryError
 from overlay.netns import same_netns
 
 log = logging.getLogger(__name__)
-
-MAX_REQUEST = 4 << 20
-
 
 @dataclass(frozen=True)
 class NodeNet:
@@ -92,7 +88,7 @@ class CniService:
             if e.command in ("ADD", "CHECK") and ns_fd is None:
                 raise CniError(spec.E_INVALID_ENV,
                                f"CNI_NETNS {e.netns!r} cannot be opened",
-                               env.get("NETNS_ERROR", "no namespace file descriptor received"))
+                               env.get(wire.NETNS_ERROR, "no namespace file descriptor received"))
             if ns_fd is not None and same_netns(ns_fd):
                 if e.command in ("ADD", "CHECK"):
                     raise CniError(spec.E_INVALID_ENV, f"CNI_NETNS {e.netns!r} is the node's own "
@@ -316,12 +312,11 @@ class CniService:
             ns_fd = fds[0] if fds else None
             for extra in fds[1:]:
                 os.close(extra)
-            while len(data) < 12:
+            while len(data) < len(wire.MAGIC) + 4:
                 data += await _recv_some(loop, conn)
             env, stdin = await _read_request(loop, conn, data)
             code, out = await self.handle(env, stdin, ns_fd)
-            await loop.sock_sendall(conn, code.to_bytes(4, "big") + len(out).to_bytes(4, "big")
-                                    + out)
+            await loop.sock_sendall(conn, wire.response_bytes(code, out))
         except (ConnectionError, ValueError, OSError) as exc:
             log.warning("bad CNI request: %s", exc)
         finally:
@@ -360,9 +355,9 @@ async def _recv_with_fds(loop: asyncio.AbstractEventLoop, conn: socket.socket
 
 async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket, data: bytes
                         ) -> tuple[dict[str, str], bytes]:
-    if not data.startswith(MAGIC):
+    if not data.startswith(wire.MAGIC):
         raise ValueError("not an overlay CNI request")
-    pos = len(MAGIC)
+    pos = len(wire.MAGIC)
 
     async def need(n: int) -> None:
         nonlocal data
@@ -371,24 +366,18 @@ async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket, da
 
     await need(4)
     hlen = int.from_bytes(data[pos:pos + 4], "big")
-    if hlen > MAX_REQUEST:
+    if hlen > wire.MAX_FIELD:
         raise ValueError("request header too large")
     pos += 4
     await need(hlen + 4)
-    head = data[pos:pos + hlen].decode("utf-8", "surrogateescape")
+    env = wire.parse_env_block(data[pos:pos + hlen])
     pos += hlen
     blen = int.from_bytes(data[pos:pos + 4], "big")
-    if blen > MAX_REQUEST:
+    if blen > wire.MAX_FIELD:
         raise ValueError("request body too large")
     pos += 4
     await need(blen)
-    stdin = data[pos:pos + blen]
-    env = {}
-    for item in head.split("\x00"):
-        k, sep, v = item.partition("=")
-        if sep:
-            env[k] = v
-    return env, stdin
+    return env, data[pos:pos + blen]
 
 
 def _not_ready_details(node: NodeNet) -> str:

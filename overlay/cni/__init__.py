@@ -1,1 +1,1 @@
-"""The `overlay` CNI plugin. `client` must stay stdlib-only: it runs per pod start."""
+"""The `overlay` CNI plugin. `client` and `wire` must stay stdlib-only: they run per pod start."""

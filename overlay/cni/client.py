@@ -13,24 +13,23 @@ DEL still releases the address and removes the veth, STATUS reports 50,
 anything else "try again later" (11). Whatever happens, stdout carries a
 CNI result or a CNI error document, never a Python traceback.
 
-Wire format (both directions are length-prefixed, big-endian u32):
-  request : b"OVLCNI1\\0" | len | NUL-separated KEY=VALUE env | len | stdin
-            (+ the netns fd as SCM_RIGHTS on the first send)
-  response: u32 exit code | len | stdout bytes
+The bytes on the socket are `overlay.cni.wire`'s (described in cni/README.md).
 """
 
 import _socket
 import posix
 import sys
 
-MAGIC = b"OVLCNI1\x00"
-DEFAULT_SOCKET = "/run/overlay/cni.sock"
-ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
-_ENV_KEYS_B = tuple(k.encode() for k in ENV_KEYS)
-# The single source of truth: overlay.cni.spec imports these.
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-DEFAULT_VERSION = "1.0.0"
-E_INTERNAL = 100
+from overlay.cni.wire import (
+    DEFAULT_SOCKET,
+    DEFAULT_VERSION,
+    E_INTERNAL,
+    ENV_KEYS_B,
+    NETNS_ERROR,
+    SUPPORTED_VERSIONS,
+    request_bytes,
+)
+
 TIMEOUT = 120.0
 
 
@@ -98,17 +97,6 @@ def error_doc(stdin: bytes, code: int, msg: str, details: str = "") -> bytes:
     return (doc + "}\n").encode()
 
 
-def _u32(n: int) -> bytes:
-    return n.to_bytes(4, "big")
-
-
-def request_bytes(env: dict[bytes, bytes], stdin: bytes, extra: dict[str, str]) -> bytes:
-    pairs = [k + b"=" + env[k] for k in _ENV_KEYS_B if k in env]
-    pairs += [f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in extra.items()]
-    head = b"\x00".join(pairs)
-    return MAGIC + _u32(len(head)) + head + _u32(len(stdin)) + stdin
-
-
 def _recv_exact(sock: "_socket.socket", n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -164,15 +152,17 @@ def run() -> int:
         try:
             ns_fd = posix.open(netns, posix.O_RDONLY | posix.O_CLOEXEC)
         except OSError as exc:
-            extra["NETNS_ERROR"] = f"{exc.strerror} (errno {exc.errno})"
+            extra[NETNS_ERROR] = f"{exc.strerror} (errno {exc.errno})"
     path = socket_path(stdin)
     try:
         code, out = call_agent(path, request_bytes(environ, stdin, extra), ns_fd)
     except (OSError, ConnectionError) as exc:
+        # Deliberately late: the offline answers need json and the IPAM files, which
+        # the path through the agent (nearly every call) never pays for.
         from overlay.cni import offline
 
         env = {k.decode("utf-8", "surrogateescape"): v.decode("utf-8", "surrogateescape")
-               for k, v in environ.items() if k in _ENV_KEYS_B}
+               for k, v in environ.items() if k in ENV_KEYS_B}
         reason = f"cannot reach the overlay node agent at {path}: {exc}"
         return offline.run(env, stdin, sys.stdout.buffer, reason=reason)
     finally:

@@ -45,8 +45,8 @@ class InstallOptions:
 
 # What the client may import: itself, the offline answers and their helpers
 # (all standard library only; checked by the tests).
-STANDALONE_MODULES = ("__init__.py", "netns.py", "cni/__init__.py", "cni/client.py",
-                      "cni/offline.py", "cni/spec.py", "cni/ipam.py", "cni/wiring.py")
+STANDALONE_MODULES = ("__init__.py", "devnames.py", "cni/__init__.py", "cni/wire.py",
+                      "cni/client.py", "cni/offline.py", "cni/spec.py", "cni/ipam.py")
 
 
 def launcher_text(python: str) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from overlay.cni import spec
-from overlay.cni.client import DEFAULT_SOCKET
 from overlay.cni.ipam import Ipam
+from overlay.cni.wire import DEFAULT_SOCKET, DEFAULT_VERSION
 from overlay.devnames import host_veth_name
 
 
@@ -60,7 +60,7 @@ def answer(env: dict[str, str], stdin: bytes, reason: str) -> tuple[int, bytes]:
             try:
                 conf_version = _requested_version(stdin)
             except spec.CniError:
-                conf_version = "1.0.0"
+                conf_version = DEFAULT_VERSION
             return 0, spec.version_doc(conf_version)
         conf = spec.parse_conf(stdin, e.command)
         sock = conf.agent_socket or DEFAULT_SOCKET
@@ -95,5 +95,5 @@ def _requested_version(stdin: bytes) -> str:
         doc = json.loads(stdin) if stdin.strip() else {}
     except (ValueError, UnicodeDecodeError):
         raise spec.CniError(spec.E_DECODE, "failed to decode the network config") from None
-    v = doc.get("cniVersion", "1.0.0") if isinstance(doc, dict) else "1.0.0"
-    return v if isinstance(v, str) else "1.0.0"
+    v = doc.get("cniVersion", DEFAULT_VERSION) if isinstance(doc, dict) else DEFAULT_VERSION
+    return v if isinstance(v, str) else DEFAULT_VERSION

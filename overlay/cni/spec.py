@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address, ip_interface
 from typing import Any
 
-from overlay.cni.client import SUPPORTED_VERSIONS
+from overlay.cni import wire
+from overlay.cni.wire import DEFAULT_VERSION, SUPPORTED_VERSIONS
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 
@@ -30,7 +31,7 @@ E_TRY_AGAIN = 11
 E_PLUGIN_NOT_AVAILABLE = 50
 E_LIMITED_CONNECTIVITY = 51
 # Our own, from 100 on.
-E_INTERNAL = 100
+E_INTERNAL = wire.E_INTERNAL
 E_IFNAME_EXISTS = 101
 E_NO_ADDRESS = 102
 E_NETLINK = 103
@@ -63,7 +64,7 @@ def version_of(stdin: bytes) -> str:
         v = doc.get("cniVersion") if isinstance(doc, dict) else None
     except (ValueError, UnicodeDecodeError, RecursionError):
         v = None
-    return v if isinstance(v, str) and v in SUPPORTED_VERSIONS else "1.0.0"
+    return v if isinstance(v, str) and v in SUPPORTED_VERSIONS else DEFAULT_VERSION
 
 
 def version_doc(requested: str) -> bytes:

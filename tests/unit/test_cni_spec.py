@@ -190,7 +190,7 @@ def test_client_version_and_error_documents():
 
 
 def test_client_request_carries_only_cni_variables():
-    from overlay.cni.client import MAGIC, request_bytes
+    from overlay.cni.wire import MAGIC, request_bytes
 
     env = {b"CNI_COMMAND": b"ADD", b"CNI_IFNAME": b"eth0", b"HOME": b"/root",
            b"CNI_ARGS": b"K=\xff"}
