@@ -1,4 +1,9 @@
-"""overlayctl: the admin CLI of the overlay network."""
+"""overlayctl: the admin CLI of the overlay network.
+
+Each subcommand imports what it needs (etcd, gRPC, pyroute2, scapy, the
+sandbox) when it runs, deliberately: `--help` and every command pay only
+for their own imports.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from overlay import __version__
+from overlay.ctl import render
 from overlay.errors import ConfigError, OverlayError, PermanentError, TemporaryError
 
 DESCRIPTION = """\
@@ -293,62 +298,10 @@ async def leases_cmd(args: argparse.Namespace) -> int:
     table: list[tuple[str, ...]] = [("SUBNET", "NODE", "UNDERLAY", "VTEP MAC", "GRPC")]
     table += [(str(e.record.subnet), e.record.node, str(e.record.underlay_ip), e.record.vtep_mac,
                e.record.grpc_addr) for e in rows]
-    print_table(table)
+    render.print_table(table)
     for key, why in snap.invalid:
         print(f"invalid: {key}: {why}", file=sys.stderr)
     return 0
-
-
-def print_table(rows: list[tuple[str, ...]], out: Any = None) -> None:
-    out = out or sys.stdout
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
-
-
-def fmt_rtt(us: int | None, error: str | None = None) -> str:
-    """The last round trip; "fail" if the last probe got no answer (the error is in --json)."""
-    if error is not None:
-        return "fail"
-    if us is None:
-        return "-"
-    return f"{us / 1000:.2f}ms"
-
-
-def fmt_since(ms: int) -> str:
-    if not ms:
-        return "-"
-    s = max(0.0, time.time() - ms / 1000)
-    if s < 120:
-        return f"{s:.0f}s"
-    if s < 7200:
-        return f"{s / 60:.0f}m"
-    return f"{s / 3600:.1f}h"
-
-
-def peer_rows(st: Any) -> list[tuple[str, ...]]:
-    from overlay.agent.localclient import status_json
-
-    doc = status_json(st)
-    rows: list[tuple[str, ...]] = [("PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT",
-                                    "TUNNEL RTT", "SINCE", "PROGRAMMED")]
-    for p in doc["peers"]:
-        rows.append(peer_row(p))
-    return rows
-
-
-def peer_row(p: dict[str, Any]) -> tuple[str, ...]:
-    """name, subnet, underlay, state, gRPC RTT, tunnel RTT, since, programmed."""
-    state = p["state"]
-    if not p.get("inEtcd", True):
-        state += " (no lease)"
-    programmed = "yes" if p["programmed"] else "no"
-    if p["programmed"] and p.get("source") == "gossip":
-        programmed = "yes (gossip)"  # newer details than etcd holds (etcd unreachable?)
-    return (p["name"], p["subnet"], p["underlayIP"], state,
-            fmt_rtt(p["grpcRttUs"], p.get("grpcError")),
-            fmt_rtt(p["tunnelRttUs"], p.get("tunnelError")), fmt_since(p["sinceUnixMs"]),
-            programmed)
 
 
 def status_cmd(args: argparse.Namespace) -> int:
@@ -371,5 +324,5 @@ def status_cmd(args: argparse.Namespace) -> int:
         if not c.ok:
             print(f"  {c.name}: {c.message}")
     print()
-    print_table(peer_rows(st))
+    render.print_table(render.peer_rows(status_json(st)["peers"]))
     return 0 if st.ready else 1

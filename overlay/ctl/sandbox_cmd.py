@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from overlay.ctl import render
 from overlay.sandbox.sandbox import Sandbox, SandboxError, tail
 
 
@@ -112,8 +113,6 @@ def status_doc(sb: Sandbox) -> dict[str, Any]:
 
 
 def status(sb: Sandbox, as_json: bool) -> int:
-    from overlay.ctl.main import peer_row, print_table
-
     doc = status_doc(sb)
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -125,20 +124,19 @@ def status(sb: Sandbox, as_json: bool) -> int:
         prog = sum(1 for p in n["peers"] if p["programmed"])
         rows.append((n["name"], n["namespace"], n["underlayIP"], n["subnet"] or "-",
                      "yes" if n["ready"] else "no", f"{len(n['peers'])} ({prog})"))
-    print_table(rows)
+    render.print_table(rows)
     for n in doc["nodes"]:
         if n.get("error"):
             print(f"{n['name']}: {n['error']} (log: {n['log']}, last lines below)")
             print(tail(Path(n["log"]), 5))
     print()
-    rows = [("PEERS SEEN FROM", "PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT", "TUNNEL RTT",
-             "SINCE", "PROGRAMMED")]
+    rows = [("PEERS SEEN FROM", *render.PEER_HEADER)]
     for n in doc["nodes"]:
         for p in n["peers"]:
-            rows.append((n["name"], *peer_row(p)))
-    print_table(rows)
+            rows.append((n["name"], *render.peer_row(p)))
+    render.print_table(rows)
     print()
     rows = [("POD", "NODE", "IP", "NAMESPACE")]
     rows += [(p["name"], p["node"], p["ip"], p["namespace"]) for p in doc["pods"]]
-    print_table(rows)
+    render.print_table(rows)
     return 0

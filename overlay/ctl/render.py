@@ -1,0 +1,61 @@
+"""Tables for people: the peer table of `overlayctl status` and `sandbox status`.
+
+Rendering only, from the JSON documents the commands also print with --json
+(`overlay.agent.localclient.status_json`), so both outputs say the same.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+PEER_HEADER = ("PEER", "SUBNET", "UNDERLAY", "STATE", "GRPC RTT", "TUNNEL RTT", "SINCE",
+               "PROGRAMMED")
+
+
+def print_table(rows: Sequence[tuple[str, ...]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def fmt_rtt(us: int | None, error: str | None = None) -> str:
+    """The last round trip; "fail" if the last probe got no answer (the error is in --json)."""
+    if error is not None:
+        return "fail"
+    if us is None:
+        return "-"
+    return f"{us / 1000:.2f}ms"
+
+
+def fmt_since(ms: int) -> str:
+    if not ms:
+        return "-"
+    s = max(0.0, time.time() - ms / 1000)
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def peer_rows(peers: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """The header and one row per peer of a status document's "peers"."""
+    return [PEER_HEADER, *(peer_row(p) for p in peers)]
+
+
+def peer_row(p: Mapping[str, Any]) -> tuple[str, ...]:
+    """name, subnet, underlay, state, gRPC RTT, tunnel RTT, since, programmed."""
+    state = p["state"]
+    if not p.get("inEtcd", True):
+        state += " (no lease)"
+    programmed = "yes" if p["programmed"] else "no"
+    if p["programmed"] and p.get("source") == "gossip":
+        programmed = "yes (gossip)"  # newer details than etcd holds (etcd unreachable?)
+    return (p["name"], p["subnet"], p["underlayIP"], state,
+            fmt_rtt(p["grpcRttUs"], p.get("grpcError")),
+            fmt_rtt(p["tunnelRttUs"], p.get("tunnelError")), fmt_since(p["sinceUnixMs"]),
+            programmed)
