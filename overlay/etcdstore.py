@@ -7,9 +7,11 @@ above this module imports etcd3aio or grpc for etcd.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -46,6 +48,31 @@ class EtcdOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The etcd flags of overlayd and of overlayctl's etcd commands, in a group of their own."""
+    g = p.add_argument_group("etcd")
+    g.add_argument("--etcd-endpoints",
+                   default=os.environ.get("OVERLAYD_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
+                   help="comma-separated etcd client URLs (default: %(default)s)")
+    g.add_argument("--etcd-prefix", default="/overlay/",
+                   help="key prefix of the network config and leases (default: %(default)s)")
+    g.add_argument("--etcd-cafile", help="CA bundle to verify etcd's certificate")
+    g.add_argument("--etcd-certfile", help="client certificate for etcd")
+    g.add_argument("--etcd-keyfile", help="client key for etcd")
+    g.add_argument("--etcd-server-name",
+                   help="name to verify in etcd's certificate (default: the endpoint host)")
+    g.add_argument("--etcd-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="timeout of one etcd request (default: %(default)s)")
+    return g
+
+
+def options_from_args(args: argparse.Namespace) -> EtcdOptions:
+    return EtcdOptions(endpoints=(args.etcd_endpoints,), prefix=args.etcd_prefix,
+                       cafile=args.etcd_cafile, certfile=args.etcd_certfile,
+                       keyfile=args.etcd_keyfile, server_name=args.etcd_server_name,
+                       timeout=args.etcd_timeout)
 
 
 def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], bool]:

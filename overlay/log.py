@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -53,6 +54,13 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
+
+
+def quiet_grpc() -> None:
+    """gRPC's C core logs TLS and connection errors to stderr on its own; we report
+    them ourselves, in words, so it stays quiet unless GRPC_VERBOSITY asks otherwise.
+    (Before grpc is imported: it reads the variable once.)"""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:

@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from overlay import __version__
+from overlay import __version__, etcdstore
+from overlay import log as logsetup
 from overlay.errors import ConfigError, OverlayError
 from overlay.membership.swim import SwimConfig
 
@@ -40,19 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"overlayd {__version__}")
-    g = p.add_argument_group("etcd")
-    g.add_argument("--etcd-endpoints",
-                   default=os.environ.get("OVERLAYD_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
-                   help="comma-separated etcd client URLs (default: %(default)s)")
-    g.add_argument("--etcd-prefix", default="/overlay/",
-                   help="key prefix of the network config and leases (default: %(default)s)")
-    g.add_argument("--etcd-cafile", help="CA bundle to verify etcd's certificate")
-    g.add_argument("--etcd-certfile", help="client certificate for etcd")
-    g.add_argument("--etcd-keyfile", help="client key for etcd")
-    g.add_argument("--etcd-server-name",
-                   help="name to verify in etcd's certificate (default: the endpoint host)")
-    g.add_argument("--etcd-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="timeout of one etcd request (default: %(default)s)")
+    g = etcdstore.add_arguments(p)
     g.add_argument("--etcd-startup-timeout", type=float, default=1.0, metavar="SECONDS",
                    help="at start, how long to wait for etcd before starting DEGRADED from "
                         "the config, subnet and peers saved in --state-dir by the last run "
@@ -132,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> object:
     from overlay.agent.agent import AgentOptions
-    from overlay.etcdstore import EtcdOptions
 
     if args.lease_ttl < 5:
         raise ConfigError("--lease-ttl", "must be at least 5 seconds")
@@ -150,11 +138,7 @@ def options_from_args(args: argparse.Namespace) -> object:
                       push_pull_interval=args.push_pull_interval)
     swim.validate()
     return AgentOptions(
-        etcd=EtcdOptions(
-            endpoints=(args.etcd_endpoints,), prefix=args.etcd_prefix, cafile=args.etcd_cafile,
-            certfile=args.etcd_certfile, keyfile=args.etcd_keyfile,
-            server_name=args.etcd_server_name, timeout=args.etcd_timeout,
-        ),
+        etcd=etcdstore.options_from_args(args),
         node_name=args.node_name, iface=args.iface, iface_regex=args.iface_regex,
         public_ip=args.public_ip, mtu=args.mtu, vtep_mac=args.vtep_mac,
         grpc_listen=args.grpc_listen, grpc_advertise=args.grpc_advertise,
@@ -167,17 +151,9 @@ def options_from_args(args: argparse.Namespace) -> object:
     )
 
 
-def quiet_grpc() -> None:
-    """gRPC's C core logs TLS and connection errors to stderr on its own; we report
-    them ourselves, in words, so it stays quiet unless GRPC_VERBOSITY asks otherwise."""
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
-
 def main(argv: list[str] | None = None) -> int:
-    quiet_grpc()
+    logsetup.quiet_grpc()
     args = build_parser().parse_args(argv)
-    from overlay import log as logsetup
-
     logsetup.setup(args.log_format, args.log_level)
     log = logging.getLogger("overlayd")
     if os.geteuid() != 0:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from overlay import __version__
+from overlay import __version__, etcdstore
 from overlay.ctl import render
 from overlay.errors import ConfigError, OverlayError, PermanentError, TemporaryError
+from overlay.log import quiet_grpc
 
 DESCRIPTION = """\
 overlayctl: administer the overlay network.
@@ -33,27 +33,6 @@ overlayctl: administer the overlay network.
   trace          show the packets between two pods: outer and inner headers
   sandbox        run a whole multi-node cluster on this machine (namespaces)
 """
-
-
-def add_etcd_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--etcd-endpoints",
-                   default=os.environ.get("OVERLAYD_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
-                   help="comma-separated etcd client URLs (default: %(default)s)")
-    p.add_argument("--etcd-prefix", default="/overlay/", help="key prefix (default: %(default)s)")
-    p.add_argument("--etcd-cafile")
-    p.add_argument("--etcd-certfile")
-    p.add_argument("--etcd-keyfile")
-    p.add_argument("--etcd-server-name")
-    p.add_argument("--etcd-timeout", type=float, default=5.0)
-
-
-def etcd_options(args: argparse.Namespace) -> Any:
-    from overlay.etcdstore import EtcdOptions
-
-    return EtcdOptions(endpoints=(args.etcd_endpoints,), prefix=args.etcd_prefix,
-                       cafile=args.etcd_cafile, certfile=args.etcd_certfile,
-                       keyfile=args.etcd_keyfile, server_name=args.etcd_server_name,
-                       timeout=args.etcd_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "<prefix>network/config. Refuses to overwrite a different existing "
                            "config unless --force is given; an identical one is left as it is "
                            "(exit 0), so every node may run it.")
-    add_etcd_flags(init)
+    etcdstore.add_arguments(init)
     init.add_argument("--cidr", default="10.244.0.0/16",
                       help="the cluster (pod) network (default: %(default)s)")
     init.add_argument("--subnet-len", type=int, default=24,
@@ -84,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                       '{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": '
                       '"vxlan", "VNI": 1, "Port": 8472}} (a Kubernetes ConfigMap)')
     show = nsub.add_parser("show", help="print the network config")
-    add_etcd_flags(show)
+    etcdstore.add_arguments(show)
 
     leases = sub.add_parser("leases", help="list the subnet leases in etcd")
-    add_etcd_flags(leases)
+    etcdstore.add_arguments(leases)
     leases.add_argument("--json", action="store_true")
 
     status = sub.add_parser("status", help="this node's agent and its peers")
@@ -153,12 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     for s in ssub.choices.values():
         s.add_argument("--name", default="demo", help="sandbox name (default: %(default)s)")
     return p
-
-
-def quiet_grpc() -> None:
-    """gRPC's C core logs TLS and connection errors to stderr on its own; we report
-    them ourselves, in words, so it stays quiet unless GRPC_VERBOSITY asks otherwise."""
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +206,7 @@ async def network_cmd(args: argparse.Namespace) -> int:
             cfg = NetworkConfig(network=parse_cidr(args.cidr, "--cidr"),
                                 subnet_len=args.subnet_len, vni=args.vni, port=args.port)
         validate_network(cfg, tuple(local_networks()))
-    async with EtcdStore(etcd_options(args)) as store:
+    async with EtcdStore(etcdstore.options_from_args(args)) as store:
         if args.net_cmd == "show":
             print((await store.get_config()).to_json())
             return 0
@@ -286,7 +259,7 @@ def local_networks() -> list[Any]:
 async def leases_cmd(args: argparse.Namespace) -> int:
     from overlay.etcdstore import EtcdStore
 
-    async with EtcdStore(etcd_options(args)) as store:
+    async with EtcdStore(etcdstore.options_from_args(args)) as store:
         snap = await store.list_leases()
     rows = sorted(snap.entries.values(), key=lambda e: e.record.subnet)
     if args.json:
