@@ -22,6 +22,7 @@ from typing import Protocol
 from overlay import metrics, subnets
 from overlay.errors import TemporaryError
 from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
+from overlay.retry import Backoff, Once, wait
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,8 @@ class LeaseManager:
 
     async def acquire(self, retry_max: float | None = None) -> LeaseEntry:
         """Hold a subnet lease, retrying (with backoff up to `retry_max`) until etcd gives one."""
-        retry_max = self.retry_max if retry_max is None else retry_max
-        delay = 0.2
-        last_msg = ""
+        backoff = Backoff(0.2, self.retry_max if retry_max is None else retry_max, self.rng)
+        said = Once()
         while True:
             try:
                 entry = await self._try_acquire()
@@ -110,12 +110,10 @@ class LeaseManager:
             except TemporaryError as exc:
                 msg = str(exc)
                 self.last_error = msg
-                if msg != last_msg:
+                if said.changed(msg):
                     log.warning("cannot lease a subnet yet: %s; retrying", msg)
-                    last_msg = msg
                 self.healthy = False
-            await asyncio.sleep(delay * (0.5 + self.rng.random()))
-            delay = min(delay * 2, retry_max)
+            await asyncio.sleep(backoff.next())
 
     async def _try_acquire(self) -> LeaseEntry:
         snap = await self.store.list_leases()
@@ -202,9 +200,7 @@ class LeaseManager:
         outage_since: float | None = None
         while True:
             interval = max(1.0, self.ttl / 4) if self.healthy else 1.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), interval)
-            if self._lost.is_set():
+            if await wait(self._lost, interval):
                 self._lost.clear()
                 await self._reacquire("its key was deleted or changed")
                 continue

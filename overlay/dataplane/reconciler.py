@@ -12,7 +12,6 @@ is only the safety net and can be slow; without one, the timer finds drift.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -38,6 +37,7 @@ from overlay.dataplane.kernel import Kernel, KernelError
 from overlay.errors import OverlayError
 from overlay.log import change_fields
 from overlay.model import NodeRecord
+from overlay.retry import Backoff, Once, wait
 
 log = logging.getLogger(__name__)
 
@@ -237,28 +237,27 @@ class Reconciler:
     RETRY_MAX = 10.0
 
     async def _loop(self) -> None:
-        first = min(self.RETRY_FIRST, self.interval)
-        backoff = first
+        backoff = Backoff(min(self.RETRY_FIRST, self.interval), self.RETRY_MAX)
+        said = Once()
         while True:
             self._wake.clear()
             try:
                 res = await self.reconcile_once()
             except OverlayError as exc:
-                if str(exc) != self.last_error:
-                    log.warning("reconcile failed: %s; retrying in %.1fs", exc, backoff)
+                if said.changed(str(exc)):
+                    log.warning("reconcile failed: %s; retrying in %.1fs", exc, backoff.delay)
                 self.last_error = str(exc)
             else:
                 if res.ok:
                     self.last_ok = time.monotonic()
                     self.last_error = ""
-                    backoff = first
+                    said.reset()
+                    backoff.reset()
                     self.first_done.set()
                     await self._sleep(self.interval)
                     continue
                 self.last_error = "; ".join(res.errors[:3])
-            await self._sleep(backoff)
-            backoff = min(backoff * 2, self.RETRY_MAX)
+            await self._sleep(backoff.next())
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await wait(self._wake, seconds)

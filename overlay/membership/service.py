@@ -33,6 +33,7 @@ from overlay.membership.effective import Peer, Source, effective_peers, programm
 from overlay.membership.swim import Change, Member, Record, State, Swim, SwimConfig, Update
 from overlay.membership.wire import update_pb, updates_from_pb
 from overlay.model import LeaseEntry, NodeRecord
+from overlay.retry import Once
 from overlay.v1 import overlay_pb2 as pb
 from overlay.v1 import overlay_pb2_grpc as pb_grpc
 
@@ -174,6 +175,10 @@ class Membership:
     def name(self) -> str:
         return self.swim.name
 
+    @property
+    def incarnation(self) -> int:
+        return self.swim.incarnation
+
     # --- life cycle -----------------------------------------------------------
 
     async def start(self) -> None:
@@ -224,16 +229,15 @@ class Membership:
     async def _loop(self, what: str, interval: float, step: Callable[[], Awaitable[None]],
                     jitter: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
-        last_error = ""
+        said = Once()
         while True:
             t0 = loop.time()
             try:
                 await step()
-                last_error = ""
+                said.reset()
             except Exception as exc:  # a membership bug must not take the node agent down
-                if str(exc) != last_error:
+                if said.changed(str(exc)):
                     log.warning("membership %s step failed: %s", what, exc, exc_info=exc)
-                last_error = str(exc)
             wait = interval * (1 + jitter * (2 * self.swim.rng.random() - 1))
             await asyncio.sleep(max(0.0, wait - (loop.time() - t0)))
 
