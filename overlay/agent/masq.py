@@ -23,7 +23,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from overlay.agent import nft
+from overlay.agent.nft import NftCommand, Runner
 from overlay.errors import TemporaryError
 from overlay.log import change_fields
 
@@ -39,7 +39,9 @@ class NftMasquerade:
         node_subnet: Callable[[], IPv4Network | None],
         state_dir: Path,
         whole_node: bool = False,
+        nft: Runner | None = None,
     ) -> None:
+        self.nft = nft or NftCommand()
         self.cluster = cluster
         self.node_subnet = node_subnet
         self.dir = state_dir
@@ -91,7 +93,7 @@ class NftMasquerade:
             f"  }}\n"
             f"}}\n"
         )
-        await nft.run(script)
+        await self.nft.run(script)
         self._built_for = (cluster, subnet)
         why = ("overlayd --ip-masq" if node_rule else "pods whose CNI config sets ipMasq") + \
             f"; the node subnet is {subnet}"
@@ -106,7 +108,7 @@ class NftMasquerade:
             if self._built_for is not None:
                 return
             try:
-                await nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+                await self.nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
             except TemporaryError as exc:
                 log.warning("could not remove a stale nftables table ip %s: %s", TABLE, exc)
 
@@ -117,7 +119,7 @@ class NftMasquerade:
             if self._built_for is None:
                 await self._ensure_locked()  # the new element is included
                 return
-            await nft.run(f"add element ip {TABLE} masq_pods {{ {ip} }}\n")
+            await self.nft.run(f"add element ip {TABLE} masq_pods {{ {ip} }}\n")
             why = "its CNI config sets ipMasq"
             log.info("nftables: masquerading pod %s (%s)", ip, why,
                      extra=change_fields("nft", "add", why, element=str(ip)))
@@ -130,7 +132,7 @@ class NftMasquerade:
             marker.unlink(missing_ok=True)
             if self._built_for is not None:
                 try:
-                    await nft.run(f"delete element ip {TABLE} masq_pods {{ {ip} }}\n")
+                    await self.nft.run(f"delete element ip {TABLE} masq_pods {{ {ip} }}\n")
                     why = "the pod was deleted"
                     log.info("nftables: no longer masquerading %s (%s)", ip, why,
                              extra=change_fields("nft", "del", why, element=str(ip)))
@@ -141,7 +143,7 @@ class NftMasquerade:
         if self._built_for is None:
             return
         try:
-            await nft.run(f"delete table ip {TABLE}\n")
+            await self.nft.run(f"delete table ip {TABLE}\n")
             why = "overlayd is stopping"
             log.info("nftables table ip %s removed (%s)", TABLE, why,
                      extra=change_fields("nft", "delete", why, table=f"ip {TABLE}"))

@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
-from overlay.agent import nft
+from overlay.agent.nft import NftCommand, Runner
 from overlay.errors import TemporaryError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class VxlanFilter:
     # it is rebuilt, like any other drifted state.
     VERIFY_INTERVAL = 2.0
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, nft: Runner | None = None) -> None:
+        self.nft = nft or NftCommand()
         self.port = port
         self.members: frozenset[IPv4Address] | None = None
         self._texts: frozenset[str] = frozenset()  # the members as nft lists them
@@ -95,12 +96,12 @@ class VxlanFilter:
             if want == self.members:
                 return
             if self.members is None:
-                await nft.run(ruleset(self.port, want))
+                await self.nft.run(ruleset(self.port, want))
                 log.info("VXLAN filter: UDP %d accepted only from %d member(s) "
                          "(nftables table ip %s)", self.port, len(want), TABLE)
             else:
                 added, removed = want - self.members, self.members - want
-                await nft.run(member_update(want))
+                await self.nft.run(member_update(want))
                 for ip in sorted(added):
                     log.info("VXLAN filter: accepting %s (new member)", ip)
                 for ip in sorted(removed):
@@ -123,12 +124,12 @@ class VxlanFilter:
             return True
 
     async def _kernel_state(self) -> tuple[int | None, frozenset[str]] | None:
-        text = await nft.listing("table", "ip", TABLE)
+        text = await self.nft.listing("table", "ip", TABLE)
         return None if text is None else parse_table(text)
 
     async def dropped(self) -> int:
         """Packets dropped so far (from the rule's counter)."""
-        for line in (await nft.listing("chain", "ip", TABLE, "input") or "").splitlines():
+        for line in (await self.nft.listing("chain", "ip", TABLE, "input") or "").splitlines():
             if "counter packets" in line:
                 return int(line.split("counter packets", 1)[1].split()[0])
         return 0
@@ -136,7 +137,7 @@ class VxlanFilter:
     async def remove(self) -> None:
         async with self._lock:
             try:
-                await nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+                await self.nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
                 log.info("VXLAN filter removed (nftables table ip %s)", TABLE)
             except TemporaryError as exc:
                 log.warning("could not remove the VXLAN filter: %s", exc)
