@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from overlay import __version__
+from overlay.errors import ConfigError
 from overlay.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -22,8 +24,6 @@ Route = Callable[[], tuple[int, str, bytes]]
 
 
 def split_hostport(addr: str, flag: str) -> tuple[str, int]:
-    from overlay.errors import ConfigError
-
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(flag, f"{addr!r} is not host:port")
@@ -47,8 +47,6 @@ class HttpServer:
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, flag: str = "listen address") -> None:
-        from overlay.errors import ConfigError
-
         try:
             self._server = await asyncio.start_server(self._handle, host, port)
         except OSError as exc:  # in use, or not an address of this host
@@ -88,3 +86,31 @@ class HttpServer:
             pass
         finally:
             writer.close()
+
+
+async def serve_probes(health_addr: str | None, metrics_addr: str | None,
+                       ready: Callable[[], tuple[bool, dict[str, object]]],
+                       before_scrape: Callable[[], None]) -> list[HttpServer]:
+    """/healthz, /readyz and /metrics on --health-addr, and /metrics (with the probes) on
+    --metrics-addr if that is another address. The servers started, to close later."""
+
+    def health() -> tuple[bool, dict[str, object]]:
+        return True, {"status": "alive", "version": __version__}
+
+    def scrape() -> tuple[int, str, bytes]:
+        before_scrape()
+        return metrics_route()
+
+    probes = {"/healthz": json_route(health), "/readyz": json_route(ready)}
+    servers: list[HttpServer] = []
+    try:
+        for addr, flag in ((health_addr, "--health-addr"), (metrics_addr, "--metrics-addr")):
+            if addr and not (flag == "--metrics-addr" and addr == health_addr):
+                srv = HttpServer({**probes, "/metrics": scrape})
+                await srv.start(*split_hostport(addr, flag), flag)
+                servers.append(srv)
+    except BaseException:
+        for srv in servers:
+            await srv.close()
+        raise
+    return servers

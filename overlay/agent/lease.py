@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
 from overlay import metrics, subnets
@@ -53,8 +53,6 @@ class Template:
     grpc_addr: str
 
     def record(self, subnet: IPv4Network) -> NodeRecord:
-        from ipaddress import IPv4Address
-
         return NodeRecord(self.node, subnet, IPv4Address(self.underlay_ip), self.vtep_mac,
                           self.grpc_addr)
 

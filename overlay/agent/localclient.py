@@ -12,6 +12,9 @@ import grpc
 from overlay.v1 import overlay_pb2 as pb
 from overlay.v1 import overlay_pb2_grpc as pb_grpc
 
+# A generated protobuf message (StatusReply, NodeRecord): untyped, mypy skips overlay.v1.
+Message = Any
+
 STATE_NAMES = {
     pb.PEER_STATE_UNSPECIFIED: "-",
     pb.PEER_STATE_ALIVE: "alive",
@@ -21,7 +24,7 @@ STATE_NAMES = {
 }
 
 
-def local_status(socket_path: Path | str, timeout: float = 3.0) -> Any:
+def local_status(socket_path: Path | str, timeout: float = 3.0) -> Message:
     with grpc.insecure_channel(f"unix:{socket_path}") as ch:
         return pb_grpc.LocalStub(ch).Status(pb.StatusRequest(), timeout=timeout)
 
@@ -31,8 +34,8 @@ def local_leave(socket_path: Path | str, timeout: float = 10.0) -> None:
         pb_grpc.LocalStub(ch).Leave(pb.LocalLeaveRequest(), timeout=timeout)
 
 
-def status_json(st: Any) -> dict[str, Any]:
-    def rec(r: Any) -> dict[str, Any]:
+def status_json(st: Message) -> dict[str, Any]:
+    def rec(r: Message) -> dict[str, Any]:
         return {"name": r.name, "subnet": r.subnet, "underlayIP": r.underlay_ip,
                 "vtepMAC": r.vtep_mac, "grpcAddr": r.grpc_addr}
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from overlay import __version__, etcdstore
 from overlay import log as logsetup
+from overlay.agent.options import AgentOptions
 from overlay.errors import ConfigError, OverlayError
 from overlay.membership.swim import SwimConfig
+from overlay.membership.tls import tls_files
 
 DESCRIPTION = """\
 overlayd: the node agent of the overlay network.
@@ -119,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(args: argparse.Namespace) -> object:
-    from overlay.agent.agent import AgentOptions
-
+def options_from_args(args: argparse.Namespace) -> AgentOptions:
     if args.lease_ttl < 5:
         raise ConfigError("--lease-ttl", "must be at least 5 seconds")
     if args.reconcile_interval <= 0:
@@ -130,8 +130,6 @@ def options_from_args(args: argparse.Namespace) -> object:
         raise ConfigError("--mtu", f"{args.mtu} is outside 576..65535")
     if args.etcd_startup_timeout <= 0:
         raise ConfigError("--etcd-startup-timeout", "must be positive")
-    from overlay.membership.tls import tls_files
-
     swim = SwimConfig(probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
                       indirect_probes=args.indirect_probes, suspect_timeout=args.suspect_timeout,
                       suspect_timeout_max=args.suspect_timeout_max,
@@ -161,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         opts = options_from_args(args)
+        # Deliberately here: the agent's imports (pyroute2, grpc, etcd3aio) cost ~0.5 s,
+        # which `overlayd --help` and a mistyped flag should not pay.
         from overlay.agent.agent import Agent
 
         log.info("overlayd %s starting", __version__)
-        return asyncio.run(Agent(opts).run())  # type: ignore[arg-type]
+        return asyncio.run(Agent(opts).run())
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
