@@ -21,6 +21,13 @@ VNI_MAX = 16_777_215
 MAX_SUBNET_LEN = 29
 MAX_CIDR_PREFIX = 28
 
+
+
+def pod_gateway(subnet: IPv4Network) -> IPv4Interface:
+    """The bridge address of a node subnet, the pods' default gateway: its first host."""
+    return IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+
+
 RESERVED = (
     (ip_network("0.0.0.0/8"), "'this network' (0.0.0.0/8)"),
     (ip_network("127.0.0.0/8"), "loopback (127.0.0.0/8)"),
@@ -203,8 +210,7 @@ class NodeRecord:
 
     @property
     def gateway(self) -> IPv4Interface:
-        """The bridge address, the pods' default gateway: first host of the subnet."""
-        return IPv4Interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+        return pod_gateway(self.subnet)
 
     def with_(self, **changes: Any) -> NodeRecord:
         return replace(self, **changes)

@@ -27,6 +27,7 @@ from overlay.cni.spec import CniError
 from overlay.cni.wiring import PodWiring, WiringError
 from overlay.devnames import BRIDGE_NAME, host_veth_name
 from overlay.errors import TemporaryError
+from overlay.model import pod_gateway
 from overlay.netns import same_netns
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class NodeNet:
     @property
     def gateway(self) -> IPv4Interface:
         assert self.subnet is not None
-        return IPv4Interface(f"{self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+        return pod_gateway(self.subnet)
 
 
 class Masquerade(Protocol):

@@ -240,20 +240,6 @@ class LeaseManager:
         if self.on_change is not None:
             await self.on_change(entry)
 
-    async def update_record(self, template: Template) -> None:
-        """Publish changed details (new VTEP MAC or underlay IP) under the same subnet."""
-        self.template = template
-        if self.current is None:
-            return
-        rec = template.record(self.current.record.subnet)
-        if rec == self.current.record:
-            return
-        mod = await self.store.replace_lease(rec, self.lease_id, self.current.mod_revision)
-        if mod is None:
-            self.lost("it changed while we updated it")
-            return
-        self.current = LeaseEntry(rec, mod, self.lease_id)
-
     async def release(self) -> None:
         """Graceful leave: give the subnet back now instead of after the TTL."""
         if self.current is None:

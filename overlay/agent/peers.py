@@ -79,12 +79,6 @@ class PeerTable:
     def peer_records(self) -> list[NodeRecord]:
         return [e.record for e in self.entries.values() if e.record.node != self.me]
 
-    def by_name(self, name: str) -> LeaseEntry | None:
-        for e in self.entries.values():
-            if e.record.node == name:
-                return e
-        return None
-
     def _log_change(self, old: LeaseEntry | None, new: LeaseEntry | None) -> None:
         rec = (new or old).record  # type: ignore[union-attr]
         if rec.node == self.me:

@@ -20,7 +20,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 
@@ -164,7 +164,3 @@ class Ipam:
                     p.unlink(missing_ok=True)
                     fixed += 1
         return fixed
-
-
-def gateway_of(subnet: IPv4Network) -> IPv4Interface:
-    return IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")

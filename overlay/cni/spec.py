@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address, ip_interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_interface
 from typing import Any
 
 from overlay.cni import wire
@@ -170,9 +170,6 @@ class NetConf:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Set when a DEL goes ahead despite an invalid optional field: what was wrong.
     lenient: str = ""
-
-    def at_least(self, v: str) -> bool:
-        return _ver(self.cni_version) >= _ver(v)
 
 
 def _bool(doc: Mapping[str, Any], key: str) -> bool:
@@ -412,11 +409,3 @@ def parse_result(doc: Mapping[str, Any]) -> Result:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CniError(E_INVALID_CONFIG, f"prevResult: not a valid CNI result ({exc})") from None
     return Result(interfaces, tuple(ips), routes, dns)
-
-
-def valid_ip(v: str) -> bool:
-    try:
-        ip_address(v)
-        return True
-    except ValueError:
-        return False

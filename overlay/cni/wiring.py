@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 from overlay.devnames import HOST_VETH_RE, host_veth_name
@@ -444,7 +444,3 @@ class PodWiring:
                 gw,
                 int(peer) if peer is not None else None,
             )
-
-
-def in_subnet(ip: IPv4Address, subnet: IPv4Network) -> bool:
-    return ip in subnet

@@ -154,6 +154,8 @@ def test_underlay_loss_and_bandwidth_cap_at_startup_then_partition(make_sandbox)
     wait_until(converged, 120, 0.5)
     startup = time.monotonic() - t0
     sb.clear_faults()
+    for h in ("etcd1", *names):
+        sb.unlimit_bandwidth(h)
     for n in names:
         sb.add_pod(n)
     _, ok, total = sb.check()
