@@ -49,7 +49,7 @@ from common import (
     write_result,
 )
 
-from overlay.sandbox.sandbox import Pod, Sandbox, pid_alive
+from overlay.sandbox.sandbox import Pod, Sandbox, kill_and_wait, pid_alive
 from overlay.v1 import overlay_pb2 as pb
 
 AGENT_ARGS = ["--log-format", "json"]
@@ -115,12 +115,7 @@ def first_replies(sb: Sandbox, pods: list[Pod], dst: str, timeout: float) -> dic
                     got[pod.name] = float(m.group(1))
                     break
         finally:
-            p.terminate()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+            kill_and_wait(p, signal.SIGTERM, 5)
             if p.stdout is not None:
                 p.stdout.close()
 

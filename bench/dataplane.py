@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import time
@@ -42,7 +43,7 @@ from common import (
     write_result,
 )
 
-from overlay.sandbox.sandbox import Sandbox
+from overlay.sandbox.sandbox import Sandbox, kill_and_wait
 
 REF_CIDR = "10.250.{i}.0"
 PORT = 5201
@@ -312,12 +313,7 @@ def main() -> None:
                     f"{r2['reference']['gbps']:.2f} Gbit/s (ratio {together[-1]})")
         finally:
             for s in servers:
-                s.terminate()
-                try:
-                    s.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    s.kill()
-                    s.wait(timeout=5)
+                kill_and_wait(s, signal.SIGTERM, 5)
 
     gbps = {n: summary([r["gbps"] for r in tput[n]]) for n in tput}
     rtt = {n: summary([x for run in rtt_runs[n] for x in run]) for n in rtt_runs}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -106,12 +107,10 @@ def main() -> int:
                 failed[name] = f"exit {rc}; see its output above"
         except subprocess.TimeoutExpired:
             failed[name] = f"over its {limit} s limit"
-            p.terminate()  # SIGTERM: the script removes its sandbox on the way out
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            from overlay.sandbox.sandbox import kill_and_wait
+
+            # SIGTERM: the script removes its sandbox on the way out.
+            kill_and_wait(p, signal.SIGTERM, 60)
             remove_leftovers(since)
         durations[name] = round(time.monotonic() - t0, 1)
         print(f"== {name}: {durations[name]:.0f} s"

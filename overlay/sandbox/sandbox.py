@@ -726,8 +726,11 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def kill_and_wait(pid: int, sig: int, timeout: float) -> None:
-    """Stop a process we started (by PID), escalating to SIGKILL after `timeout`."""
+def kill_and_wait(proc: int | subprocess.Popen[Any], sig: int, timeout: float) -> None:
+    """Stop a process we started (by PID or Popen), escalating to SIGKILL after `timeout`."""
+    if isinstance(proc, subprocess.Popen):
+        _CHILDREN.setdefault(proc.pid, proc)  # reaped through its Popen, which learns the code
+    pid = proc if isinstance(proc, int) else proc.pid
     if not pid_alive(pid):
         _reap(pid)
         return

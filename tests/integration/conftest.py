@@ -7,6 +7,7 @@ Without root or a needed tool the tests fail loudly, naming what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -23,7 +24,7 @@ RUN_ID = secrets.token_hex(3)
 _counter = itertools.count(1)
 
 
-def _require_environment() -> None:
+def require_environment() -> None:
     if os.geteuid() != 0:
         pytest.fail("integration tests need root: they create network namespaces, veths, "
                     "VXLAN devices and run etcd (run `make test` as root)", pytrace=False)
@@ -37,41 +38,43 @@ def new_name() -> str:
     return f"t{RUN_ID}{next(_counter)}"
 
 
+@contextlib.contextmanager
+def sandbox_up(nodes: int = 3, pods_per_node: int = 2, **up: object) -> Iterator[Sandbox]:
+    """A running sandbox, removed on the way out even when `up` fails. A SandboxError in
+    `up`, or in more setup inside the block, fails the test with the step and its log.
+    For a module-scoped fixture: `with sandbox_up(2, 1) as sb: yield sb`."""
+    require_environment()
+    sb = Sandbox(new_name())
+    try:
+        sb.up(nodes, pods_per_node, **up)  # type: ignore[arg-type]
+        yield sb
+    except SandboxError as exc:
+        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
+    finally:
+        sb.down()
+
+
 @pytest.fixture
 def make_sandbox(request: pytest.FixtureRequest) -> Iterator[Callable[..., Sandbox]]:
     """make_sandbox(nodes, pods_per_node, **up_kwargs) -> a running sandbox."""
-    _require_environment()
     made: list[Sandbox] = []
+    with contextlib.ExitStack() as stack:
 
-    def make(nodes: int = 3, pods_per_node: int = 2, **kw: object) -> Sandbox:
-        sb = Sandbox(new_name())
-        made.append(sb)
-        try:
-            sb.up(nodes, pods_per_node, **kw)  # type: ignore[arg-type]
-        except SandboxError as exc:
-            pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}",
-                        pytrace=False)
-        return sb
+        def make(nodes: int = 3, pods_per_node: int = 2, **kw: object) -> Sandbox:
+            made.append(stack.enter_context(sandbox_up(nodes, pods_per_node, **kw)))
+            return made[-1]
 
-    yield make
-    for sb in made:
+        yield make
         if getattr(request.node, "rep_call_failed", False):
-            dump_logs(sb)
-        sb.down()
+            for sb in made:
+                dump_logs(sb)
 
 
 @pytest.fixture(scope="module")
 def cluster3() -> Iterator[Sandbox]:
     """One 3-node x 2-pod sandbox shared by the tests of a module (they restore it)."""
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(3, 2)
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+    with sandbox_up(3, 2) as sb:
+        yield sb
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import sandbox_up
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from overlay.sandbox.runtime import exec_plugin, find_plugin
-from overlay.sandbox.sandbox import Sandbox, pid_alive
+from overlay.sandbox.sandbox import pid_alive
 
 env_text = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
@@ -58,15 +59,10 @@ def configs(draw, socket_path):
 
 @pytest.fixture(scope="module")
 def node_sb():
-    from conftest import _require_environment, new_name
-
-    _require_environment()
-    sb = Sandbox(new_name())
-    sb.up(1, 0)
-    pod_ns = sb.ns("fuzz")
-    sb._new_ns(pod_ns)
-    yield sb, f"/run/netns/{pod_ns}"
-    sb.down()
+    with sandbox_up(1, 0) as sb:
+        pod_ns = sb.ns("fuzz")
+        sb._new_ns(pod_ns)
+        yield sb, f"/run/netns/{pod_ns}"
 
 
 def test_cni_plugin_survives_hostile_input(node_sb):

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import _require_environment, new_name, wait_until
+from conftest import sandbox_up, wait_until
 
 from overlay.sandbox.runtime import Call, CniCallError, NetworkList, exec_plugin
-from overlay.sandbox.sandbox import Sandbox, SandboxError, sh
+from overlay.sandbox.sandbox import Sandbox, sh
 
 LEGACY = ("0.3.0", "0.3.1", "0.4.0")
 VERSIONS = (*LEGACY, "1.0.0")  # what runtimes send (libcni 1.1.2 rejects 1.1.0 results)
@@ -42,20 +42,13 @@ _ids = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def sb() -> Iterator[Sandbox]:
-    _require_environment()
     missing = [p for p in ("portmap", "bandwidth", "tuning", "loopback")
                if not (REFERENCE / p).exists()]
     if missing:
         pytest.fail(f"reference CNI plugins missing from {REFERENCE}: {missing} "
                     "(apt-get install containernetworking-plugins)", pytrace=False)
-    s = Sandbox(new_name())
-    try:
-        s.up(1, 0)
-    except SandboxError as exc:
-        s.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield s
-    s.down()
+    with sandbox_up(1, 0) as s:
+        yield s
 
 
 @pytest.fixture(autouse=True)

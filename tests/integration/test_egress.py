@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _require_environment, new_name
+from conftest import sandbox_up
 
 from overlay.sandbox.runtime import NetworkList
-from overlay.sandbox.sandbox import Sandbox, SandboxError
+from overlay.sandbox.sandbox import Sandbox
 
 ECHO = str(Path(__file__).with_name("udp_echo.py"))
 PORT = 5599
@@ -28,20 +28,13 @@ PORT = 5599
 @pytest.fixture(scope="module")
 def masq_sb() -> Iterator[Sandbox]:
     """2 nodes x 2 pods with --ip-masq, plus an outside host on the underlay."""
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(2, 2)
+    with sandbox_up(2, 2) as sb:
         for node in ("n1", "n2"):
             sb.stop_agent(node)
             sb.start_agent(node, ["--ip-masq"])
             sb.wait_ready(node, 30)
         sb.add_outside_host()
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+        yield sb
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from conftest import _require_environment, new_name
+from conftest import new_name, require_environment
 
 from overlay.dataplane.kernel import BATCH
 
@@ -72,7 +72,7 @@ def sh(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    _require_environment()
+    require_environment()
     ns = f"ovs-{new_name()}-k"
     sh("ip", "netns", "add", ns)
     try:

@@ -16,25 +16,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import _require_environment, dump_logs, new_name, wait_until
+from conftest import dump_logs, sandbox_up, wait_until
 
 from overlay.agent.localclient import status_json
-from overlay.sandbox.sandbox import Sandbox, SandboxError, tool
+from overlay.sandbox.sandbox import Sandbox, tool
 
 NODES = [f"n{i}" for i in range(1, 11)]
 
 
 @pytest.fixture(scope="module")
 def cluster10() -> Iterator[Sandbox]:
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(10, 0)
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+    with sandbox_up(10, 0) as sb:
+        yield sb
 
 
 @pytest.fixture

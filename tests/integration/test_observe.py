@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _require_environment, new_name, wait_until
+from conftest import sandbox_up, wait_until
 
 from overlay.sandbox.runtime import NetworkList, exec_plugin
-from overlay.sandbox.sandbox import Sandbox, SandboxError, tool
+from overlay.sandbox.sandbox import Sandbox, tool
 
 HEALTH, METRICS = 9181, 9182
 
@@ -40,16 +40,9 @@ print(json.dumps({"code": code, "body": body.decode()}))
 @pytest.fixture(scope="module")
 def obs() -> Iterator[Sandbox]:
     """2 nodes x 1 pod; JSON logs, a separate metrics port, a short lease TTL."""
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(2, 1, agent_args=["--log-format", "json", "--metrics-addr",
-                                f"127.0.0.1:{METRICS}", "--lease-ttl", "5"])
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+    with sandbox_up(2, 1, agent_args=["--log-format", "json", "--metrics-addr",
+                                      f"127.0.0.1:{METRICS}", "--lease-ttl", "5"]) as sb:
+        yield sb
 
 
 def get(sb: Sandbox, node: str, port: int, path: str) -> tuple[int, str]:

@@ -13,22 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _require_environment, new_name, wait_until
+from conftest import sandbox_up, wait_until
 
-from overlay.sandbox.sandbox import Sandbox, SandboxError, tool
+from overlay.sandbox.sandbox import Sandbox, tool
 
 
 @pytest.fixture(scope="module")
 def jumbo() -> Iterator[Sandbox]:
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(2, 1, underlay_mtu=9000)
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+    with sandbox_up(2, 1, underlay_mtu=9000) as sb:
+        yield sb
 
 
 def mtu(sb: Sandbox, netns: str, dev: str) -> int:
