@@ -34,6 +34,7 @@ VERSIONS = (*LEGACY, "1.0.0")  # what runtimes send (libcni 1.1.2 rejects 1.1.0 
 ALL_VERSIONS = (*VERSIONS, "1.1.0")
 WITH_CHECK = ("0.4.0", "1.0.0", "1.1.0")
 REFERENCE = Path("/usr/lib/cni")
+CHAINED_EXAMPLE = Path(__file__).resolve().parents[2] / "cni" / "examples" / "chained.conflist"
 _ids = itertools.count(1)
 
 
@@ -584,12 +585,13 @@ def _iptables_nat(n1: Node) -> str:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_first_in_a_chain_with_portmap_bandwidth_and_tuning(sb, n1, pods, version):
-    conflist = {"cniVersion": version, "name": "overlay", "plugins": [
-        {"type": "overlay", "agentSocket": n1.socket},
-        {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
-        {"type": "bandwidth", "capabilities": {"bandwidth": True}},
-        {"type": "tuning", "sysctl": {"net.core.somaxconn": "321"}},
-    ]}
+    # The documented example, cni/examples/chained.conflist, pointed at this node's agent.
+    conflist = json.loads(CHAINED_EXAMPLE.read_text())
+    assert [p["type"] for p in conflist["plugins"]] == ["overlay", "portmap", "bandwidth",
+                                                         "tuning"]
+    conflist["cniVersion"] = version
+    conflist["plugins"][0]["agentSocket"] = n1.socket
+    somaxconn_set = conflist["plugins"][3]["sysctl"]["net.core.somaxconn"]
     rc = {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}],
           "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 80_000,
                         "egressRate": 8_000_000, "egressBurst": 80_000}}
@@ -608,7 +610,7 @@ def test_first_in_a_chain_with_portmap_bandwidth_and_tuning(sb, n1, pods, versio
     assert "tbf" in n1.run("tc", "qdisc", "show", "dev", host_veth(res))
     assert any(n.startswith("bwp") for n in n1.links())  # bandwidth's ifb for egress
     somaxconn = sh("ip", "netns", "exec", pod, "sysctl", "-n", "net.core.somaxconn")
-    assert somaxconn.stdout.decode().strip() == "321"
+    assert somaxconn.stdout.decode().strip() == somaxconn_set
     if version in WITH_CHECK:
         # portmap 1.1.1's own CHECK fails for every IPv4-only pod when ip6tables exists
         # ("could not check ipv6 dnat", the same behind the reference bridge plugin):
