@@ -41,7 +41,6 @@ from overlay.agent.readiness import Readiness
 from overlay.agent.status import AgentStatus, PeerStatus, state_counts
 from overlay.agent.vxlanfilter import VxlanFilter
 from overlay.cni.ipam import Ipam
-from overlay.dataplane.desired import Desired
 from overlay.dataplane.devices import VXLAN_OVERHEAD_V4, BridgeSpec, DeviceOp, VxlanSpec, stable_mac
 from overlay.dataplane.kernel import Underlay
 from overlay.dataplane.reconciler import Reconciler, Specs
@@ -49,7 +48,6 @@ from overlay.devnames import BRIDGE_NAME, vxlan_name
 from overlay.errors import ConfigError, PermanentError, TemporaryError
 from overlay.membership import tls as tlsmod
 from overlay.model import LeaseEntry, NetworkConfig, validate_network
-from overlay.retry import Backoff
 
 log = logging.getLogger("overlayd")
 
@@ -226,37 +224,57 @@ class Agent:
 
     async def _start(self) -> int | None:
         """From nothing to a ready node; the lease revision to watch from (None: list first)."""
+        underlay, cfg = await self._config_and_underlay()
+        entry, tls = await self._lease_up(underlay, cfg)
+        revision = await self._dataplane_up(entry, cfg, tls)
+        log.info("node %s ready%s: subnet %s, %d peers", self.node,
+                 " (DEGRADED: etcd unreachable)" if self.degraded.active else "",
+                 entry.record.subnet, len(self.peers.peer_records()) if self.peers else 0)
+        metrics.READY.set(1)
+        # systemd: started only now that the lease, the devices and the first
+        # reconcile are done, so pods scheduled after this get an address.
+        self.readiness.started(self._status_line())
+        return revision
+
+    async def _config_and_underlay(self) -> tuple[Underlay, NetworkConfig]:
         opts = self.opts
-        assert self.host is not None and self.masq is not None
+        assert self.host is not None
         # The underlay first: a wrong --iface fails at once, even while etcd is down.
         self.underlay = underlay = await self.host.find_underlay(opts.iface, opts.iface_regex,
                                                                  opts.public_ip)
         self.store = store = self.parts.store(opts.etcd)
         await store.connect()
         self._closers.append(store.close)
-        self.config = config = ConfigFollower(store, self.readiness, opts.state_dir)
-        self.cfg = cfg = await config.first(state.load_network(opts.state_dir),
-                                            opts.etcd_startup_timeout)
+        self.config = ConfigFollower(store, self.readiness, opts.state_dir)
+        self.cfg = cfg = await self.config.first(state.load_network(opts.state_dir),
+                                                 opts.etcd_startup_timeout)
         try:
             validate_network(cfg, (underlay.network,))
         except ConfigError as exc:
             raise ConfigError(exc.field, f"{exc.message} (underlay {underlay.ifname})") from None
         self.mtu = self._overlay_mtu(underlay)
+        return underlay, cfg
 
+    async def _lease_up(self, underlay: Underlay, cfg: NetworkConfig
+                        ) -> tuple[LeaseEntry, tlsmod.TlsMaterial | None]:
+        """Our identity and our lease: from etcd, or assumed from the saved state."""
+        opts = self.opts
+        assert self.store is not None and self.config is not None
         ident = state.resolve(opts.state_dir, opts.node_name, opts.vtep_mac)
         self.node, self.vtep_mac = ident.node, ident.vtep_mac
         tls = tlsmod.load(opts.tls, ident.node) if opts.tls is not None else None
         self.incarnation = state.next_incarnation(ident.incarnation, int(time.time() * 1000))
         grpc_addr = opts.grpc_advertise or f"{underlay.ip}:{opts.grpc_listen.rpartition(':')[2]}"
         template = Template(ident.node, str(underlay.ip), ident.vtep_mac, grpc_addr)
-        self.peers = peers = PeerTable(ident.node)
-        self.lease = lease = LeaseManager(store, cfg, template, opts.lease_ttl, ident.subnet)
+        self.peers = PeerTable(ident.node)
+        self.lease = lease = LeaseManager(self.store, cfg, template, opts.lease_ttl,
+                                          ident.subnet)
         lease.on_change = self._lease_changed
         self.readiness.set("lease", False, "acquiring a subnet lease")
         self.readiness.status("acquiring a subnet lease")
         self._closers.append(self.degraded.cancel)
-        entry = await self.degraded.acquire_or_assume(lease, ident, template,
-                                                      etcd_answered=not config.from_saved)
+        entry = await self.degraded.acquire_or_assume(
+            lease, ident, template, etcd_answered=not self.config.from_saved)
         if not self.degraded.active:
             metrics.LEASE_ACQUISITIONS.inc()
             self.readiness.set("lease", True, f"holding {entry.record.subnet}")
@@ -264,7 +282,14 @@ class Agent:
             metrics.ETCD_UP.set(1)
         self._save_identity(entry)
         state.save_network(opts.state_dir, cfg)
+        return entry, tls
 
+    async def _dataplane_up(self, entry: LeaseEntry, cfg: NetworkConfig,
+                            tls: tlsmod.TlsMaterial | None) -> int | None:
+        """Membership, reconciler, the first listing of the leases and the first pass."""
+        opts = self.opts
+        assert self.host and self.store and self.peers and self.lease and self.masq
+        peers = self.peers
         self.membership = ms = self.parts.membership(
             entry.record, entry.mod_revision, self.incarnation, opts.membership,
             opts.grpc_listen, tls, lambda: peers.entries, self._membership_changed)
@@ -277,9 +302,9 @@ class Agent:
                         "can inject packets into pods")
         self.reconciler = rec = Reconciler(
             self.host.kernel, ms.peer_records, opts.reconcile_interval,
-            self._sync_filter if self.vxlan_filter else None, self.host.monitor())
+            self.vxlan_filter.after_pass if self.vxlan_filter else None, self.host.monitor())
         rec.set_specs(self._specs(entry))
-        self.leases = LeaseFollower(store, peers, lease, rec.wake)
+        self.leases = LeaseFollower(self.store, peers, self.lease, rec.wake)
         if self.degraded.active:
             snap = self.degraded.saved_peers() or peers.snapshot()
         else:
@@ -291,27 +316,24 @@ class Agent:
             # A table left by an earlier run with the filter on would still drop traffic.
             await filt.remove()
         self.host.enable_forwarding()
-        await self._first_reconcile()
+        await self._first_reconcile(rec)
         if opts.ip_masq or self.masq.has_pods():
             await self.masq.ensure()
         else:
             await self.masq.discard()
-        log.info("node %s ready%s: subnet %s, %d peers", self.node,
-                 " (DEGRADED: etcd unreachable)" if self.degraded.active else "",
-                 entry.record.subnet, len(peers.peer_records()))
-        metrics.READY.set(1)
-        # systemd: started only now that the lease, the devices and the first
-        # reconcile are done, so pods scheduled after this get an address.
-        self.readiness.started(self._status_line())
         return None if self.degraded.active else snap.revision
 
     async def _run(self, revision: int | None) -> None:
         """The node runs: every loop supervised, none returns."""
         assert self.lease and self.peers and self.membership and self.config and self.leases
+        assert self.reconciler is not None
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._keep_lease(), name="lease-keepalive")
             tg.create_task(self.leases.run(revision), name="lease-watch")
-            tg.create_task(self._reconcile(), name="reconciler")
+            tg.create_task(self.reconciler.run(), name="reconciler")
+            if self.vxlan_filter is not None:
+                tg.create_task(self.vxlan_filter.watch(self.reconciler.wake),
+                               name="vxlan-filter-verify")
             tg.create_task(self.config.watch(), name="config-watch")
             tg.create_task(self.readiness.follow(self._observe, self._status_line),
                            name="conditions")
@@ -323,48 +345,15 @@ class Agent:
         await self.degraded.until_etcd(self._lease_changed)
         await self.lease.keep_alive()
 
-    async def _reconcile(self) -> None:
-        assert self.reconciler is not None
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.reconciler.run(), name="reconcile-loop")
-            if self.vxlan_filter is not None:
-                tg.create_task(self._verify_filter(self.vxlan_filter, self.reconciler),
-                               name="vxlan-filter-verify")
-
-    async def _verify_filter(self, filt: VxlanFilter, rec: Reconciler) -> None:
-        while True:
-            await asyncio.sleep(filt.VERIFY_INTERVAL)
-            if await filt.verify():
-                rec.wake()
-
-    async def _sync_filter(self, want: Desired) -> None:
-        """After each pass: VXLAN accepted from exactly the peers programmed."""
-        assert self.vxlan_filter is not None
-        await self.vxlan_filter.sync(f.dst for f in want.fdbs)
-
     def _observe(self) -> None:
         assert self.lease is not None and self.reconciler is not None
         self.readiness.observe(self.lease, self.reconciler,
                                self.membership.condition() if self.membership else None,
                                self.degraded.active)
 
-    async def _first_reconcile(self) -> None:
-        assert self.reconciler is not None
-        backoff = Backoff(0.2, 5)
-        while True:
-            try:
-                res = await self.reconciler.reconcile_once()
-                if res.ok:
-                    break
-                msg = "; ".join(res.errors[:3])
-            except TemporaryError as exc:
-                msg = str(exc)
-            self.readiness.set("reconciled", False, msg)
-            log.warning("first reconcile incomplete: %s; retrying", msg)
-            await asyncio.sleep(backoff.next())
-        self.reconciler.first_done.set()
-        self.readiness.set("device", True, f"{self.reconciler.specs.vxlan.name} up"
-                           if self.reconciler.specs else "up")
+    async def _first_reconcile(self, rec: Reconciler) -> None:
+        await rec.first_pass(lambda why: self.readiness.set("reconciled", False, why))
+        self.readiness.set("device", True, f"{rec.specs.vxlan.name} up" if rec.specs else "up")
         self.readiness.set("reconciled", True, "kernel matches the leases")
 
     def _overlay_mtu(self, underlay: Underlay) -> int:

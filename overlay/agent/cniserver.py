@@ -68,6 +68,8 @@ class CniService:
         self.masq = masq
         self._server: asyncio.AbstractServer | None = None
         self._sock: socket.socket | None = None
+        self._path: Path | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- dispatch ---------------------------------------------------------
@@ -282,12 +284,11 @@ class CniService:
         self._accept_task = asyncio.create_task(self._accept_loop(), name="cni-accept")
 
     async def close(self) -> None:
-        task = getattr(self, "_accept_task", None)
-        if task is not None:
-            task.cancel()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._sock is not None:
+                await self._accept_task
+        if self._sock is not None and self._path is not None:
             self._sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self._path.unlink()

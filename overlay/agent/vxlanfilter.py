@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 
 from overlay.agent.nft import NftCommand, Runner
+from overlay.dataplane.desired import Desired
 from overlay.errors import TemporaryError
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,17 @@ class VxlanFilter:
             if "counter packets" in line:
                 return int(line.split("counter packets", 1)[1].split()[0])
         return 0
+
+    async def after_pass(self, want: Desired) -> None:
+        """The reconciler's hook: accept VXLAN from exactly the peers just programmed."""
+        await self.sync(f.dst for f in want.fdbs)
+
+    async def watch(self, changed: Callable[[], None]) -> None:
+        """Check the table every VERIFY_INTERVAL; `changed()` when it must be rebuilt."""
+        while True:
+            await asyncio.sleep(self.VERIFY_INTERVAL)
+            if await self.verify():
+                changed()
 
     async def remove(self) -> None:
         async with self._lock:

@@ -9,6 +9,7 @@ and CHECK say 11, "try again later", with the reason.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -89,8 +90,6 @@ def answer(env: dict[str, str], stdin: bytes, reason: str) -> tuple[int, bytes]:
 
 
 def _requested_version(stdin: bytes) -> str:
-    import json
-
     try:
         doc = json.loads(stdin) if stdin.strip() else {}
     except (ValueError, UnicodeDecodeError):

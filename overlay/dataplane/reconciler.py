@@ -34,7 +34,7 @@ from overlay.dataplane.desired import (
 )
 from overlay.dataplane.devices import BridgeSpec, VxlanSpec, bridge_ops, vxlan_ops
 from overlay.dataplane.kernel import Kernel, KernelError
-from overlay.errors import OverlayError
+from overlay.errors import OverlayError, TemporaryError
 from overlay.log import change_fields
 from overlay.model import NodeRecord
 from overlay.retry import Backoff, Once, wait
@@ -192,6 +192,23 @@ class Reconciler:
         res.duration = time.perf_counter() - t0
         metrics.RECONCILE_SECONDS.observe(res.duration)
         return res
+
+    async def first_pass(self, failed: Callable[[str], None]) -> None:
+        """Pass after pass (backing off up to 5 s) until one succeeds; `failed(why)` after
+        each that did not. Then `first_done` is set."""
+        backoff = Backoff(0.2, 5)
+        while True:
+            try:
+                res = await self.reconcile_once()
+                if res.ok:
+                    break
+                msg = "; ".join(res.errors[:3])
+            except TemporaryError as exc:
+                msg = str(exc)
+            failed(msg)
+            log.warning("first reconcile incomplete: %s; retrying", msg)
+            await asyncio.sleep(backoff.next())
+        self.first_done.set()
 
     def is_programmed(self, rec: NodeRecord) -> bool:
         # Set lookups, not scans: the status RPC asks this for every peer.
