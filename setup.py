@@ -1,11 +1,17 @@
-"""Compile the gRPC API in proto/ into overlay/v1 as part of every build.
+"""Compile the gRPC API in proto/ into overlay/v1, and the static CNI plugin in
+native/ into overlay/cni/bin/overlay, as part of every build.
 
-The generated modules are never committed or edited by hand; `pip install .`
-(and `pip install -e .`) regenerate them from proto/overlay/v1/*.proto.
+The generated files are never committed or edited by hand; `pip install .`
+(and `pip install -e .`) regenerate them: the modules from
+proto/overlay/v1/*.proto, the plugin with `make -C native` (musl-gcc, or the
+system compiler linking statically). The plugin ships as package data, from
+where `overlayctl install-cni` copies it to the host's CNI bin dir.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import setup
@@ -33,9 +39,24 @@ def compile_protos() -> None:
         raise SystemExit("protoc failed on " + " ".join(protos))
 
 
+def build_plugin() -> None:
+    make = shutil.which("make")
+    if make is None:
+        raise SystemExit("building the CNI plugin needs make and a C compiler "
+                         "(Debian: apt-get install make gcc musl-tools)")
+    if subprocess.run([make, "-s", "-C", str(ROOT / "native")], check=False).returncode != 0:
+        raise SystemExit("building the CNI plugin (make -C native) failed")
+    dest = ROOT / "overlay" / "cni" / "bin" / "overlay"
+    dest.parent.mkdir(exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    shutil.copy2(ROOT / "native" / "build" / "overlay", tmp)
+    tmp.replace(dest)
+
+
 class BuildPyWithProtos(build_py):
     def run(self) -> None:
         compile_protos()
+        build_plugin()
         super().run()
 
 

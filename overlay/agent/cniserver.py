@@ -1,9 +1,16 @@
 """The agent end of the CNI plugin: a unix socket server and the command handlers.
 
-The `overlay` executable forwards env, stdin and the pod's netns fd here
-(`overlay.cni.wire` is the format). Validation happens before any
-side effect; a failed ADD removes the veth and releases the address it
-allocated.
+The `overlay` executable (native/overlay-cni.c) forwards env, stdin and the
+pod's netns fd here (`overlay.cni.wire` is the format). Validation happens
+before any side effect; a failed ADD removes the veth and releases the
+address it allocated.
+
+A DEL or GC that found this agent unreachable was recorded by the plugin, as
+the very request bytes, in <run dir>/cni-pending/. They are replayed when the
+agent starts, before the socket accepts anything, and again before any later
+request is handled (a record written while the agent was starting): so an
+address released that way is free before any ADD could want it, and the
+pod's veth is removed.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class CniService:
         self._path: Path | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: Path | None = None
+        self._replaying = asyncio.Lock()
 
     # --- dispatch ---------------------------------------------------------
 
@@ -268,10 +277,57 @@ class CniService:
                            _not_ready_details(node))
         return b""
 
+    # --- requests recorded while the agent was unreachable ----------------------
+
+    async def replay_pending(self) -> None:
+        """Complete the DELs and GCs the plugin recorded while it could not reach us."""
+        if self._pending is None:
+            return
+        try:
+            names = os.listdir(self._pending)
+        except OSError:
+            return
+        if not any(n.endswith(".req") for n in names):
+            return  # the common case: one directory read per request
+        async with self._replaying:
+            for name in sorted(os.listdir(self._pending)):
+                if name.endswith(".req"):
+                    await self._replay(self._pending / name)
+
+    async def _replay(self, path: Path) -> None:
+        try:
+            env, stdin = wire.parse_request(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("dropping the unreadable CNI record %s: %s", path.name, exc)
+            path.unlink(missing_ok=True)
+            return
+        command = env.get("CNI_COMMAND", "")
+        what = f"CNI {command} {env.get('CNI_CONTAINERID', '')[:12]}/{env.get('CNI_IFNAME', '')}"
+        if command not in ("DEL", "GC"):
+            log.warning("dropping the CNI record %s: %s is never recorded", path.name, what)
+            path.unlink(missing_ok=True)
+            return
+        code, out = await self.handle(env, stdin, None)
+        if code == spec.E_NETLINK:
+            log.warning("%s, recorded while overlayd was unreachable, failed; retried on the "
+                        "next request: %s", what, out.decode(errors="replace").strip())
+            return
+        if code:
+            log.warning("%s, recorded while overlayd was unreachable, is refused: %s", what,
+                        out.decode(errors="replace").strip())
+        else:
+            log.info("%s, recorded while overlayd was unreachable, done", what)
+        path.unlink(missing_ok=True)
+
     # --- transport ----------------------------------------------------------
 
     async def start(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._pending = path.parent / wire.PENDING_DIR
+        self._pending.mkdir(mode=0o700, exist_ok=True)
+        await self.replay_pending()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -317,6 +373,7 @@ class CniService:
             while len(data) < len(wire.MAGIC) + 4:
                 data += await _recv_some(loop, conn)
             env, stdin = await _read_request(loop, conn, data)
+            await self.replay_pending()
             code, out = await self.handle(env, stdin, ns_fd)
             await loop.sock_sendall(conn, wire.response_bytes(code, out))
         except (ConnectionError, ValueError, OSError) as exc:

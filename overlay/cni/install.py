@@ -1,24 +1,18 @@
 """`overlayctl install-cni`: put the plugin and its conflist where runtimes look.
 
-The executable written to the bin dir is a small launcher that starts Python
-with -I -S (no site, no user paths: ~2 ms less per pod start) and imports
-only the stdlib-only client. Both files are written to a temporary name and
-renamed, so a runtime never sees half a file.
-
-`standalone` writes instead a zip application holding the client and the
-few stdlib-only modules it may import (the offline DEL path), for a host
-where this package is not installed: the DaemonSet's init container
-installs it onto the host, where the host's own python3 runs it.
+The plugin is the static executable built from native/ (shipped in this
+package as overlay/cni/bin/overlay): it needs no Python and no shared libc
+on the host, so the same file serves a host with this package installed and
+one without (the DaemonSet's init container copies it onto the host). Both
+files are written to a temporary name and renamed, so a runtime never sees
+half a file.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,41 +33,12 @@ class InstallOptions:
     portmap: bool = True
     hairpin: bool = True
     ip_masq: bool = False
-    python: str = sys.executable
     conflist_file: Path | None = None
-    standalone: bool = False
-
-# What the client may import: itself, the offline answers and their helpers
-# (all standard library only; checked by the tests).
-STANDALONE_MODULES = ("__init__.py", "devnames.py", "cni/__init__.py", "cni/wire.py",
-                      "cni/client.py", "cni/offline.py", "cni/spec.py", "cni/ipam.py")
 
 
-def launcher_text(python: str) -> str:
-    site = str(Path(overlay.__file__).resolve().parent.parent)
-    return (
-        f"#!{python} -IS\n"
-        "# The overlay CNI plugin, installed by `overlayctl install-cni`.\n"
-        "import sys\n"
-        f"sys.path.insert(0, {site!r})\n"
-        "from overlay.cni.client import exit_main\n"
-        "exit_main()\n"
-    )
-
-
-def standalone_bytes(python: str) -> bytes:
-    """A zip application: `#!<python> -IS`, then a zip of the client's modules."""
-    pkg = Path(overlay.__file__).resolve().parent
-    buf = io.BytesIO()
-    buf.write(f"#!{python} -IS\n".encode())
-    # Stored, not deflated: nothing to decompress on each pod start.
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        for rel in STANDALONE_MODULES:
-            z.write(pkg / rel, f"overlay/{rel}")
-        z.writestr("__main__.py", "# The overlay CNI plugin, installed by `overlayctl "
-                   "install-cni --standalone`.\n"
-                   "from overlay.cni.client import exit_main\nexit_main()\n")
-    return buf.getvalue()
+def plugin_binary() -> Path:
+    """The static CNI plugin this package ships (built by setup.py from native/)."""
+    return Path(overlay.__file__).resolve().parent / "cni" / "bin" / "overlay"
 
 
 def read_conflist(path: Path) -> dict[str, Any]:
@@ -125,11 +90,15 @@ def _atomic(path: Path, data: str | bytes, mode: int) -> None:
 
 def install(opts: InstallOptions) -> tuple[Path, Path]:
     doc = read_conflist(opts.conflist_file) if opts.conflist_file else conflist(opts)
+    src = plugin_binary()
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        raise ConfigError("install-cni", f"the CNI plugin {src} is missing ({exc.strerror}): "
+                          "this installation was built without it; build it with `make "
+                          "native` and reinstall the package") from None
     binary = opts.bin_dir / "overlay"
-    if opts.standalone:
-        _atomic(binary, standalone_bytes(opts.python), 0o755)
-    else:
-        _atomic(binary, launcher_text(opts.python), 0o755)
+    _atomic(binary, data, 0o755)
     conf = opts.conf_dir / CONFLIST_NAME
     _atomic(conf, json.dumps(doc, indent=2) + "\n", 0o644)
     return binary, conf

@@ -14,6 +14,10 @@ an unsigned 32-bit big-endian integer and may not exceed MAX_FIELD:
             CNI_NETNS could not be opened; the pod's network namespace travels
             as one file descriptor (SCM_RIGHTS) with the first bytes sent
   response: exit code | len | stdout bytes
+
+A DEL or GC that cannot reach the agent is written, as the request bytes
+(without NETNS_ERROR and without the descriptor), to
+<dir of the socket>/PENDING_DIR/<time>-<pid>.req; the agent replays them.
 """
 
 MAGIC = b"OVLCNI1\x00"
@@ -23,6 +27,8 @@ ENV_KEYS_B = tuple(k.encode() for k in ENV_KEYS)
 # Sent instead of a namespace fd when the plugin could not open CNI_NETNS.
 NETNS_ERROR = "NETNS_ERROR"
 MAX_FIELD = 4 << 20
+# Next to the socket: the DELs and GCs recorded while the agent was unreachable.
+PENDING_DIR = "cni-pending"
 # The CNI versions the plugin speaks (overlay.cni.spec and the client both use these).
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_VERSION = "1.0.0"
@@ -53,3 +59,19 @@ def parse_env_block(head: bytes) -> dict[str, str]:
 
 def response_bytes(code: int, stdout: bytes) -> bytes:
     return u32(code) + u32(len(stdout)) + stdout
+
+
+def parse_request(data: bytes) -> tuple[dict[str, str], bytes]:
+    """A whole request (a record the plugin wrote): its environment and stdin."""
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
+        raise ValueError("not an overlay CNI request")
+    pos = len(MAGIC)
+    hlen = int.from_bytes(data[pos:pos + 4], "big")
+    pos += 4
+    head = data[pos:pos + hlen]
+    pos += hlen
+    blen = int.from_bytes(data[pos:pos + 4], "big")
+    pos += 4
+    if len(head) != hlen or hlen > MAX_FIELD or blen > MAX_FIELD or len(data) != pos + blen:
+        raise ValueError("a truncated overlay CNI request")
+    return parse_env_block(head), data[pos:]

@@ -94,13 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--conflist", type=Path,
                       help="install this conflist (JSON, first plugin of type overlay) instead "
                       "of generating one from the flags above")
-    inst.add_argument("--standalone", action="store_true",
-                      help="install a self-contained plugin (a zip of the stdlib-only client) "
-                      "run by --python, for hosts that do not have this package installed, "
-                      "e.g. from the DaemonSet's init container")
-    inst.add_argument("--python", default=None,
-                      help="interpreter of the installed plugin (default: this one; "
-                      "/usr/bin/python3 with --standalone)")
+    # The plugin is one static executable whatever the host has: these two once chose a
+    # Python launcher and are accepted so that existing manifests keep working.
+    inst.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
+    inst.add_argument("--python", default=None, help=argparse.SUPPRESS)
 
     from overlay.ctl import trace
 
@@ -167,16 +164,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "install-cni":
         from overlay.cni.install import InstallOptions, install
 
-        extra: dict[str, Any] = {}
-        if args.python:
-            extra["python"] = args.python
-        elif args.standalone:
-            extra["python"] = "/usr/bin/python3"
         binary, conf = install(InstallOptions(
             bin_dir=args.bin_dir, conf_dir=args.conf_dir, agent_socket=args.agent_socket,
             network_name=args.network_name, cni_version=args.cni_version,
-            portmap=not args.no_portmap, ip_masq=args.ip_masq, conflist_file=args.conflist,
-            standalone=args.standalone, **extra))
+            portmap=not args.no_portmap, ip_masq=args.ip_masq, conflist_file=args.conflist))
         print(f"installed {binary}\nwrote {conf}")
         return 0
     if args.cmd == "trace":

@@ -116,6 +116,10 @@ class Node:
             out[p.name] = (cid, ifname)
         return out
 
+    def pending(self) -> list[Path]:
+        """DELs and GCs the plugin recorded for the agent (see overlay.agent.cniserver)."""
+        return sorted((Path(self.socket).parent / "cni-pending").glob("*.req"))
+
     def allocated_to(self, cid: str) -> list[str]:
         return [ip for ip, (c, _) in self.allocations().items() if c == cid]
 
@@ -843,7 +847,8 @@ def test_allocations_survive_an_agent_restart(sb, n1, pods, sig):
 
 
 def test_with_the_agent_down(sb, n1, pods):
-    """VERSION works, DEL still cleans up, ADD says "try again later", STATUS says 50."""
+    """VERSION works, ADD says "try again later", STATUS says 50; DEL succeeds and is
+    recorded, and the agent completes it when it starts, before it serves anything."""
     pod, masq_pod, left = pods(), pods(), pods()
     cid, res = n1.add(pod)
     mcid, mres = n1.add(masq_pod, ipMasq=True)
@@ -855,15 +860,37 @@ def test_with_the_agent_down(sb, n1, pods):
         assert_error(n1.call("STATUS", n1.conf("1.1.0")), 50)
         n1.delete(cid, pod)
         n1.delete(mcid, masq_pod, ipMasq=True)
-        assert not n1.allocated_to(cid) and not n1.allocated_to(mcid)
-        links = n1.links()
-        assert host_veth(res) not in links and host_veth(mres) not in links
-        assert "eth0" not in ns_links(pod)
+        assert len(n1.pending()) == 2
         _no_traceback(n1, left)
-        assert "eth0" not in ns_links(left) and not n1.allocated_to("junk")
+        assert "eth0" not in ns_links(left)
+    # Done by the restarted agent before it answered the readiness check.
+    assert not n1.pending()
+    assert not n1.allocated_to(cid) and not n1.allocated_to(mcid)
+    links = n1.links()
+    assert host_veth(res) not in links and host_veth(mres) not in links
+    assert "eth0" not in ns_links(pod) and "eth0" not in ns_links(masq_pod)
+    assert not n1.allocated_to("junk") and not n1.allocated_to("down")
     # The restarted agent does not masquerade the released address.
     assert str(pod_ip(mres).ip) not in n1.masq_set()
     assert n1.call("STATUS", n1.conf("1.1.0")).rc == 0
+
+
+def test_a_del_recorded_while_the_agent_was_starting_is_done_before_the_next_request(
+        n1, pods):
+    """The plugin found no agent (here: a socket path nobody serves, in the agent's run
+    dir) and recorded the DEL; the running agent completes it before its next request."""
+    pod, other = pods(), pods()
+    cid, res = n1.add(pod)
+    absent = str(Path(n1.socket).parent / "absent.sock")
+    n1.delete(cid, pod, agentSocket=absent)
+    assert len(n1.pending()) == 1 and n1.allocated_to(cid)
+    # The very same attachment again, as `podman restart` does: served after the DEL.
+    _, again = n1.add(other, cid=cid)
+    assert not n1.pending()
+    assert host_veth(res) == host_veth(again) and "eth0" not in ns_links(pod)
+    assert n1.allocated_to(cid) == [str(pod_ip(again).ip)]
+    n1.delete(cid, other)
+    assert not n1.allocated_to(cid)
 
 
 def test_installed_plugin_and_conflist_work_for_a_runtime(sb, n1, pods, tmp_path):
