@@ -119,10 +119,16 @@ def is_cni(doc: Any) -> bool:
 def cni_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if not is_cni(doc) or doc.get("targets"):
         return []
-    return [{"id": f"cni.{cmd}", "what": f"CNI {cmd} latency vs bridge + host-local (median)",
-             "ratio": v["ratio_median"], "op": "<=", "threshold": v["target_ratio_max"],
-             "met": bool(v.get("met"))}
-            for cmd, v in doc["latency_ms"].items() if "target_ratio_max" in v]
+    out = [{"id": f"cni.{cmd}", "what": f"CNI {cmd} latency vs bridge + host-local (median)",
+            "ratio": v["ratio_median"], "op": "<=", "threshold": v["target_ratio_max"],
+            "met": bool(v.get("met"))}
+           for cmd, v in doc["latency_ms"].items() if "target_ratio_max" in v]
+    t = doc.get("throughput") or {}
+    if "target_ratio_add_min" in t:
+        out.append({"id": "cni.throughput", "what": "CNI pod starts per second vs bridge + "
+                    "host-local", "ratio": t["ratio_add_pods_per_s"], "op": ">=",
+                    "threshold": t["target_ratio_add_min"], "met": bool(t.get("met"))})
+    return out
 
 
 def membership_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
+from overlay.cni import podlink
 from overlay.devnames import HOST_VETH_RE, host_veth_name
 from overlay.netns import netlink_socket
 
@@ -269,9 +270,13 @@ class PodWiring:
         self.bridge = bridge
         self.deleter = LinkDeleter()
         self._bridge_idx: int | None = None
+        self._host_nl: socket.socket | None = None
 
     async def close(self) -> None:
         await self.deleter.close()
+        if self._host_nl is not None:
+            self._host_nl.close()
+            self._host_nl = None
 
     async def attach(
         self,
@@ -283,26 +288,27 @@ class PodWiring:
         mtu: int,
         hairpin: bool = False,
     ) -> Attached:
-        """Create and configure the veth pair; on failure remove what was made."""
+        """Create and configure the veth pair; on failure remove what was made.
+
+        The requests are podlink's hand-made ones: this is the pod-start path.
+        """
         host = host_veth_name(container_id, ifname)
         host_mac, cont_mac = random_mac(), random_mac()
-        async with container_netlink(ns_fd) as cipr:
+        host_nl = self._host_socket()
+        cnl = netlink_socket(ns_fd)
+        try:
             refreshed = removed_leftover = False
             while True:
                 br = await self._bridge_index_cached()
                 try:
-                    await self.ipr.link(
-                        "add", ifname=host, kind="veth", address=host_mac, mtu=mtu,
-                        master=br, flags=IFF_UP, change=IFF_UP,
-                        peer={"ifname": ifname, "net_ns_fd": ns_fd, "address": cont_mac,
-                              "mtu": mtu},
-                    )
+                    podlink.request(host_nl, podlink.new_veth(host, host_mac, ifname, cont_mac,
+                                                              mtu, br, ns_fd))
                     break
-                except Exception as exc:
-                    code = _code(exc)
+                except OSError as exc:
+                    code = exc.errno or errno.EIO
                     if code == errno.EEXIST:
                         # Checked only now, to spare a round trip on every ADD.
-                        if await link_index(cipr, ifname) is not None:
+                        if podlink.link_index(cnl, ifname) is not None:
                             raise WiringError(f"interface {ifname} already exists in the "
                                               "container") from None
                         if not removed_leftover:
@@ -318,22 +324,24 @@ class PodWiring:
                     raise WiringError(f"create veth pair {host} / {ifname}", code) from exc
             step = f"find {ifname} in the container"
             try:
-                msg = await _first(await cipr.link("get", ifname=ifname))
-                if msg is None:
+                found = podlink.link_index(cnl, ifname)
+                if found is None:
                     raise WiringError(f"{ifname} vanished from the container", errno.ENODEV)
-                cidx = int(msg["index"])
+                cidx, host_idx = found
                 if hairpin:
                     step = f"set hairpin mode on {host}"
-                    # The container end's IFLA_LINK is the host end's index;
-                    # IFLA_BRPORT_MODE is the hairpin flag (pyroute2 ignores "hairpin").
-                    await self.ipr.brport("set", index=int(msg.get("IFLA_LINK")), mode=1)
-                step = f"add address {address} to {ifname} in the container"
-                await cipr.addr("add", index=cidx, address=str(address.ip),
-                                prefixlen=address.network.prefixlen)
-                step = f"set {ifname} up in the container"
-                await cipr.link("set", index=cidx, state="up")
-                step = f"add the default route via {gateway} in the container"
-                await cipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=cidx)
+                    if host_idx is None:
+                        raise WiringError(step, errno.ENODEV)
+                    podlink.request(host_nl, podlink.hairpin(host_idx))
+                step = f"configure {ifname} in the container"
+                try:
+                    podlink.request(cnl, podlink.configure(cidx, address, gateway, seq=1))
+                except podlink.RequestError as exc:
+                    step = {1: f"set {ifname} up in the container",
+                            2: f"add address {address} to {ifname} in the container",
+                            }.get(exc.seq, f"add the default route via {gateway} in the "
+                                           "container")
+                    raise
             except BaseException as exc:
                 try:
                     await self._delete_host(host)
@@ -344,7 +352,16 @@ class PodWiring:
                 if isinstance(exc, Exception):
                     raise WiringError(step, _code(exc)) from exc
                 raise
+        finally:
+            cnl.close()
         return Attached(host, host_mac, cont_mac)
+
+    def _host_socket(self) -> socket.socket:
+        if self._host_nl is None:
+            sock = netlink_socket()
+            sock.settimeout(10)  # answers are immediate; never a hung loop
+            self._host_nl = sock
+        return self._host_nl
 
     async def _bridge_index_cached(self) -> int:
         if self._bridge_idx is None:

@@ -171,13 +171,16 @@ def test_cni_results_of_the_cni_script_join_the_headline_and_get_their_table():
                                       "del_pods_per_s": 50.1},
                           "reference": {"pods": 100, "parallel": 4, "add_pods_per_s": 71.6,
                                         "del_pods_per_s": 69.9},
-                          "ratio_add_pods_per_s": 0.493, "ratio_del_pods_per_s": 0.717}}
+                          "ratio_add_pods_per_s": 0.493, "ratio_del_pods_per_s": 0.717,
+                          "target_ratio_add_min": 1.0, "met": False}}
     text = report.render({"cni": doc}, {})
     assert "| CNI ADD latency vs bridge + host-local (median) | ≤ 2.0 | 1.34 | **met** |" in text
     assert "| CNI DEL latency vs bridge + host-local (median) | ≤ 1.0 | 1.2 | **not met** |" in text
     assert "VERSION latency" not in text  # no target for it
     assert "| ADD | 22.5 | 59.1 | 16.8 | 45.1 | **1.34** | 1.31 |" in text
     assert "ours 35.3 pods/s, reference 71.6 pods/s (ratio 0.493)" in text
+    assert "| CNI pod starts per second vs bridge + host-local | ≥ 1.0 | 0.493 | **not met** |" \
+        in text
 
 
 def _dist(median: float) -> dict[str, float]:
