@@ -81,8 +81,9 @@ def new_veth(host: str, host_mac: str, peer: str, peer_mac: str, mtu: int, maste
 
     The peer cannot be set up here: a veth end opens only once its pair is complete."""
     up = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP)
-    peer_msg = (_IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer)) + _attr(IFLA_ADDRESS, _mac(peer_mac))
-                + _attr(IFLA_MTU, _U32.pack(mtu)) + _attr(IFLA_NET_NS_FD, _U32.pack(ns_fd)))
+    peer_msg = (_IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer))
+                + _attr(IFLA_ADDRESS, _mac(peer_mac)) + _attr(IFLA_MTU, _U32.pack(mtu))
+                + _attr(IFLA_NET_NS_FD, _U32.pack(ns_fd)))
     info = _attr(IFLA_INFO_KIND, b"veth") + _attr(
         IFLA_INFO_DATA | NLA_F_NESTED, _attr(VETH_INFO_PEER, peer_msg))
     body = (up + _attr(IFLA_IFNAME, _name(host)) + _attr(IFLA_ADDRESS, _mac(host_mac))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import sandbox_up, wait_until
 
+from overlay.cni.install import plugin_binary
 from overlay.sandbox.runtime import NetworkList, exec_plugin
 from overlay.sandbox.sandbox import Sandbox, tool
 
@@ -272,14 +273,14 @@ def test_trace_shows_where_packets_are_lost(obs):
 
 
 def test_standalone_plugin_from_install_cni_attaches_a_pod(obs, tmp_path):
-    """What the DaemonSet's init container installs on a host: a zip run by the
-    host's /usr/bin/python3 -I -S, without this package or its dependencies."""
+    """What the DaemonSet's init container installs on a host (the same flags): the
+    static executable, which needs neither this package nor Python."""
     bindir = tmp_path / "bin"
     p = subprocess.run([tool("overlayctl"), "install-cni", "--standalone", "--bin-dir",
                         str(bindir), "--conf-dir", str(tmp_path / "net.d"), "--agent-socket",
                         str(obs.cni_socket("n1"))], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
-    assert (bindir / "overlay").read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")
+    assert (bindir / "overlay").read_bytes() == plugin_binary().read_bytes()
     conf = json.loads((tmp_path / "net.d" / "10-overlay.conflist").read_text())
     net = NetworkList(conf, f"{bindir}:/usr/lib/cni", prefix=obs.exec_prefix(obs.node("n1").netns))
     ns = obs.ns("n1-sa")

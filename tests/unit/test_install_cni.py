@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from overlay.cni.install import InstallOptions, install
+from overlay.cni.install import InstallOptions, install, plugin_binary
 
 OVERLAYCTL = str(Path(sys.executable).parent / "overlayctl")
 
@@ -21,12 +21,13 @@ def run_install(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_writes_the_launcher_and_a_conflist_with_portmap(tmp_path):
+def test_writes_the_static_plugin_and_a_conflist_with_portmap(tmp_path):
     p = run_install(tmp_path, "--agent-socket", "/run/x/cni.sock", "--cni-version", "0.4.0")
     assert p.returncode == 0, p.stderr
     binary, conf = tmp_path / "bin" / "overlay", tmp_path / "net.d" / "10-overlay.conflist"
     assert str(binary) in p.stdout and str(conf) in p.stdout
     assert stat.S_IMODE(binary.stat().st_mode) == 0o755
+    assert binary.read_bytes() == plugin_binary().read_bytes()
     assert stat.S_IMODE(conf.stat().st_mode) == 0o644
     doc = json.loads(conf.read_text())
     assert doc["cniVersion"] == "0.4.0" and doc["name"] == "overlay"
@@ -47,7 +48,7 @@ def test_options_no_portmap_and_ip_masq(tmp_path):
     assert doc["plugins"][0]["ipMasq"] is True
 
 
-def test_the_installed_launcher_runs_without_the_agent(tmp_path):
+def test_the_installed_plugin_runs_without_the_agent(tmp_path):
     assert run_install(tmp_path, "--agent-socket", str(tmp_path / "none.sock")).returncode == 0
     binary = tmp_path / "bin" / "overlay"
     env = {"PATH": os.environ.get("PATH", ""), "CNI_COMMAND": "VERSION"}
