@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from overlay.cni.install import InstallOptions, install, plugin_binary
 
 OVERLAYCTL = str(Path(sys.executable).parent / "overlayctl")
@@ -110,3 +112,13 @@ def test_concurrent_readers_never_see_a_partial_conflist(tmp_path):
         t.join()
     assert reads > 0 and not bad
     assert sorted(os.listdir(tmp_path / "net.d")) == ["10-overlay.conflist"]
+
+
+def test_a_build_without_the_plugin_is_a_clear_error(tmp_path, monkeypatch):
+    import overlay.cni.install as inst
+    from overlay.errors import ConfigError
+
+    monkeypatch.setattr(inst, "plugin_binary", lambda: tmp_path / "missing" / "overlay")
+    with pytest.raises(ConfigError, match="make native"):
+        install(InstallOptions(bin_dir=tmp_path / "bin", conf_dir=tmp_path / "net.d"))
+    assert not (tmp_path / "bin" / "overlay").exists()
