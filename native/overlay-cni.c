@@ -8,8 +8,8 @@
  * stdout and exit code. No libc beyond the static one linked in, no files
  * read but stdin: it runs on a host with no Python and whatever libc.
  *
- * Wire format (overlay/agent/cniserver.py is the other end; lengths are
- * big-endian u32):
+ * Wire format (overlay/cni/wire.py; overlay/agent/cniserver.py is the other
+ * end; lengths are big-endian u32):
  *   request : "OVLCNI1\0" | len | NUL-separated KEY=VALUE env | len | stdin
  *             (+ the netns fd as SCM_RIGHTS on the first send)
  *   response: u32 exit code | len | stdout bytes

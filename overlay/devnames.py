@@ -7,8 +7,8 @@
                   and the interface name, so DEL finds it without the pod's namespace
 
 Whoever must tell our devices from the host's (underlay discovery, the host
-networks a cluster CIDR must not overlap) asks `is_node_device`. Standard
-library only: the CNI plugin's offline path (DEL without the agent) imports it.
+networks a cluster CIDR must not overlap) asks `is_node_device`. Pure and
+standard library only (the base layer).
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""The `overlay` CNI plugin. `client` and `wire` must stay stdlib-only: they run per pod start."""
+"""The `overlay` CNI plugin, the agent's side (the executable is native/overlay-cni.c;
+`wire` is the format both speak)."""

@@ -9,7 +9,7 @@ running pods, which do not outlive a reboot):
 
 Creating ip/<addr> with O_EXCL is the allocation, so two allocators can never
 hand out the same address; the lock makes the pair of files consistent for
-the offline DEL path, which runs in another process. Stdlib only.
+any other process that reads or changes them.
 """
 
 from __future__ import annotations

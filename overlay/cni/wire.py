@@ -1,9 +1,11 @@
 """The wire format between the `overlay` CNI executable and the node agent.
 
-It imports nothing at all: the executable (`overlay.cni.client`) runs on
-every pod start, and the agent (`overlay.agent.cniserver`) and the protocol
-module (`overlay.cni.spec`) take their constants from here, so neither side
-depends on the other. cni/README.md describes the format for other clients.
+It imports nothing at all: the executable (native/overlay-cni.c, which defines
+the same constants; a test compares them) speaks it, and the agent
+(`overlay.agent.cniserver`) and the protocol module (`overlay.cni.spec`) take
+their constants from here. `request_bytes` is the reference encoder the
+executable's output is checked against. cni/README.md describes the format
+for other clients.
 
 One request and one response per unix stream connection; every length is
 an unsigned 32-bit big-endian integer and may not exceed MAX_FIELD:
@@ -29,7 +31,7 @@ NETNS_ERROR = "NETNS_ERROR"
 MAX_FIELD = 4 << 20
 # Next to the socket: the DELs and GCs recorded while the agent was unreachable.
 PENDING_DIR = "cni-pending"
-# The CNI versions the plugin speaks (overlay.cni.spec and the client both use these).
+# The CNI versions the plugin speaks (overlay.cni.spec; native/overlay-cni.c lists the same).
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_VERSION = "1.0.0"
 E_INTERNAL = 100  # our first own CNI error code: "the plugin or the agent failed"

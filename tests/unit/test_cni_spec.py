@@ -4,7 +4,6 @@ from ipaddress import IPv4Address, IPv4Interface
 import pytest
 
 from overlay.cni import spec
-from overlay.cni.client import parse_json, socket_path
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_NETNS": "/run/netns/x",
        "CNI_IFNAME": "eth0"}
@@ -129,15 +128,6 @@ def test_error_document_shape():
     assert doc == {"cniVersion": "0.4.0", "code": 7, "msg": "bad", "details": "why"}
 
 
-def test_client_json_scanner_matches_json_module():
-    for text in [b'{"a": [1, 2.5, true, null, "x\\u00e9"]}', b'  {"agentSocket": "/x"}\n']:
-        assert parse_json(text) == json.loads(text)
-    with pytest.raises((ValueError, StopIteration)):
-        parse_json(b'{"a": 1} trailing')
-    assert socket_path(b'{"agentSocket": "/run/x.sock"}') == "/run/x.sock"
-    assert socket_path(b"garbage") == "/run/overlay/cni.sock"
-
-
 LOOPBACK = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo", "mac": "00:00:00:00:00:00",
                                                    "sandbox": "/run/netns/x"}],
             "ips": [{"interface": 0, "address": "127.0.0.1/8"},
@@ -178,19 +168,8 @@ def test_chained_result_refuses_a_malformed_previous_one(prev):
     assert ei.value.code == spec.E_INVALID_CONFIG and "prevResult" in ei.value.msg
 
 
-def test_client_version_and_error_documents():
-    from overlay.cni.client import error_doc, version_doc
-
-    assert json.loads(version_doc(b'{"cniVersion": "0.4.0"}')) == {
-        "cniVersion": "0.4.0", "supportedVersions": list(spec.SUPPORTED_VERSIONS)}
-    assert json.loads(version_doc(b"nonsense"))["cniVersion"] == "1.0.0"
-    doc = json.loads(error_doc(b'{"cniVersion": "0.3.1"}', 100, 'a "quoted"\nmsg', "d\u00e9"))
-    assert doc == {"cniVersion": "0.3.1", "code": 100, "msg": 'a "quoted"\nmsg',
-                   "details": "d\u00e9"}
-
-
-def test_client_request_carries_only_cni_variables():
-    from overlay.cni.wire import MAGIC, request_bytes
+def test_wire_request_carries_only_cni_variables_and_parses_back():
+    from overlay.cni.wire import MAGIC, parse_request, request_bytes
 
     env = {b"CNI_COMMAND": b"ADD", b"CNI_IFNAME": b"eth0", b"HOME": b"/root",
            b"CNI_ARGS": b"K=\xff"}
@@ -201,6 +180,11 @@ def test_client_request_carries_only_cni_variables():
     assert head == [b"CNI_COMMAND=ADD", b"CNI_IFNAME=eth0", b"CNI_ARGS=K=\xff",
                     b"NETNS_ERROR=gone"]
     assert raw.endswith(b"\0\0\0\x02{}")
+    assert parse_request(raw) == ({"CNI_COMMAND": "ADD", "CNI_IFNAME": "eth0",
+                                   "CNI_ARGS": "K=\udcff", "NETNS_ERROR": "gone"}, b"{}")
+    for bad in (raw[:-1], raw + b"x", b"OVLCNI2" + raw[7:], raw[:10]):
+        with pytest.raises(ValueError):
+            parse_request(bad)
 
 
 def test_deleted_link_notifications_are_parsed():

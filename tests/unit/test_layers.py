@@ -8,16 +8,16 @@ Layers, bottom to top; a module may import its own layer and those below, never 
   core      model, subnets, dataplane.desired/devices/rtnl, membership.swim/effective,
             cni.spec: records and decisions
   adapters  etcdstore, netns, dataplane.kernel/fake/reconciler, membership.wire/tls/service,
-            cni.client/offline/ipam/wiring/install, v1 (generated): one outside thing each
+            cni.ipam/wiring/podlink/install, v1 (generated): one outside thing each
   agent     overlay.agent.*   the node agent (overlayd) and the client of its local API
   sandbox   overlay.sandbox.* a cluster of namespaces on one machine
   ctl       overlay.ctl.*     overlayctl
 
 Besides: the pure core does no I/O (no asyncio, sockets, processes, files, nor any
-third-party package, however indirectly); the CNI executable (cni.client and cni.wire)
-imports only the standard library, and everything it may import at all (the offline
-answers too) is in the standalone plugin that `install-cni --standalone` writes; and
-there is no import cycle.
+third-party package, however indirectly); the CNI executable is no Python at all (the
+static native/overlay-cni.c, shipped as overlay/cni/overlay-plugin: no console script,
+no launcher), and cni.wire, the format it and the agent share, imports only the
+standard library and nothing of ours; and there is no import cycle.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from __future__ import annotations
 import ast
 import functools
 import sys
+import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
 
 import overlay
-from overlay.cni.install import STANDALONE_MODULES
+from overlay.cni.install import plugin_binary
 
 PKG = Path(overlay.__file__).resolve().parent
 
@@ -56,7 +57,8 @@ PURE = ("overlay.model", "overlay.subnets", "overlay.dataplane.desired",
 IO_MODULES = {"asyncio", "socket", "ssl", "select", "selectors", "subprocess", "os", "io",
               "threading", "concurrent", "multiprocessing", "signal", "shutil", "tempfile",
               "fcntl", "pathlib", "urllib", "http", "ctypes", "posix", "_socket"}
-CNI_EXECUTABLE = ("overlay.cni.client", "overlay.cni.wire")
+# What the C executable and the agent share, read by other clients of the agent too.
+WIRE = "overlay.cni.wire"
 
 
 def module_name(path: Path) -> str:
@@ -68,13 +70,13 @@ def sources() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 
-def imports_of(path: Path, known: Iterable[str], module_level: bool = False) -> set[str]:
-    """Every module `path` imports, anywhere in it or only at module level (`from a import
-    b` is a.b if a.b is a module of ours)."""
+def imports_of(path: Path, known: Iterable[str]) -> set[str]:
+    """Every module `path` imports, anywhere in it (`from a import b` is a.b if a.b is a
+    module of ours)."""
     known = set(known)
     out: set[str] = set()
     tree = ast.parse(path.read_text(), str(path))
-    for node in tree.body if module_level else ast.walk(tree):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -194,21 +196,19 @@ def test_the_pure_core_does_no_io(module):
     assert not io, f"{module} reaches I/O or third-party modules: {io}"
 
 
-def test_the_cni_executable_imports_only_the_standard_library():
+def test_the_wire_module_imports_only_the_standard_library():
     src = sources()
-    for module in CNI_EXECUTABLE:
-        # What every pod start pays for: the module-level imports.
-        deps = imports_of(src[module], src, module_level=True)
-        foreign = {top(m) for m in deps if top(m) != "overlay"}
-        assert foreign <= set(sys.stdlib_module_names), (module, foreign)
-        assert {m for m in deps if top(m) == "overlay"} <= set(CNI_EXECUTABLE), module
-    # Everything the plugin may import at all (the offline answers, imported only when the
-    # agent is unreachable, included) ships in the standalone zip and is standard library.
-    reach = closure(graph(), "overlay.cni.client")
-    shipped = {module_name(PKG / rel) for rel in STANDALONE_MODULES}
-    assert {m for m in reach if top(m) == "overlay"} <= shipped, sorted(reach - shipped)
-    third_party = {top(m) for m in reach if top(m) != "overlay"} - set(sys.stdlib_module_names)
-    assert not third_party
+    deps = imports_of(src[WIRE], src)
+    assert {m for m in deps if top(m) == "overlay"} == set(), deps
+    assert {top(m) for m in deps} <= set(sys.stdlib_module_names), deps
+
+
+def test_the_cni_executable_is_not_python():
+    # The runtime runs the file install-cni copies: an ELF built from native/, never a
+    # `#!python` launcher; and no `overlay` console script brings one back.
+    assert plugin_binary().read_bytes()[:4] == b"\x7fELF"
+    doc = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert "overlay" not in doc["project"]["scripts"]
 
 
 # --- the checker itself finds violations --------------------------------------------------

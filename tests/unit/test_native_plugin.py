@@ -23,9 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from overlay.cni import wire
 from overlay.cni.install import plugin_binary
 from overlay.cni.spec import COMMANDS, SUPPORTED_VERSIONS
-from overlay.cni.wire import MAGIC, parse_request
+from overlay.cni.wire import parse_request
 
 PLUGIN = plugin_binary()
 
@@ -111,7 +112,7 @@ class FakeAgent:
     def __init__(self, path: Path, reply: bytes, close_early: bool = False) -> None:
         self.path, self.reply, self.close_early = path, reply, close_early
         self.env: dict[str, str] = {}
-        self.stdin = b""
+        self.stdin = self.raw = b""
         self.fd_stat: os.stat_result | None = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
@@ -133,6 +134,7 @@ class FakeAgent:
                 if not chunk:
                     break
                 data += chunk
+            self.raw = data
             self.env, self.stdin = parse_request(data)
             if self.close_early:
                 conn.sendall(b"\x00\x00")
@@ -159,7 +161,7 @@ def agent(tmp_path: Path) -> Iterator[Any]:
 
 
 def response(code: int, body: bytes) -> bytes:
-    return code.to_bytes(4, "big") + len(body).to_bytes(4, "big") + body
+    return wire.response_bytes(code, body)
 
 
 def test_the_request_carries_env_stdin_and_the_netns_and_the_answer_comes_back(agent, tmp_path):
@@ -175,6 +177,9 @@ def test_the_request_carries_env_stdin_and_the_netns_and_the_answer_comes_back(a
     assert (p.returncode, p.stdout) == (0, body)
     assert a.stdin == stdin
     assert a.env == {k: v for k, v in env.items() if k != "UNRELATED"}
+    # Byte for byte what the reference encoder makes of the same environment.
+    assert a.raw == wire.request_bytes({k.encode(): v.encode() for k, v in env.items()},
+                                       stdin, {})
     assert a.fd_stat is not None
     assert (a.fd_stat.st_dev, a.fd_stat.st_ino) == (netns.stat().st_dev, netns.stat().st_ino)
 
@@ -360,5 +365,16 @@ def test_the_json_scanner_agrees_with_pythons_on_what_is_a_config(doc, version, 
         assert p.returncode == 0 and json.loads(p.stdout)["cniVersion"] == want, stdin
 
 
-def test_magic_is_the_agents():
-    assert MAGIC == b"OVLCNI1\x00"
+def test_the_executable_and_the_agent_share_the_constants():
+    source = (Path(__file__).resolve().parents[2] / "native" / "overlay-cni.c").read_text()
+    magic = wire.MAGIC[:-1].decode()  # C adds the NUL
+    assert wire.MAGIC.endswith(b"\0") and f'#define MAGIC "{magic}"' in source
+    assert f'#define DEFAULT_SOCKET "{wire.DEFAULT_SOCKET}"' in source
+    assert f'#define PENDING_DIR "{wire.PENDING_DIR}"' in source
+    assert f"#define E_INTERNAL {wire.E_INTERNAL}" in source
+    assert f'err_version[8] = "{wire.DEFAULT_VERSION}"' in source
+    versions = ", ".join(f'"{v}"' for v in wire.SUPPORTED_VERSIONS)
+    assert f"VERSIONS[] = {{{versions}}};" in source
+    keys = " ".join(f'"{k}",' for k in wire.ENV_KEYS).rstrip(",")
+    assert f"ENV_KEYS[] = {{{keys}}};" in " ".join(source.split())
+    assert f'"{wire.NETNS_ERROR}=%s (errno %d)"' in source
