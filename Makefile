@@ -62,4 +62,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .stamp-apt overlay/v1/*_pb2*.py overlay/v1/*_pb2*.pyi \
-	       native/build overlay/cni/bin
+	       native/build overlay/cni/overlay-plugin

@@ -1,5 +1,5 @@
 """Compile the gRPC API in proto/ into overlay/v1, and the static CNI plugin in
-native/ into overlay/cni/bin/overlay, as part of every build.
+native/ into overlay/cni/overlay-plugin, as part of every build.
 
 The generated files are never committed or edited by hand; `pip install .`
 (and `pip install -e .`) regenerate them: the modules from
@@ -46,8 +46,7 @@ def build_plugin() -> None:
                          "(Debian: apt-get install make gcc musl-tools)")
     if subprocess.run([make, "-s", "-C", str(ROOT / "native")], check=False).returncode != 0:
         raise SystemExit("building the CNI plugin (make -C native) failed")
-    dest = ROOT / "overlay" / "cni" / "bin" / "overlay"
-    dest.parent.mkdir(exist_ok=True)
+    dest = ROOT / "overlay" / "cni" / "overlay-plugin"
     tmp = dest.with_suffix(".tmp")
     shutil.copy2(ROOT / "native" / "build" / "overlay", tmp)
     tmp.replace(dest)

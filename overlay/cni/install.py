@@ -1,7 +1,7 @@
 """`overlayctl install-cni`: put the plugin and its conflist where runtimes look.
 
 The plugin is the static executable built from native/ (shipped in this
-package as overlay/cni/bin/overlay): it needs no Python and no shared libc
+package as overlay/cni/overlay-plugin): it needs no Python and no shared libc
 on the host, so the same file serves a host with this package installed and
 one without (the DaemonSet's init container copies it onto the host). Both
 files are written to a temporary name and renamed, so a runtime never sees
@@ -38,7 +38,7 @@ class InstallOptions:
 
 def plugin_binary() -> Path:
     """The static CNI plugin this package ships (built by setup.py from native/)."""
-    return Path(overlay.__file__).resolve().parent / "cni" / "bin" / "overlay"
+    return Path(overlay.__file__).resolve().parent / "cni" / "overlay-plugin"
 
 
 def read_conflist(path: Path) -> dict[str, Any]:
