@@ -521,6 +521,15 @@ static uint32_t be32(const unsigned char *x)
 	return (uint32_t)x[0] << 24 | (uint32_t)x[1] << 16 | (uint32_t)x[2] << 8 | x[3];
 }
 
+static void request(buf *b, const buf *head, const buf *in)
+{
+	put(b, MAGIC, sizeof MAGIC);
+	put_u32(b, (uint32_t)head->n);
+	put(b, head->p ? head->p : "", head->n);
+	put_u32(b, (uint32_t)in->n);
+	put(b, in->p ? in->p : "", in->n);
+}
+
 static int call_agent(const char *path, const buf *req, int nsfd, uint32_t *code, buf *out)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -725,25 +734,19 @@ int main(void)
 		puts_(&head, "=");
 		puts_(&head, val);
 	}
-	for (int i = 0; i < 2; i++) { /* the record, then the request with NETNS_ERROR if any */
-		buf *b = i ? &req : &record_req;
-		if (i) {
-			const char *netns = getenv("CNI_NETNS");
-			if (netns && *netns && (nsfd = open(netns, O_RDONLY | O_CLOEXEC)) < 0) {
-				char extra[256];
-				int en = errno;
-				snprintf(extra, sizeof extra, "NETNS_ERROR=%s (errno %d)", strerror(en), en);
-				if (head.n)
-					put(&head, "", 1);
-				puts_(&head, extra);
-			}
-		}
-		put(b, MAGIC, sizeof MAGIC);
-		put_u32(b, (uint32_t)head.n);
-		put(b, head.p ? head.p : "", head.n);
-		put_u32(b, (uint32_t)in.n);
-		put(b, in.p ? in.p : "", in.n);
+	/* A record for the agent (DEL, GC) goes without NETNS_ERROR: it is replayed without
+	 * the namespace anyway. */
+	request(&record_req, &head, &in);
+	const char *netns = getenv("CNI_NETNS");
+	if (netns && *netns && (nsfd = open(netns, O_RDONLY | O_CLOEXEC)) < 0) {
+		char extra[256];
+		int en = errno;
+		snprintf(extra, sizeof extra, "NETNS_ERROR=%s (errno %d)", strerror(en), en);
+		if (head.n)
+			put(&head, "", 1);
+		puts_(&head, extra);
 	}
+	request(&req, &head, &in);
 	int err = call_agent(sock, &req, nsfd, &code, &out);
 	if (!err) {
 		if (write_all(1, out.p, out.n) < 0)
