@@ -599,7 +599,7 @@ static int record(const char *sock, const buf *req, const char *reason)
 		}
 	}
 	if (err) {
-		char details[8192];
+		char details[8192 + sizeof dir + 64]; /* reason, dir, strerror */
 		snprintf(details, sizeof details, "%s; recording it in %s: %s", reason, dir,
 		         strerror(err));
 		return fail(E_IO, details, "cannot reach the overlay node agent, nor record the "
