@@ -100,6 +100,9 @@ def test_the_readme_states_the_wire_format_the_code_speaks():
     assert str(wire.MAX_FIELD) in README
     for key in (*wire.ENV_KEYS, wire.NETNS_ERROR, "SCM_RIGHTS"):
         assert f"`{key}" in README, key
+    # Where a DEL or GC waits for the agent, and where the replay rule is stated.
+    assert f"`<dir of agentSocket>/{wire.PENDING_DIR}/" in README
+    assert "### The records, and the replay rule" in README
     for version in wire.SUPPORTED_VERSIONS:
         assert f"`{version}`" in README, version
 
