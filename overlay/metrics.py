@@ -62,5 +62,16 @@ GOSSIP_MESSAGES = Counter(
 GOSSIP_BYTES = Counter(
     "overlay_gossip_bytes_total", "Membership payload bytes", ["direction"], registry=REGISTRY
 )
+MEMBERSHIP_REFUSED = Counter(
+    "overlay_membership_refused_total",
+    "Membership updates refused: malformed, unsigned, bad-signature, no-lease (sender or "
+    "reporter), no-key (the subject publishes none), budget (too many signature checks)",
+    ["reason"], registry=REGISTRY,
+)
+SIGNATURE_OPS = Counter(
+    "overlay_membership_signature_ops_total",
+    "ed25519 operations: sign (our own statement changed), verify (a new statement)",
+    ["op"], registry=REGISTRY,
+)
 READY = Gauge("overlay_ready", "1 when the lease is held, the devices are up and the first "
               "reconcile is done", registry=REGISTRY)

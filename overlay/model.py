@@ -7,6 +7,7 @@ reused as is.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,26 @@ def parse_mac(value: object, field: str = "mac") -> str:
     if mac == "00:00:00:00:00:00":
         raise ConfigError(field, "the all-zero MAC cannot be a VTEP address")
     return mac
+
+
+PUBLIC_KEY_PREFIX = "ed25519:"
+
+
+def parse_public_key(value: object, field: str = "publicKey") -> str:
+    """A node's membership signing key as published in its lease: "ed25519:" and the
+    32-byte public key in base64. "" means none (an agent from before signed records)."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not value.startswith(PUBLIC_KEY_PREFIX):
+        raise ConfigError(field, f"{str(value)[:80]!r} is not an ed25519 public key "
+                          f"({PUBLIC_KEY_PREFIX}<base64>)")
+    try:
+        raw = base64.b64decode(value[len(PUBLIC_KEY_PREFIX):], validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(field, f"{value[:80]!r} is not a 32-byte key in base64")
+    return value
 
 
 def check_node_name(name: object, field: str = "node") -> str:
@@ -202,6 +223,10 @@ class NodeRecord:
     vtep_mac: str
     grpc_addr: str = ""
     backend: str = "vxlan"
+    # The node's membership signing key ("ed25519:<base64>", "" for none): etcd binds
+    # the node name to it, and peers accept the node's word about itself (gossip) only
+    # when signed with it.
+    public_key: str = ""
 
     @property
     def vtep_ip(self) -> IPv4Address:
@@ -216,17 +241,17 @@ class NodeRecord:
         return replace(self, **changes)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "node": self.node,
-                "subnet": str(self.subnet),
-                "underlayIP": str(self.underlay_ip),
-                "vtepMAC": self.vtep_mac,
-                "grpcAddr": self.grpc_addr,
-                "backend": self.backend,
-            },
-            sort_keys=True,
-        )
+        doc = {
+            "node": self.node,
+            "subnet": str(self.subnet),
+            "underlayIP": str(self.underlay_ip),
+            "vtepMAC": self.vtep_mac,
+            "grpcAddr": self.grpc_addr,
+            "backend": self.backend,
+        }
+        if self.public_key:
+            doc["publicKey"] = self.public_key
+        return json.dumps(doc, sort_keys=True)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> NodeRecord:
@@ -250,6 +275,7 @@ class NodeRecord:
             vtep_mac=parse_mac(doc.get("vtepMAC"), "vtepMAC"),
             grpc_addr=grpc_addr,
             backend=backend,
+            public_key=parse_public_key(doc.get("publicKey")),
         )
 
 

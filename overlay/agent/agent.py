@@ -47,6 +47,7 @@ from overlay.dataplane.reconciler import Reconciler, Specs
 from overlay.devnames import BRIDGE_NAME, vxlan_name
 from overlay.errors import ConfigError, PermanentError, TemporaryError
 from overlay.membership import tls as tlsmod
+from overlay.membership.signing import NodeKey
 from overlay.model import LeaseEntry, NetworkConfig, validate_network
 
 log = logging.getLogger("overlayd")
@@ -63,6 +64,7 @@ class Agent:
         self.degraded = DegradedStart(opts.state_dir, self.readiness, opts.etcd_startup_timeout)
         self.node = ""
         self.vtep_mac = ""
+        self.node_key: NodeKey | None = None
         self.incarnation = 0
         self.mtu = 0
         self.cfg: NetworkConfig | None = None
@@ -263,9 +265,13 @@ class Agent:
         ident = state.resolve(opts.state_dir, opts.node_name, opts.vtep_mac)
         self.node, self.vtep_mac = ident.node, ident.vtep_mac
         tls = tlsmod.load(opts.tls, ident.node) if opts.tls is not None else None
+        # Next to the VTEP MAC in the state dir: the key our lease publishes and our
+        # membership statements are signed with (overlay.membership.signing).
+        self.node_key = node_key = NodeKey(state.signing_key(opts.state_dir))
         self.incarnation = state.next_incarnation(ident.incarnation, int(time.time() * 1000))
         grpc_addr = opts.grpc_advertise or f"{underlay.ip}:{opts.grpc_listen.rpartition(':')[2]}"
-        template = Template(ident.node, str(underlay.ip), ident.vtep_mac, grpc_addr)
+        template = Template(ident.node, str(underlay.ip), ident.vtep_mac, grpc_addr,
+                            node_key.public)
         self.peers = PeerTable(ident.node)
         self.lease = lease = LeaseManager(self.store, cfg, template, opts.lease_ttl,
                                           ident.subnet)
@@ -289,10 +295,12 @@ class Agent:
         """Membership, reconciler, the first listing of the leases and the first pass."""
         opts = self.opts
         assert self.host and self.store and self.peers and self.lease and self.masq
+        assert self.node_key is not None
         peers = self.peers
         self.membership = ms = self.parts.membership(
             entry.record, entry.mod_revision, self.incarnation, opts.membership,
-            opts.grpc_listen, tls, lambda: peers.entries, self._membership_changed)
+            opts.grpc_listen, tls, lambda: peers.entries, self._membership_changed,
+            self.node_key)
         self._closers.append(ms.close)
         filt = VxlanFilter(cfg.port, self.host.nft)
         if opts.vxlan_filter:

@@ -51,10 +51,11 @@ class Template:
     underlay_ip: str
     vtep_mac: str
     grpc_addr: str
+    public_key: str = ""    # membership signing key (overlay.membership.signing)
 
     def record(self, subnet: IPv4Network) -> NodeRecord:
         return NodeRecord(self.node, subnet, IPv4Address(self.underlay_ip), self.vtep_mac,
-                          self.grpc_addr)
+                          self.grpc_addr, public_key=self.public_key)
 
 
 class LeaseManager:

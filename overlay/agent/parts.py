@@ -18,6 +18,7 @@ from overlay.agent.lease import LeaseStore
 from overlay.agent.nodekernel import LinuxKernel, NodeKernel
 from overlay.etcdstore import EtcdOptions, EtcdStore
 from overlay.membership.service import Membership, PeerView
+from overlay.membership.signing import NodeKey
 from overlay.membership.swim import SwimConfig
 from overlay.membership.tls import TlsMaterial
 from overlay.model import LeaseEntry, NodeRecord
@@ -58,7 +59,7 @@ class MembershipFactory(Protocol):
     def __call__(self, me: NodeRecord, lease_revision: int, incarnation: int, cfg: SwimConfig,
                  listen: str, tls: TlsMaterial | None,
                  etcd_entries: Callable[[], Mapping[IPv4Network, LeaseEntry]],
-                 on_change: Callable[[], None], /) -> MembershipPort: ...
+                 on_change: Callable[[], None], key: NodeKey, /) -> MembershipPort: ...
 
 
 @dataclass(frozen=True)

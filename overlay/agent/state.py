@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "node.json"
 NETWORK_FILE = "network.json"
 PEERS_FILE = "peers.json"
+KEY_FILE = "node.key"
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,35 @@ def resolve(state_dir: Path, node_name: str | None, vtep_mac: str | None) -> Ide
                      saved.incarnation if saved and same else 0)
     save(state_dir, ident)
     return ident
+
+
+def signing_key(state_dir: Path) -> bytes:
+    """This node's membership signing key (ed25519, raw private bytes), made on first use
+    and kept in <state dir>/node.key (PKCS#8 PEM, mode 0600). Its public half goes into
+    our lease; peers accept our word about ourselves only when signed with it, so a new
+    key is trusted once etcd holds our lease with it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = state_dir / KEY_FILE
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, Ed25519PrivateKey):
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+            return key.private_bytes_raw()
+        log.warning("ignoring %s: not an ed25519 key; making a new one", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("ignoring unreadable %s (%s); making a new signing key: peers accept our "
+                    "gossip once etcd holds our lease with it", path, exc)
+    new = Ed25519PrivateKey.generate()
+    pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    atomic_write(path, pem.decode(), mode=0o600)
+    log.info("made a membership signing key in %s", path)
+    return new.private_bytes_raw()
 
 
 def next_incarnation(previous: int, now_ms: int) -> int:

@@ -6,6 +6,8 @@ only say something newer about a node etcd has a lease for: its own record,
 published at or after the etcd revision of that lease (a node restarted with
 a new VTEP MAC or underlay IP while etcd was unreachable), or that it left
 gracefully, which removes it at once instead of after its lease is deleted.
+Either counts only as the node's own word: signed with the key its lease
+publishes (`signing.py` checked it; here, that it is the key of this lease).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def effective_peer(entry: LeaseEntry, member: Member | None) -> Peer:
     said = member.record
     if said.name != rec.node or said.lease_revision < entry.mod_revision:
         return Peer(entry, rec, "etcd")  # etcd's record is newer than anything it told us
+    if said.proof is None or not rec.public_key or said.proof.key != rec.public_key:
+        return Peer(entry, rec, "etcd")  # not signed with the key etcd binds to the node
     if member.state == State.LEFT:
         return Peer(entry, rec, "left")
     if said.node.subnet != rec.subnet:

@@ -30,8 +30,9 @@ from overlay import metrics
 from overlay.errors import ConfigError
 from overlay.membership import tls as tlsmod
 from overlay.membership.effective import Peer, Source, effective_peers, programmable
-from overlay.membership.swim import Change, Member, Record, State, Swim, SwimConfig, Update
-from overlay.membership.wire import update_pb, updates_from_pb
+from overlay.membership.signing import Gate, NodeKey, Reason, Refusal, RefusalLog
+from overlay.membership.swim import Change, Member, Proof, Record, State, Swim, SwimConfig, Update
+from overlay.membership.wire import Claim, claim_from_pb, claims_from_pb, update_pb
 from overlay.model import LeaseEntry, NodeRecord
 from overlay.retry import Once
 from overlay.v1 import overlay_pb2 as pb
@@ -55,8 +56,8 @@ CHANNEL_OPTIONS = [
 MAX_IN_FLIGHT = 64
 # An indirect probe on someone's behalf never waits longer than this.
 MAX_INDIRECT_TIMEOUT = 2.0
-# At most one warning about invalid updates per this many seconds (with a count).
-BAD_UPDATE_LOG_INTERVAL = 10.0
+# At most one warning per reason for refused updates per this many seconds (with a count).
+REFUSAL_LOG_INTERVAL = 10.0
 _MALFORMED = object()
 
 
@@ -149,11 +150,16 @@ class Membership:
         tls: tlsmod.TlsMaterial | None,
         etcd_entries: Callable[[], Mapping[IPv4Network, LeaseEntry]],
         on_change: Callable[[], None],
+        key: NodeKey,
         rng: random.Random | None = None,
     ) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.swim = Swim(Record(me, lease_revision), incarnation, cfg, rng or random.Random())
+        self.key = key
+        self.swim = Swim(Record(me, lease_revision), incarnation, cfg, rng or random.Random(),
+                         sign=self._sign)
+        self.gate = Gate(me.node)
+        self.refusals = RefusalLog(REFUSAL_LOG_INTERVAL)
         self.listen = listen
         self.tls = tls
         self.etcd_entries = etcd_entries
@@ -164,8 +170,7 @@ class Membership:
         self._seq = itertools.count(1)
         self._server: Any = None
         self._in_flight: set[asyncio.Future[Any]] = set()
-        self._bad_updates = 0
-        self._bad_logged_at = -BAD_UPDATE_LOG_INTERVAL
+        self._verifications = 0
         self._programmed: list[tuple[NodeRecord, Source]] = []
         self._pull_soon: set[str] = set()
         self.bytes_out = 0
@@ -257,6 +262,9 @@ class Membership:
         """etcd's leases changed: align the member table (called by the agent)."""
         leases = {e.record.node: Record(e.record, e.mod_revision)
                   for e in self.etcd_entries().values()}
+        keys = {name: r.node.public_key for name, r in leases.items()}
+        keys[self.name] = self.key.public  # ours, even before etcd has it
+        self.gate.set_keys(keys)
         self._handle(self.swim.sync_etcd(leases, time.monotonic()), etcd_changed=True)
 
     def set_self(self, rec: NodeRecord, lease_revision: int) -> None:
@@ -304,7 +312,8 @@ class Membership:
     async def leave(self, timeout: float = 1.0) -> int:
         """Tell every reachable peer that we leave; how many acknowledged."""
         u = self.swim.leave()
-        req = pb.LeaveRequest(name=self.name, incarnation=u.incarnation)
+        req = pb.LeaveRequest(name=self.name, incarnation=u.incarnation,
+                              signed=update_pb(u).signed)
         targets = [m for m in self.swim.members.values()
                    if m.state in (State.ALIVE, State.SUSPECT) and m.addr]
 
@@ -360,18 +369,31 @@ class Membership:
             updates.append(Update(m.record, m.state, m.incarnation, self.name))
         return [update_pb(u) for u in updates]
 
-    def _merge(self, items: Any, sender: str) -> None:
-        updates, bad = updates_from_pb(items)
+    def _merge(self, items: Any, sender: str, peer: str = "") -> None:
+        """Admit what `sender` (at `peer`) says (signing.Gate), then merge it."""
+        claims, bad = claims_from_pb(items)
+        now = time.monotonic()
+        updates, refused = self.gate.admit(claims, sender, self.swim.members, now)
+        if self.gate.verifications != self._verifications:
+            metrics.SIGNATURE_OPS.labels(op="verify").inc(
+                self.gate.verifications - self._verifications)
+            self._verifications = self.gate.verifications
         if bad:
-            self._bad_updates += len(bad)
-            now = time.monotonic()
-            if now - self._bad_logged_at >= BAD_UPDATE_LOG_INTERVAL:
-                log.warning("membership: dropped %d invalid update(s) in the last %.0fs, "
-                            "latest from %r: %s", self._bad_updates,
-                            min(now - self._bad_logged_at, 1e9), sender[:64], bad[-1][:200])
-                self._bad_logged_at, self._bad_updates = now, 0
+            refused += [Refusal(Reason.MALFORMED, sender[:64], "", why) for why in bad]
+        if refused:
+            self._refused(refused, peer, now)
         if updates:
-            self._handle(self.swim.merge(updates, time.monotonic()))
+            self._handle(self.swim.merge(updates, now))
+
+    def _sign(self, rec: Record, incarnation: int, state: State) -> Proof:
+        metrics.SIGNATURE_OPS.labels(op="sign").inc()
+        return self.key.sign(rec, incarnation, state)
+
+    def _refused(self, refused: list[Refusal], peer: str, now: float) -> None:
+        for r in refused:
+            metrics.MEMBERSHIP_REFUSED.labels(reason=r.reason.value).inc(r.count)
+        for line in self.refusals.add(refused, peer, now):
+            log.warning("%s", line)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         if len(self._in_flight) >= MAX_IN_FLIGHT:
@@ -402,7 +424,7 @@ class Membership:
             h.grpc_error = f"{addr} answered as {reply.responder or 'nobody'}"
             return False
         h.grpc_rtt_us, h.grpc_error = int((time.perf_counter() - t0) * 1e6), None
-        self._merge(reply.updates, name)
+        self._merge(reply.updates, name, addr)
         cur = self.swim.members.get(name)
         if cur is not None and reply.incarnation > cur.incarnation:
             self._pull_soon.add(name)  # it has news we missed: fetch its record
@@ -442,7 +464,7 @@ class Membership:
                                      req, timeout)
         except RpcFailed:
             return False
-        self._merge(reply.updates, helper.name)
+        self._merge(reply.updates, helper.name, helper.addr)
         return bool(reply.ack)
 
     async def _probe_once(self) -> None:
@@ -501,7 +523,7 @@ class Membership:
             reply = await self._call("gossip", m.addr, m.name, "Gossip", req, timeout)
         except RpcFailed:
             return
-        self._merge(reply.updates, m.name)
+        self._merge(reply.updates, m.name, m.addr)
 
     async def _gossip_once(self) -> None:
         if not self.swim.pending():
@@ -517,7 +539,7 @@ class Membership:
         except RpcFailed as exc:
             log.debug("membership: push-pull with %s failed: %s", m.name, exc)
             return False
-        self._merge(reply.members, m.name)
+        self._merge(reply.members, m.name, m.addr)
         return True
 
     async def _push_pull_once(self) -> None:
@@ -526,7 +548,10 @@ class Membership:
             await self._push_pull(m)
 
     async def _tick_once(self) -> None:
-        self._handle(self.swim.tick(time.monotonic()))
+        now = time.monotonic()
+        self._handle(self.swim.tick(now))
+        for line in self.refusals.flush(now):
+            log.warning("%s", line)
         while self._pull_soon:
             name = self._pull_soon.pop()
             m = self.swim.members.get(name)
@@ -635,7 +660,7 @@ class _Servicer(pb_grpc.MembershipServicer):  # type: ignore[misc,unused-ignore]
         if request.tunnel:
             return self._count_out(pb.ProbeReply(responder=ms.name, seq=request.seq,
                                                  incarnation=ms.swim.incarnation))
-        ms._merge(request.updates, request.sender)
+        ms._merge(request.updates, request.sender, context.peer())
         return self._count_out(pb.ProbeReply(
             responder=ms.name, seq=request.seq, incarnation=ms.swim.incarnation,
             updates=ms._piggyback(request.sender)))
@@ -661,23 +686,35 @@ class _Servicer(pb_grpc.MembershipServicer):  # type: ignore[misc,unused-ignore]
         self._count_in(request)
         ms = self.ms
         reply = pb.PushPullReply(members=[update_pb(u) for u in ms.swim.full_state()])
-        ms._merge(request.members, request.sender)
+        ms._merge(request.members, request.sender, context.peer())
         return self._count_out(reply)
 
     async def Gossip(self, request: Any, context: Any) -> Any:
         await self._authorize(context, request.sender, "gossip")
         self._count_in(request)
         ms = self.ms
-        ms._merge(request.updates, request.sender)
+        ms._merge(request.updates, request.sender, context.peer())
         return self._count_out(pb.GossipReply(updates=ms._piggyback(request.sender)))
 
     async def Leave(self, request: Any, context: Any) -> Any:
         await self._authorize(context, request.name, "leave")
         self._count_in(request)
         ms = self.ms
-        m = ms.swim.members.get(request.name)
-        if m is not None:
-            ms._handle(ms.swim.merge(
-                [Update(m.record, State.LEFT, int(request.incarnation), request.name)],
-                time.monotonic()))
+        now = time.monotonic()
+        claim: Claim | None = None
+        refusal: Refusal | None = None
+        u: Update | None = None
+        try:
+            if request.HasField("signed"):
+                claim = claim_from_pb(pb.MemberUpdate(state=pb.PEER_STATE_LEFT,
+                                                      reporter=request.name,
+                                                      signed=request.signed))
+        except ConfigError as exc:
+            refusal = Refusal(Reason.MALFORMED, request.name[:64], request.name[:64], str(exc))
+        else:
+            u, refusal = ms.gate.admit_leave(claim, request.name, ms.swim.members, now)
+        if refusal is not None:
+            ms._refused([refusal], context.peer(), now)
+        elif u is not None:
+            ms._handle(ms.swim.merge([u], now))
         return self._count_out(pb.LeaveReply())

@@ -24,6 +24,10 @@ protocol is tested with a fake clock.
 - Members come from etcd (seeded at incarnation 0: never heard from) and from
   gossip; a member etcd no longer knows is forgotten once it is dead or left
   (after `reap_after`), and a tombstone keeps stale news from bringing it back.
+- A record carries its `Proof`, the node's own signed statement of it, opaque
+  here: the shell admits news only with a valid one (`signing.py`) and passes
+  it on with every update about the node; our own is made by `sign` whenever
+  our record, incarnation or leaving changes.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 from overlay.errors import ConfigError
 from overlay.model import NodeRecord
@@ -52,12 +56,25 @@ class State(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class Proof:
+    """The node's signed statement of a record at an incarnation (overlay.v1
+    SignedStatement), as received or made: relayed byte for byte. `key` is the public
+    key that verified it (or made it)."""
+
+    statement: bytes
+    signature: bytes
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class Record:
     """A node's record as the node announces it: its lease facts and the etcd revision
-    of the lease key it last read or wrote (0: unknown)."""
+    of the lease key it last read or wrote (0: unknown), with the node's proof of it
+    (None: from etcd, or never signed)."""
 
     node: NodeRecord
     lease_revision: int = 0
+    proof: Proof | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -195,10 +212,13 @@ class Swim:
     incarnation: int
     cfg: SwimConfig = field(default_factory=SwimConfig)
     rng: random.Random = field(default_factory=random.Random)
+    # Makes our proof of (record, incarnation, ALIVE or LEFT); None: unsigned (tests).
+    sign: Callable[[Record, int, State], Proof] | None = None
 
     def __post_init__(self) -> None:
         if self.incarnation < 1:
             raise ValueError("a node's own incarnation starts at 1 (0 means 'never heard')")
+        self._signed: tuple[Record, int, State] | None = None
         self.members: dict[str, Member] = {}
         self.leaving = False
         self.refutations = 0
@@ -214,8 +234,12 @@ class Swim:
         return self.me.name
 
     def self_update(self) -> Update:
-        return Update(self.me, State.LEFT if self.leaving else State.ALIVE, self.incarnation,
-                      self.name)
+        state = State.LEFT if self.leaving else State.ALIVE
+        if self.sign is not None and self._signed != (self.me, self.incarnation, state):
+            # Signed once per change of record, incarnation or state, not per message.
+            self.me = replace(self.me, proof=self.sign(self.me, self.incarnation, state))
+            self._signed = (self.me, self.incarnation, state)
+        return Update(self.me, state, self.incarnation, self.name)
 
     def set_self(self, record: Record) -> bool:
         """Our record changed (new lease, new revision): announce it at a new incarnation."""

@@ -2,11 +2,14 @@
 
 Everything that arrives from a peer is validated here like a lease read from
 etcd; an invalid update is dropped (and counted) instead of reaching the
-core.
+core. Updates arrive as `Claim`s: what the sender says, not yet admitted;
+`signing.Gate` decides which become core `Update`s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 from typing import Any
 
@@ -14,6 +17,10 @@ from overlay.errors import ConfigError
 from overlay.membership.swim import Record, State, Update
 from overlay.model import NodeRecord, check_node_name, parse_cidr, parse_mac
 from overlay.v1 import overlay_pb2 as pb
+
+# Beyond any record we make (about 120 bytes): a bigger statement is refused unread.
+MAX_STATEMENT = 1024
+SIGNATURE_SIZE = 64
 
 
 def record_pb(rec: NodeRecord, lease_revision: int = 0, incarnation: int = 0) -> Any:
@@ -25,10 +32,51 @@ def record_pb(rec: NodeRecord, lease_revision: int = 0, incarnation: int = 0) ->
 
 
 def update_pb(u: Update) -> Any:
-    return pb.MemberUpdate(record=record_pb(u.record.node, u.record.lease_revision,
-                                            u.incarnation),
-                           state=pb_state(u.state), incarnation=u.incarnation,
-                           reporter=u.reporter)
+    proof = u.record.proof
+    if proof is not None:
+        # The subject's statement carries record and incarnation: nothing else to send.
+        return pb.MemberUpdate(state=pb_state(u.state), reporter=u.reporter,
+                               signed=pb.SignedStatement(statement=proof.statement,
+                                                         signature=proof.signature))
+    # Unsigned: an opinion about a node never heard from (incarnation 0).
+    return pb.MemberUpdate(record=pb.NodeRecord(name=u.name), state=pb_state(u.state),
+                           incarnation=u.incarnation, reporter=u.reporter)
+
+
+def statement_bytes(rec: Record, incarnation: int, state: State) -> bytes:
+    """What a node signs: its record at `incarnation`, ALIVE or LEFT."""
+    msg = pb.Statement(record=record_pb(rec.node, rec.lease_revision, incarnation),
+                       state=pb_state(state))
+    data: bytes = msg.SerializeToString(deterministic=True)
+    return data
+
+
+@dataclass(frozen=True)
+class Statement:
+    record: Record          # without proof
+    incarnation: int
+    state: State            # ALIVE or LEFT
+
+
+def parse_statement(data: bytes) -> Statement:
+    """A serialized Statement, validated; ConfigError names what is wrong."""
+    from google.protobuf.message import DecodeError
+
+    if len(data) > MAX_STATEMENT:
+        raise ConfigError("statement", f"{len(data)} bytes, more than {MAX_STATEMENT}")
+    try:
+        m = pb.Statement.FromString(data)
+    except (DecodeError, ValueError):
+        raise ConfigError("statement", "not a Statement message") from None
+    state = int(m.state)
+    if state not in (State.ALIVE, State.LEFT):
+        raise ConfigError("statement.state", f"{state} is not ALIVE or LEFT")
+    inc, rev = int(m.record.incarnation), int(m.record.lease_revision)
+    if inc < 1:
+        raise ConfigError("statement.incarnation", "must be at least 1")
+    if rev < 0:
+        raise ConfigError("statement.lease_revision", "negative")
+    return Statement(Record(node_record(m.record), rev), inc, State(state))
 
 
 def pb_state(state: State | None) -> Any:
@@ -52,22 +100,42 @@ def node_record(m: Any) -> NodeRecord:
                       parse_mac(m.vtep_mac, "vtep_mac"), m.grpc_addr)
 
 
-def update_from_pb(m: Any) -> Update:
+@dataclass(frozen=True)
+class Claim:
+    """One MemberUpdate as received: `statement` and `signature` empty when unsigned,
+    then `name` and `incarnation` are what the unsigned form says."""
+
+    state: State
+    reporter: str
+    statement: bytes = b""
+    signature: bytes = b""
+    name: str = ""
+    incarnation: int = 0
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.statement or self.signature)
+
+
+def claim_from_pb(m: Any) -> Claim:
+    """Only the framing is checked here; the statement is read by the gate, once."""
     if m.state not in (State.ALIVE, State.SUSPECT, State.DEAD, State.LEFT):
         raise ConfigError("state", f"unknown peer state {m.state}")
-    if m.incarnation < 0 or m.record.lease_revision < 0:
-        raise ConfigError("incarnation", "negative")
-    return Update(Record(node_record(m.record), int(m.record.lease_revision)), State(m.state),
-                  int(m.incarnation), m.reporter)
+    if m.HasField("signed"):
+        sig = m.signed.signature
+        if len(sig) != SIGNATURE_SIZE:
+            raise ConfigError("signature", f"{len(sig)} bytes, not {SIGNATURE_SIZE}")
+        return Claim(State(m.state), m.reporter, m.signed.statement, sig)
+    return Claim(State(m.state), m.reporter, name=m.record.name, incarnation=int(m.incarnation))
 
 
-def updates_from_pb(items: Any) -> tuple[list[Update], list[str]]:
-    """The valid updates, and why each invalid one was dropped."""
-    good: list[Update] = []
+def claims_from_pb(items: Iterable[Any]) -> tuple[list[Claim], list[str]]:
+    """The well-framed claims, and why each other one was dropped."""
+    good: list[Claim] = []
     bad: list[str] = []
     for m in items:
         try:
-            good.append(update_from_pb(m))
+            good.append(claim_from_pb(m))
         except ConfigError as exc:
-            bad.append(f"update about {m.record.name!r}: {exc}")
+            bad.append(f"update: {exc}")
     return good, bad

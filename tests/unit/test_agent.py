@@ -24,6 +24,7 @@ from overlay.devnames import BRIDGE_NAME, vxlan_name
 from overlay.errors import NotFound, TemporaryError
 from overlay.etcdstore import EtcdOptions
 from overlay.membership.service import PeerHealth, PeerView
+from overlay.membership.signing import NodeKey
 from overlay.membership.swim import State, SwimConfig
 from overlay.membership.tls import TlsMaterial
 from overlay.model import LeaseEntry, LeaseEvent, LeaseSnapshot, NetworkConfig, NodeRecord
@@ -137,8 +138,9 @@ class RecordingMembership:
     def __init__(self, me: NodeRecord, lease_revision: int, incarnation: int, cfg: SwimConfig,
                  listen: str, tls: TlsMaterial | None,
                  etcd_entries: Callable[[], Mapping[IPv4Network, LeaseEntry]],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], key: NodeKey) -> None:
         self.incarnation = incarnation
+        self.key = key
         self.me = me
         self.entries = etcd_entries
         self.on_change = on_change
@@ -269,6 +271,8 @@ def test_degraded_start_from_saved_state_then_normal_when_etcd_answers(tmp_path)
         assert conditions["lease"].ok and "assumed" in conditions["lease"].message
         assert h.node.kernel.links[BRIDGE_NAME].up and h.node.forwarding
         assert h.memberships[0].announced[0][0].subnet == MINE  # gossiped at once
+        # ... with the key it signs with (issue 11): peers verify our word against it.
+        assert h.memberships[0].announced[0][0].public_key == h.memberships[0].key.public
         # The local API says so too (the real client, over the unix socket).
         reply = await asyncio.to_thread(local_status, h.opts.run_dir / "overlayd.sock")
         assert reply.degraded and reply.self.subnet == str(MINE) and reply.vni == CFG.vni
@@ -318,6 +322,10 @@ def test_without_saved_state_the_agent_waits_for_etcd(tmp_path):
         st = a.status()
         assert not st.degraded and st.me is not None and st.me.node == "n1"
         assert h.etcd.keys[st.me.subnet].record.node == "n1"
+        # etcd binds n1 to the key the membership signs with, kept in the state dir.
+        key = h.memberships[0].key
+        assert h.etcd.keys[st.me.subnet].record.public_key == key.public
+        assert NodeKey(state.signing_key(h.opts.state_dir)).public == key.public
         assert a.node_net().ready and a.node_net().subnet == st.me.subnet
         a.stop()
         assert await task == 0

@@ -3,17 +3,20 @@
 from ipaddress import IPv4Address, IPv4Network
 
 from overlay.membership.effective import effective_peer, effective_peers, programmable
-from overlay.membership.swim import Member, Record, State
+from overlay.membership.swim import Member, Proof, Record, State
 from overlay.model import LeaseEntry, NodeRecord
 
+KEY = "ed25519:" + "A" * 43 + "="
 ETCD = NodeRecord("n2", IPv4Network("10.244.2.0/24"), IPv4Address("172.30.1.12"),
-                  "02:00:00:00:00:02", "172.30.1.12:7946")
+                  "02:00:00:00:00:02", "172.30.1.12:7946", public_key=KEY)
 ENTRY = LeaseEntry(ETCD, 40, 7)
-NEW_MAC = ETCD.with_(vtep_mac="02:42:00:00:00:02")
+NEW_MAC = ETCD.with_(vtep_mac="02:42:00:00:00:02", public_key="")  # as gossip carries it
 
 
-def member(node=NEW_MAC, rev=40, state=State.ALIVE, inc=5):
-    return Member(Record(node, rev), state, inc, 0.0)
+def member(node=NEW_MAC, rev=40, state=State.ALIVE, inc=5, key=KEY):
+    """A member as the gate admits it: with the proof it verified with `key`."""
+    proof = Proof(b"statement", b"signature", key) if key is not None else None
+    return Member(Record(node, rev, proof), state, inc, 0.0)
 
 
 def test_no_membership_news_programs_what_etcd_says():
@@ -25,10 +28,20 @@ def test_no_membership_news_programs_what_etcd_says():
 
 def test_the_node_announcing_new_details_for_the_same_lease_wins():
     p = effective_peer(ENTRY, member())
-    assert p.source == "gossip" and p.record == NEW_MAC
+    assert p.source == "gossip" and p.record == NEW_MAC.with_(public_key=KEY)  # etcd's key
     moved = ETCD.with_(underlay_ip=IPv4Address("172.30.1.99"), grpc_addr="172.30.1.99:7946")
     p = effective_peer(ENTRY, member(moved, rev=41))
     assert p.record.underlay_ip == IPv4Address("172.30.1.99")
+
+
+def test_only_the_node_signing_with_the_key_of_its_lease_overrides_etcd():
+    for m in (member(key=None), member(key="ed25519:" + "B" * 43 + "="),
+              member(state=State.LEFT, key=None)):
+        p = effective_peer(ENTRY, m)
+        assert (p.record, p.source) == (ETCD, "etcd")
+    keyless = LeaseEntry(ETCD.with_(public_key=""), 40, 7)  # an agent from before keys
+    p = effective_peer(keyless, member(key=""))
+    assert (p.record, p.source) == (keyless.record, "etcd")
 
 
 def test_etcd_wins_when_its_lease_is_newer_than_what_the_node_said():

@@ -8,38 +8,71 @@ import pytest
 from overlay.agent import state
 from overlay.errors import ConfigError
 from overlay.membership import tls
+from overlay.membership.signing import NodeKey
 from overlay.membership.swim import Record, State, Update
-from overlay.membership.wire import update_from_pb, update_pb, updates_from_pb
+from overlay.membership.wire import claims_from_pb, parse_statement, update_pb
 from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
 from overlay.sandbox.pki import CertificateAuthority
 
 REC = NodeRecord("n2", IPv4Network("10.244.2.0/24"), IPv4Address("172.30.1.12"),
                  "02:00:00:00:00:02", "172.30.1.12:7946")
+KEY = NodeKey(NodeKey.generate())
 
 
-def test_update_round_trips_through_protobuf():
-    u = Update(Record(REC, 17), State.SUSPECT, 1234, "n3")
+def signed(state=State.ALIVE, inc=1234, rev=17, rec=REC):
+    r = Record(rec, rev)
+    return Record(rec, rev, KEY.sign(r, inc, State.LEFT if state == State.LEFT
+                                     else State.ALIVE))
+
+
+def test_signed_update_carries_only_the_statement_and_the_opinion():
+    u = Update(signed(), State.SUSPECT, 1234, "n3")
     m = update_pb(u)
-    assert m.record.lease_revision == 17 and m.state == 2
-    assert update_from_pb(m) == u
+    assert not m.HasField("record") and m.incarnation == 0  # all in the statement
+    assert m.state == 2 and m.reporter == "n3"
+    [c], bad = claims_from_pb([m])
+    assert bad == [] and c.state == State.SUSPECT and c.reporter == "n3"
+    assert (c.statement, c.signature) == (u.record.proof.statement, u.record.proof.signature)
+    st = parse_statement(c.statement)
+    assert (st.record, st.incarnation, st.state) == (Record(REC, 17), 1234, State.ALIVE)
+
+
+def test_unsigned_update_is_an_opinion_about_a_name():
+    m = update_pb(Update(Record(REC, 0), State.DEAD, 0, "n3"))
+    [c], _ = claims_from_pb([m])
+    assert not c.signed and (c.name, c.incarnation, c.state) == ("n2", 0, State.DEAD)
 
 
 @pytest.mark.parametrize("field,value", [
     ("name", "bad name!"), ("subnet", "10.244.2.1/24"), ("underlay_ip", "fe80::1"),
     ("vtep_mac", "01:00:5e:00:00:01"), ("grpc_addr", "nohostport"), ("backend", "gre"),
 ])
-def test_invalid_updates_are_dropped_with_a_reason(field, value):
-    good = update_pb(Update(Record(REC, 1), State.ALIVE, 2, "n2"))
-    bad = update_pb(Update(Record(REC, 1), State.ALIVE, 2, "n2"))
-    setattr(bad.record, field, value)
-    updates, why = updates_from_pb([good, bad])
-    assert len(updates) == 1 and len(why) == 1 and field in why[0]
+def test_invalid_statements_are_refused_with_a_reason(field, value):
+    from overlay.v1 import overlay_pb2 as pb
+
+    st = pb.Statement.FromString(signed().proof.statement)
+    setattr(st.record, field, value)
+    with pytest.raises(ConfigError) as e:
+        parse_statement(st.SerializeToString())
+    assert e.value.field == field
 
 
-def test_unknown_state_is_dropped():
-    m = update_pb(Update(Record(REC, 1), State.ALIVE, 2, "n2"))
+def test_unknown_state_and_short_signatures_are_dropped():
+    m = update_pb(Update(signed(), State.ALIVE, 1234, "n2"))
     m.state = 0
-    assert updates_from_pb([m])[0] == []
+    assert claims_from_pb([m])[0] == []
+    m = update_pb(Update(signed(), State.ALIVE, 1234, "n2"))
+    m.signed.signature = b"x" * 63
+    good, why = claims_from_pb([m])
+    assert good == [] and "signature" in why[0]
+
+
+def test_signing_key_is_made_once_and_kept_private(tmp_path):
+    raw = state.signing_key(tmp_path)
+    assert state.signing_key(tmp_path) == raw
+    assert (tmp_path / state.KEY_FILE).stat().st_mode & 0o777 == 0o600
+    (tmp_path / state.KEY_FILE).write_text("garbage")
+    assert state.signing_key(tmp_path) != raw  # unreadable: a new one
 
 
 def test_identity_keeps_lease_revision_and_incarnation(tmp_path):
