@@ -17,7 +17,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all",
-        "membership")
+        "membership", "signing")
 
 
 def load(results: Path) -> dict[str, Any]:
@@ -179,6 +179,41 @@ def membership_section(mb: dict[str, Any] | None) -> str:
         f"{t.get('probe_interval', '?')} s, suspicion {t.get('suspect_timeout', '?')} to "
         f"{t.get('suspect_timeout_max', '?')} s:", "",
         table(["figure", "measured", "against"], rows)])
+
+
+def signing_section(sg: dict[str, Any] | None) -> str:
+    if not sg:
+        return "_Not run._"
+    pu, w, idl = sg["per_update"], sg["wire"], sg["idle"]
+    us = pu["us_per_op"]
+    rows = [
+        ["sign our own statement (when our record or incarnation changes)",
+         f"{us['sign']:.1f} µs", f"{f(pu['ratio_sign_to_reference_decode'])}x the reference"],
+        ["verify a new statement (once per statement)", f"{us['verify']:.1f} µs",
+         f"{f(pu['ratio_verify_to_reference_decode'])}x"],
+        ["admit an update whose statement is known (the steady state)",
+         f"{us['admit_known']:.1f} µs", f"{f(pu['ratio_admit_known_to_reference_decode'])}x"],
+        ["reference: decode and validate one update as before signing",
+         f"{us['reference_decode']:.1f} µs", ""],
+        ["one update on the wire", size(w["update_bytes_after"]),
+         f"before {size(w['update_bytes_before'])} "
+         f"({f(w['ratio_update_after_to_before'])}x)"],
+        ["push-pull of 50 members", size(w["push_pull_50_bytes_after"]),
+         f"before {size(w['push_pull_50_bytes_before'])}"],
+        [f"idle {idl['nodes']}-node cluster: agent CPU (median)",
+         f"{idl['agent_cpu_fraction_median'] * 100:.2f}% of a core",
+         f"signing work {idl['cpu_fraction_of_signed_membership_work'] * 100:.4f}%, the "
+         f"decoding it replaced {idl['cpu_fraction_of_the_decoding_it_replaced'] * 100:.4f}%"],
+        ["idle: gossip payload out per node",
+         byterate(idl["gossip_payload_out_bytes_per_s_per_node"]),
+         f"{idl['updates_received_per_s_per_node']:.1f} updates received per s"],
+        ["idle: signatures made / checked per node and second",
+         f"{idl['signatures_per_s_per_node']:.3f} / {idl['verifications_per_s_per_node']:.3f}",
+         "once per change, not per message"],
+    ]
+    return "\n".join([
+        "Every membership update carries its subject's own ed25519-signed statement "
+        "(`bench/signing.py`; issue 11):", "", table(["figure", "measured", "against"], rows)])
 
 
 def cni_section(doc: dict[str, Any]) -> str:
@@ -577,6 +612,7 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
               "## 3. Convergence", "", safe(convergence_section, docs.get("convergence"),
                                             imgs.get("convergence")), "",
               "### Membership (gRPC, SWIM)", "", safe(membership_section, docs.get("membership")),
+              "", "### Signed membership records", "", safe(signing_section, docs.get("signing")),
               "", "## 4. CNI", ""]
     others = {k: v for k, v in docs.items() if k not in OURS}
     cni = {k: v for k, v in others.items() if is_cni(v)}

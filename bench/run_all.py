@@ -31,6 +31,7 @@ PLAN: list[tuple[str, list[str], int]] = [
     ("cni_latency.py", [], 300),
     ("footprint.py", [], 240),
     ("membership.py", [], 300),
+    ("signing.py", [], 180),
 ]
 QUICK: dict[str, list[str]] = {
     "spine.py": ["--runs", "1"],
@@ -41,6 +42,7 @@ QUICK: dict[str, list[str]] = {
     "footprint.py": ["--peers", "10,1000", "--window", "6", "--settle", "1"],
     "membership.py": ["--nodes", "5", "--window", "5", "--loss-seconds", "5", "--crashes", "1",
                       "--mac-reps", "1"],
+    "signing.py": ["--n", "200", "--reps", "2", "--nodes", "3", "--window", "5"],
 }
 TOOLS = ("ip", "bridge", "etcd", "etcdctl", "ping", "iperf3", "nft")
 
@@ -49,7 +51,7 @@ def remove_leftovers(since: float) -> None:
     """Sandboxes our scripts made in this run and could not remove (killed): remove them."""
     from overlay.sandbox.sandbox import BASE, Sandbox
 
-    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms")
+    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg")
     for d in BASE.glob("*") if BASE.exists() else ():
         if d.name.startswith(tags) and d.stat().st_mtime >= since - 1:
             print(f"   removing leftover sandbox {d.name}", file=sys.stderr)

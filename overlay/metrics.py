@@ -62,6 +62,11 @@ GOSSIP_MESSAGES = Counter(
 GOSSIP_BYTES = Counter(
     "overlay_gossip_bytes_total", "Membership payload bytes", ["direction"], registry=REGISTRY
 )
+GOSSIP_UPDATES = Counter(
+    "overlay_gossip_updates_total",
+    "Membership updates received: admitted, ignored (stale, or about a node without lease), "
+    "refused", ["result"], registry=REGISTRY,
+)
 MEMBERSHIP_REFUSED = Counter(
     "overlay_membership_refused_total",
     "Membership updates refused: malformed, unsigned, bad-signature, no-lease (sender or "

@@ -171,6 +171,8 @@ class Membership:
         self._server: Any = None
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._verifications = 0
+        self._updates_in = {r: metrics.GOSSIP_UPDATES.labels(result=r)
+                            for r in ("admitted", "ignored", "refused")}
         self._programmed: list[tuple[NodeRecord, Source]] = []
         self._pull_soon: set[str] = set()
         self.bytes_out = 0
@@ -371,6 +373,8 @@ class Membership:
 
     def _merge(self, items: Any, sender: str, peer: str = "") -> None:
         """Admit what `sender` (at `peer`) says (signing.Gate), then merge it."""
+        if not len(items):
+            return
         claims, bad = claims_from_pb(items)
         now = time.monotonic()
         updates, refused = self.gate.admit(claims, sender, self.swim.members, now)
@@ -378,6 +382,10 @@ class Membership:
             metrics.SIGNATURE_OPS.labels(op="verify").inc(
                 self.gate.verifications - self._verifications)
             self._verifications = self.gate.verifications
+        n_refused = sum(r.count for r in refused)
+        self._updates_in["admitted"].inc(len(updates))
+        self._updates_in["ignored"].inc(len(claims) - len(updates) - n_refused)
+        self._updates_in["refused"].inc(n_refused + len(bad))
         if bad:
             refused += [Refusal(Reason.MALFORMED, sender[:64], "", why) for why in bad]
         if refused:

@@ -45,7 +45,7 @@ from overlay.model import PUBLIC_KEY_PREFIX
 SIGNING_CONTEXT = b"overlay.v1.Statement\x00"
 # Verifications per second in the long run, and how many may come at once (a join's
 # push-pull brings every member's statement once; the burst grows with the cluster).
-VERIFY_RATE = 200.0
+VERIFY_RATE = 100.0
 VERIFY_BURST = 1000
 CACHE_SIZE = 4096
 
