@@ -80,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", type=Path, default=Path("/run/overlay"),
                    help="sockets and pod address allocations (default: %(default)s)")
     g.add_argument("--state-dir", type=Path, default=Path("/var/lib/overlay"),
-                   help="identity kept across reboots (default: %(default)s)")
-    g = p.add_argument_group("membership (gRPC between agents)")
+                   help="identity kept across reboots: node name, VTEP MAC, last subnet, "
+                        "membership signing key (default: %(default)s)")
+    g = p.add_argument_group(
+        "membership (gRPC between agents)",
+        "Every node signs what it says about itself (ed25519 key in --state-dir, public key "
+        "in its etcd lease); peers accept a node's record, incarnation or leave only with "
+        "its signature. Mutual TLS (--tls-*) adds privacy on the wire.")
     g.add_argument("--grpc-listen", default="0.0.0.0:7946",
                    help="listen address of the membership service (default: %(default)s)")
     g.add_argument("--grpc-advertise",

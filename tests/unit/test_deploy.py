@@ -281,3 +281,19 @@ def test_deploy_readme_covers_both_ways(objects):
                    "overlayctl install-cni", "kubectl apply", "overlay-etcd-tls",
                    "Containerfile"):
         assert needle in text, needle
+
+
+def test_the_state_dir_with_the_signing_key_survives_restarts(objects):
+    """Membership is signed by default (issue 11): the key lives in the state dir, which
+    both ways of running keep on the host, writable by the agent."""
+    spec = objects["DaemonSet"]["spec"]["template"]["spec"]
+    (agent,) = spec["containers"]
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    state = mounts["/var/lib/overlay"]
+    assert not state.get("readOnly")
+    vol = next(v for v in spec["volumes"] if v["name"] == state["name"])
+    assert vol["hostPath"]["path"] == "/var/lib/overlay"
+    assert not any(a.startswith("--state-dir") for a in agent["args"])
+    unit = (DEPLOY / "systemd" / "overlayd.service").read_text()
+    assert "StateDirectory=overlay" in unit and "StateDirectoryMode=0700" in unit
+    assert "--state-dir" not in (DEPLOY / "systemd" / "overlayd.env").read_text()
