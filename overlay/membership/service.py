@@ -208,8 +208,8 @@ class Membership:
         self._server = server
         self.sync_etcd()
         log.info("membership: serving on %s (%s), incarnation %d", self.listen,
-                 "mutual TLS" if self.tls else "plaintext; give --tls-cert/--tls-key/--tls-ca "
-                 "for mutual TLS", self.swim.incarnation)
+                 "mutual TLS" if self.tls else "plaintext; records signed by their nodes; "
+                 "give --tls-cert/--tls-key/--tls-ca for mutual TLS", self.swim.incarnation)
 
     async def close(self) -> None:
         for t in list(self._in_flight):
