@@ -185,6 +185,10 @@ class Gate:
                          Proof(c.statement, c.signature, key))
             v = _Verified(name, rec, st.incarnation, st.state)
             self._remember(self._verified, c.statement, v)
+        else:
+            m = members.get(v.name)
+            if m is not None and v.incarnation < m.incarnation:
+                return None  # stale news, verified long ago
         # (A known statement with another signature is the same verified content: the
         # record passes on with the signature that verified.)
         if (c.state == State.LEFT) != (v.state == State.LEFT):

@@ -186,6 +186,11 @@ def test_a_replayed_old_statement_loses_to_the_newer_one():
         assert updates == [] and refused == []  # stale: ignored
     assert s.members["n2"].record.node.vtep_mac == "02:00:00:00:00:09"
     assert g.verifications == n, "stale news costs no verification"
+    # also when the old statement was verified before the new one came
+    g2, s2 = gate(), core()
+    admit(g2, s2, [claim(old, State.ALIVE, "n2")], sender="n2")
+    admit(g2, s2, [claim(new, State.ALIVE, "n2")], sender="n2")
+    assert admit(g2, s2, [claim(old, State.DEAD)]) == ([], [])
     # a replayed LEFT of an earlier life too
     gone = statement(2, 8, State.LEFT)
     assert admit(g, s, [claim(gone, State.LEFT)]) == ([], [])
