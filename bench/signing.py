@@ -38,7 +38,8 @@ from common import (
     write_result,
 )
 
-from overlay.membership.signing import Gate, NodeKey
+from overlay.membership import signing
+from overlay.membership.signing import NodeKey
 from overlay.membership.swim import Member, Record, State, Update
 from overlay.membership.wire import claims_from_pb, node_record, record_pb, update_pb
 from overlay.model import NodeRecord
@@ -73,7 +74,7 @@ def per_update(n: int, reps: int) -> dict[str, Any]:
     u = Update(signed, State.ALIVE, 1_764_000_000_000, "node-0003")
     old_bytes = old_update_pb(u).SerializeToString()
     new_bytes = update_pb(u).SerializeToString()
-    gate = Gate("node-0001")
+    gate = signing.gate("node-0001")
     gate.set_keys({rec.name: key.public, "node-0001": "", "node-0003": ""})
     members = {rec.name: Member(rec, State.ALIVE, 0, 0.0)}
 
@@ -86,7 +87,7 @@ def per_update(n: int, reps: int) -> dict[str, Any]:
             key.sign(rec, i + 1, State.ALIVE)
 
     def t_verify() -> None:
-        g = Gate("node-0001", rate=1e9, burst=10**9)
+        g = signing.gate("node-0001", rate=1e9, burst=10**9)
         g.set_keys(gate.keys)
         claims, _ = claims_from_pb([pb.MemberUpdate.FromString(new_bytes)])
         g.admit(claims, "node-0003", members, 0.0)  # the key object, once

@@ -7,7 +7,7 @@ published at or after the etcd revision of that lease (a node restarted with
 a new VTEP MAC or underlay IP while etcd was unreachable), or that it left
 gracefully, which removes it at once instead of after its lease is deleted.
 Either counts only as the node's own word: signed with the key its lease
-publishes (`signing.py` checked it; here, that it is the key of this lease).
+publishes (`admission.py` checked it; here, that it is the key of this lease).
 """
 
 from __future__ import annotations

@@ -29,10 +29,11 @@ import grpc
 from overlay import metrics
 from overlay.errors import ConfigError
 from overlay.membership import tls as tlsmod
+from overlay.membership.admission import Claim, Reason, Refusal, RefusalLog
 from overlay.membership.effective import Peer, Source, effective_peers, programmable
-from overlay.membership.signing import Gate, NodeKey, Reason, Refusal, RefusalLog
+from overlay.membership.signing import NodeKey, gate
 from overlay.membership.swim import Change, Member, Proof, Record, State, Swim, SwimConfig, Update
-from overlay.membership.wire import Claim, claim_from_pb, claims_from_pb, update_pb
+from overlay.membership.wire import claim_from_pb, claims_from_pb, update_pb
 from overlay.model import LeaseEntry, NodeRecord
 from overlay.retry import Once
 from overlay.v1 import overlay_pb2 as pb
@@ -158,7 +159,7 @@ class Membership:
         self.key = key
         self.swim = Swim(Record(me, lease_revision), incarnation, cfg, rng or random.Random(),
                          sign=self._sign)
-        self.gate = Gate(me.node)
+        self.gate = gate(me.node)
         self.refusals = RefusalLog(REFUSAL_LOG_INTERVAL)
         self.listen = listen
         self.tls = tls
@@ -372,7 +373,7 @@ class Membership:
         return [update_pb(u) for u in updates]
 
     def _merge(self, items: Any, sender: str, peer: str = "") -> None:
-        """Admit what `sender` (at `peer`) says (signing.Gate), then merge it."""
+        """Admit what `sender` (at `peer`) says (admission.Gate), then merge it."""
         if not len(items):
             return
         claims, bad = claims_from_pb(items)

@@ -25,7 +25,7 @@ protocol is tested with a fake clock.
   gossip; a member etcd no longer knows is forgotten once it is dead or left
   (after `reap_after`), and a tombstone keeps stale news from bringing it back.
 - A record carries its `Proof`, the node's own signed statement of it, opaque
-  here: the shell admits news only with a valid one (`signing.py`) and passes
+  here: the shell admits news only with a valid one (`admission.py`) and passes
   it on with every update about the node; our own is made by `sign` whenever
   our record, incarnation or leaving changes.
 """

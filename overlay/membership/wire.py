@@ -3,17 +3,17 @@
 Everything that arrives from a peer is validated here like a lease read from
 etcd; an invalid update is dropped (and counted) instead of reaching the
 core. Updates arrive as `Claim`s: what the sender says, not yet admitted;
-`signing.Gate` decides which become core `Update`s.
+`admission.Gate` decides which become core `Update`s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
-from typing import Any, NamedTuple
+from typing import Any
 
 from overlay.errors import ConfigError
+from overlay.membership.admission import Claim, Statement
 from overlay.membership.swim import Record, State, Update
 from overlay.model import NodeRecord, check_node_name, parse_cidr, parse_mac
 from overlay.v1 import overlay_pb2 as pb
@@ -49,13 +49,6 @@ def statement_bytes(rec: Record, incarnation: int, state: State) -> bytes:
                        state=pb_state(state))
     data: bytes = msg.SerializeToString(deterministic=True)
     return data
-
-
-@dataclass(frozen=True)
-class Statement:
-    record: Record          # without proof
-    incarnation: int
-    state: State            # ALIVE or LEFT
 
 
 def parse_statement(data: bytes) -> Statement:
@@ -98,23 +91,6 @@ def node_record(m: Any) -> NodeRecord:
         raise ConfigError("grpc_addr", f"{m.grpc_addr!r} is not host:port")
     return NodeRecord(check_node_name(m.name, "name"), parse_cidr(m.subnet, "subnet"), ip,
                       parse_mac(m.vtep_mac, "vtep_mac"), m.grpc_addr)
-
-
-class Claim(NamedTuple):
-    """One MemberUpdate as received: `statement` and `signature` empty when unsigned,
-    then `name` and `incarnation` are what the unsigned form says. (A tuple: made for
-    every update received, so cheap to make.)"""
-
-    state: State
-    reporter: str
-    statement: bytes = b""
-    signature: bytes = b""
-    name: str = ""
-    incarnation: int = 0
-
-    @property
-    def signed(self) -> bool:
-        return bool(self.statement or self.signature)
 
 
 _STATES = {int(s): s for s in State}

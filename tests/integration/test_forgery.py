@@ -31,7 +31,8 @@ import pytest
 from conftest import sandbox_up, wait_until
 
 from overlay.agent.localclient import local_leave, status_json
-from overlay.membership.signing import SIGNING_CONTEXT, VERIFY_BURST, VERIFY_RATE, NodeKey
+from overlay.membership.admission import VERIFY_BURST, VERIFY_RATE
+from overlay.membership.signing import SIGNING_CONTEXT, NodeKey
 from overlay.sandbox.sandbox import pid_alive
 from overlay.v1 import overlay_pb2 as pb
 

@@ -5,8 +5,8 @@ Layers, bottom to top; a module may import its own layer and those below, never 
 
   base      overlay, errors, devnames, retry, log, metrics, cni.wire
             (standard library and prometheus-client only)
-  core      model, subnets, dataplane.desired/devices/rtnl, membership.swim/effective,
-            cni.spec: records and decisions
+  core      model, subnets, dataplane.desired/devices/rtnl,
+            membership.swim/effective/admission, cni.spec: records and decisions
   adapters  etcdstore, netns, dataplane.kernel/fake/reconciler, membership.wire/tls/service,
             cni.ipam/wiring/podlink/install, v1 (generated): one outside thing each
   agent     overlay.agent.*   the node agent (overlayd) and the client of its local API
@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("overlay.model", "overlay.subnets", "overlay.dataplane",
               "overlay.dataplane.desired", "overlay.dataplane.devices", "overlay.dataplane.rtnl",
               "overlay.membership", "overlay.membership.swim", "overlay.membership.effective",
-              "overlay.cni.spec")),
+              "overlay.membership.admission", "overlay.cni.spec")),
     ("adapters", ("overlay.etcdstore", "overlay.netns", "overlay.dataplane.*",
                   "overlay.membership.*", "overlay.cni.*", "overlay.v1", "overlay.v1.*")),
     ("agent", ("overlay.agent", "overlay.agent.*")),
@@ -52,7 +52,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 PURE = ("overlay.model", "overlay.subnets", "overlay.dataplane.desired",
         "overlay.dataplane.devices", "overlay.membership.swim", "overlay.membership.effective",
-        "overlay.cni.spec", "overlay.devnames", "overlay.errors", "overlay.sandbox.faults")
+        "overlay.membership.admission", "overlay.cni.spec", "overlay.devnames", "overlay.errors",
+        "overlay.sandbox.faults")
 # Standard-library modules that do I/O (or wait for it): none of them in the pure core.
 IO_MODULES = {"asyncio", "socket", "ssl", "select", "selectors", "subprocess", "os", "io",
               "threading", "concurrent", "multiprocessing", "signal", "shutil", "tempfile",

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from overlay.errors import ConfigError
-from overlay.membership.signing import Gate, NodeKey, Reason, RefusalLog
+from overlay.membership.admission import Claim, Gate, Reason, RefusalLog
+from overlay.membership.signing import NodeKey, gate
 from overlay.membership.swim import Record, State, Swim, Update
-from overlay.membership.wire import Claim, claims_from_pb, parse_statement, update_pb
+from overlay.membership.wire import claims_from_pb, parse_statement, update_pb
 from overlay.model import NodeRecord
 from overlay.v1 import overlay_pb2 as pb
 
@@ -45,8 +46,8 @@ def claim(rec, state, reporter="n3", signature=None):
     return c
 
 
-def gate(me="n1", **kw):
-    g = Gate(me, **kw)
+def keyed_gate(me="n1", **kw):
+    g = gate(me, **kw)
     g.set_keys({n: k.public for n, k in KEYS.items()})
     return g
 
@@ -66,7 +67,7 @@ def admit(g, s, claims, sender="n3", now=0.0):
 # --- the node's own word ------------------------------------------------------------
 
 def test_a_nodes_own_statement_is_admitted_with_its_record_and_incarnation():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     rec = statement(2, 7, mac_last=0x42)
     updates, refused = admit(g, s, [claim(rec, State.ALIVE, "n2")], sender="n2")
     assert refused == [] and [(u.name, u.state, u.incarnation) for u in updates] == [
@@ -79,7 +80,7 @@ def test_a_nodes_own_statement_is_admitted_with_its_record_and_incarnation():
 
 
 def test_a_record_signed_by_anyone_else_is_refused():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     forged = statement(2, 2**64 - 1, key=ATTACKER, ip="172.30.2.11", rev=2**62)
     for sender in ("n3", "n2"):
         updates, refused = admit(g, s, [claim(forged, State.ALIVE, sender)], sender=sender)
@@ -91,7 +92,7 @@ def test_a_record_signed_by_anyone_else_is_refused():
 
 
 def test_a_record_without_statement_is_refused_whatever_it_claims():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     for state, inc in ((State.ALIVE, 2**64 - 1), (State.LEFT, 3), (State.SUSPECT, 2**64 - 1),
                        (State.DEAD, 5)):
         updates, refused = admit(g, s, [Claim(state, "n3", name="n2", incarnation=inc)])
@@ -100,7 +101,7 @@ def test_a_record_without_statement_is_refused_whatever_it_claims():
 
 
 def test_left_only_from_the_nodes_own_left_statement():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     admit(g, s, [claim(statement(2, 7), State.ALIVE, "n2")], sender="n2")
     # LEFT claimed over its ALIVE statement: refused
     _, refused = admit(g, s, [claim(statement(2, 7), State.LEFT)])
@@ -119,7 +120,7 @@ def test_left_only_from_the_nodes_own_left_statement():
 # --- opinions -----------------------------------------------------------------------
 
 def test_opinions_flow_at_the_incarnation_the_node_signed():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     rec = statement(2, 7)
     admit(g, s, [claim(rec, State.SUSPECT, "n3")])
     m = s.members["n2"]
@@ -132,7 +133,7 @@ def test_opinions_flow_at_the_incarnation_the_node_signed():
 
 
 def test_unsigned_opinions_only_about_nodes_never_heard_from():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     updates, refused = admit(g, s, [Claim(State.SUSPECT, "n3", name="n2", incarnation=0)])
     assert refused == [] and s.members["n2"].state == State.SUSPECT
     assert s.members["n2"].record.node == node(2)  # our own (etcd's) record, not theirs
@@ -143,7 +144,7 @@ def test_unsigned_opinions_only_about_nodes_never_heard_from():
 
 def test_no_incarnation_jump_locks_a_node_out_of_refuting():
     """The attacker's highest incarnation never reaches the core; the node's next one wins."""
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     admit(g, s, [claim(statement(2, 7), State.ALIVE, "n2")], sender="n2")
     top = 2**64 - 1
     attacks = [Claim(State.DEAD, "n3", name="n2", incarnation=top),
@@ -160,7 +161,7 @@ def test_no_incarnation_jump_locks_a_node_out_of_refuting():
 
 def test_a_suspected_node_refutes_with_a_statement_the_others_admit():
     n1, n2 = core(1), core(2)
-    g1, g2 = gate("n1"), gate("n2")
+    g1, g2 = keyed_gate("n1"), keyed_gate("n2")
     mine = n2.self_update()
     admit(g1, n1, [claim(mine.record, State.ALIVE, "n2")], sender="n2")
     assert n1.probe_failed("n2", 1.0)  # n1 suspects n2 at the incarnation n2 signed
@@ -176,7 +177,7 @@ def test_a_suspected_node_refutes_with_a_statement_the_others_admit():
 
 
 def test_a_replayed_old_statement_loses_to_the_newer_one():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     old = statement(2, 7, mac_last=0x07)
     new = statement(2, 9, mac_last=0x09, rev=6)
     admit(g, s, [claim(new, State.ALIVE, "n2")], sender="n2")
@@ -187,7 +188,7 @@ def test_a_replayed_old_statement_loses_to_the_newer_one():
     assert s.members["n2"].record.node.vtep_mac == "02:00:00:00:00:09"
     assert g.verifications == n, "stale news costs no verification"
     # also when the old statement was verified before the new one came
-    g2, s2 = gate(), core()
+    g2, s2 = keyed_gate(), core()
     admit(g2, s2, [claim(old, State.ALIVE, "n2")], sender="n2")
     admit(g2, s2, [claim(new, State.ALIVE, "n2")], sender="n2")
     assert admit(g2, s2, [claim(old, State.DEAD)]) == ([], [])
@@ -200,7 +201,7 @@ def test_a_replayed_old_statement_loses_to_the_newer_one():
 # --- who may speak ------------------------------------------------------------------
 
 def test_a_sender_without_lease_is_ignored_whole():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     good = claim(statement(2, 7), State.ALIVE, "n2")
     for sender in ("stranger", "n1", ""):
         updates, refused = admit(g, s, [good, good, good], sender=sender)
@@ -210,13 +211,13 @@ def test_a_sender_without_lease_is_ignored_whole():
 
 
 def test_an_opinion_needs_a_reporter_holding_a_lease():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     _, refused = admit(g, s, [claim(statement(2, 7), State.SUSPECT, "n9")])
     assert refused[0].reason == Reason.NO_LEASE and s.members["n2"].incarnation == 0
 
 
 def test_news_about_a_node_without_lease_is_ignored_and_without_key_refused():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     g.set_keys({"n1": KEYS["n1"].public, "n3": KEYS["n3"].public, "n2": ""})
     assert admit(g, s, [claim(statement(4, 7), State.ALIVE, "n4")]) == ([], [])
     _, refused = admit(g, s, [claim(statement(2, 7), State.ALIVE, "n2")])
@@ -224,7 +225,7 @@ def test_news_about_a_node_without_lease_is_ignored_and_without_key_refused():
 
 
 def test_a_new_key_in_etcd_invalidates_what_the_old_one_signed():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     rec = statement(2, 7)
     admit(g, s, [claim(rec, State.ALIVE, "n2")], sender="n2")
     rekeyed = NodeKey(NodeKey.generate())
@@ -237,7 +238,7 @@ def test_a_new_key_in_etcd_invalidates_what_the_old_one_signed():
 
 
 def test_leave_needs_the_nodes_own_left_statement():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     left = statement(2, 8, State.LEFT)
     assert g.admit_leave(None, "n2", s.members, 0.0)[1].reason == Reason.UNSIGNED
     u, r = g.admit_leave(claim(statement(2, 8, State.LEFT, key=ATTACKER), State.LEFT), "n2",
@@ -251,10 +252,35 @@ def test_leave_needs_the_nodes_own_left_statement():
     assert r is None and (u.name, u.state, u.incarnation) == ("n2", State.LEFT, 8)
 
 
+def test_the_rules_check_the_subjects_lease_key_with_the_check_they_are_given():
+    """admission.Gate is pure: decoding and signature check are passed in. It asks the
+    check about the key of the subject's lease (never the sender's), and the check's
+    answer alone decides."""
+    asked = []
+
+    def says(verdict):
+        def check(key, statement, signature):
+            asked.append((key, statement, signature))
+            return verdict
+        return check
+
+    rec = statement(2, 7, key=ATTACKER)  # signed by someone else: only the check knows
+    for verdict in (False, True):
+        g, s = Gate("n1", parse_statement, says(verdict)), core()
+        g.set_keys({n: k.public for n, k in KEYS.items()})
+        updates, refused = admit(g, s, [claim(rec, State.ALIVE, "n3")], sender="n3")
+        assert asked[-1] == (KEYS["n2"].public, rec.proof.statement, rec.proof.signature)
+        if verdict:
+            assert refused == [] and s.members["n2"].incarnation == 7
+        else:
+            assert [r.reason for r in refused] == [Reason.BAD_SIGNATURE] and not updates
+    assert len(asked) == 2
+
+
 # --- cost ---------------------------------------------------------------------------
 
 def test_each_statement_is_verified_once():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     rec = statement(2, 7)
     for i in range(100):
         admit(g, s, [claim(rec, (State.ALIVE, State.SUSPECT)[i % 2], "n3")])
@@ -266,7 +292,7 @@ def test_each_statement_is_verified_once():
 
 
 def test_a_repeated_bad_signature_is_verified_once():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     forged = claim(statement(2, 50, key=ATTACKER), State.ALIVE)
     for _ in range(50):
         assert admit(g, s, [forged])[1][0].reason == Reason.BAD_SIGNATURE
@@ -274,7 +300,7 @@ def test_a_repeated_bad_signature_is_verified_once():
 
 
 def test_verifications_beyond_the_budget_are_refused_unread():
-    g, s = gate(rate=10, burst=20), core()
+    g, s = keyed_gate(rate=10, burst=20), core()
     g.set_keys({n: k.public for n, k in KEYS.items()})
     flood = [claim(statement(2, 100 + i, key=ATTACKER), State.ALIVE) for i in range(50)]
     _, refused = admit(g, s, flood, now=0.0)
@@ -304,7 +330,7 @@ def test_signing_happens_only_when_our_record_or_incarnation_changes():
 # --- logging ------------------------------------------------------------------------
 
 def test_refusals_are_logged_once_per_interval_per_reason_with_a_count():
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     rl = RefusalLog(10.0)
     forged = [claim(statement(2, 50 + i, key=ATTACKER), State.ALIVE) for i in range(30)]
     lines = []
@@ -339,7 +365,7 @@ def test_any_bytes_as_a_statement_are_a_config_error_or_a_statement(data):
 @given(statement=st.binary(max_size=300), signature=st.binary(min_size=64, max_size=64),
        state=st.sampled_from(list(State)), reporter=st.text(max_size=10))
 def test_arbitrary_signed_claims_are_never_admitted(statement, signature, state, reporter):
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     updates, _ = g.admit([Claim(state, reporter, statement, signature)], "n3", s.members, 0.0)
     assert updates == []
 
@@ -360,7 +386,7 @@ def test_a_mutated_signed_update_admits_nothing_but_the_genuine_statement(pos, b
     except Exception:  # undecodable: the servicer refuses it earlier
         return
     claims, _ = claims_from_pb([m])
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     updates, _ = g.admit(claims, "n3", s.members, 0.0)
     for u in updates:  # a flip in the opinion or the reporter may pass; the record may not
         assert (u.record, u.incarnation) == (Record(GENUINE.node.with_(public_key=""), 5), 7)
@@ -389,7 +415,7 @@ def test_statements_are_admitted_only_valid_and_signed_by_their_subject(rec, sta
     if key is None:
         key = ATTACKER
     sig = key._key.sign(SIGNING_CONTEXT + data)
-    g, s = gate(), core()
+    g, s = keyed_gate(), core()
     updates, refused = g.admit([Claim(State.ALIVE if state != State.LEFT else State.LEFT,
                                       rec.name, data, sig)], "n3", s.members, 0.0)
     try:
