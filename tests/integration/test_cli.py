@@ -450,8 +450,6 @@ def test_overlayd_flags_never_get_a_traceback(env, overlayd):
      "cannot install /proc/nope/overlay (--bin-dir /proc/nope)"),
     (["install-cni", "--bin-dir", "b", "--conf-dir", "c", "--network-name", "my net"], 2,
      "invalid --network-name"),
-    (["install-cni", "--bin-dir", "b", "--conf-dir", "c", "--python", "/bin/true"], 2,
-     "is not Python 3.11 or newer"),
     (["trace", "10.244.1.2", "10.244.2.3", "--name", f"fz{RUN_ID}1"], 2,
      "no sandbox named"),
     (["trace", "10.244.1.2", "10.244.2.3", "--netns", "../.."], 2, "no network namespace"),

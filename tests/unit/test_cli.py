@@ -127,11 +127,7 @@ def test_install_cni_refuses_what_cannot_work_before_writing(tmp_path):
     bad = [({"network_name": "my net"}, "--network-name"),
            ({"network_name": "-x"}, "--network-name"),
            ({"network_name": ""}, "--network-name"),
-           ({"agent_socket": "run/cni.sock"}, "--agent-socket"),
-           ({"python": "python3"}, "--python"),
-           ({"python": str(tmp_path / "none")}, "--python"),
-           ({"python": "/bin/true"}, "--python"),      # runs, but is no Python
-           ({"python": "/etc/passwd"}, "--python")]    # not executable
+           ({"agent_socket": "run/cni.sock"}, "--agent-socket")]
     for change, flag in bad:
         opts = InstallOptions(**{**base.__dict__, **change})
         with pytest.raises(ConfigError) as e:
@@ -164,7 +160,9 @@ def test_every_flag_explains_itself_with_its_default(leaf):
     unexplained, no_default = [], []
     for action in cli.options(parser):
         flag = action.option_strings[-1]
-        if not action.help or action.help == argparse.SUPPRESS:
+        if action.help == argparse.SUPPRESS:
+            continue  # hidden on purpose (accepted for old manifests)
+        if not action.help:
             unexplained.append(flag)
             continue
         default = action.default
