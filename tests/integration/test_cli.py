@@ -47,7 +47,9 @@ from overlay.sandbox.sandbox import BASE, list_netns
 
 BIN = Path(sys.executable).parent
 OVERLAYCTL = str(BIN / "overlayctl")
-EXAMPLES = int(os.environ.get("OVERLAY_FUZZ_EXAMPLES", "100"))
+# Command lines per run (more: OVERLAY_FUZZ_EXAMPLES=1000). overlayd's are cheap (one
+# process runs them all), so it gets four times as many.
+EXAMPLES = int(os.environ.get("OVERLAY_FUZZ_EXAMPLES", "60"))
 RUN_TIMEOUT = 60  # seconds for one command; none of them should wait that long
 
 # Servers inside the namespace: an HTTP/1 server, a gRPC server without etcd's services,
@@ -361,8 +363,6 @@ def test_every_command_with_its_defaults_pointed_at_nothing(env, path):
              if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
     p = run_overlayctl(env, argv)
     assert_clean(argv, p, "overlayctl")
-    help_run = run_overlayctl(env, [*path, "--help"])
-    assert help_run.returncode == 0 and "usage:" in help_run.stdout, help_run.stderr
 
 
 def _first(action: argparse.Action) -> str:
@@ -421,7 +421,7 @@ def test_overlayd_flags_never_get_a_traceback(env, overlayd):
     vals = values(env)
     seen: dict[str, int] = {}
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=4 * EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(command_lines(leaves, vals, must=lambda _: False))  # the agent is a stub
     def fuzz(argv: list[str]) -> None:
