@@ -69,7 +69,8 @@ def _lower(text: str | None) -> str:
 _REASONS: tuple[tuple[str, Callable[[float], str]], ...] = (
     ("connection refused", lambda _: "nothing listens on the socket (overlayd is not "
      "running; the socket is left from an earlier run)"),
-    ("permission denied", lambda _: "permission denied (run as root)"),
+    ("permission denied", lambda _: "permission denied" + (" (run as root)" if os.geteuid()
+                                                             else "")),
     ("http/2", lambda _: "something else listens there: it does not speak gRPC"),
     ("deadline", lambda t: f"no answer within {t:g}s (overlayd is busy or stuck)"),
 )
