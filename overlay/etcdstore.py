@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from overlay import cli
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.model import (
     LeaseEntry,
@@ -50,21 +51,31 @@ class EtcdOptions:
         object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
 
 
+ENDPOINTS_ENV = "OVERLAYD_ETCD_ENDPOINTS"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The etcd flags of overlayd and of overlayctl's etcd commands, in a group of their own."""
     g = p.add_argument_group("etcd")
-    g.add_argument("--etcd-endpoints",
-                   default=os.environ.get("OVERLAYD_ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
-                   help="comma-separated etcd client URLs (default: %(default)s)")
+    g.add_argument("--etcd-endpoints", metavar="URLS",
+                   default=os.environ.get(ENDPOINTS_ENV, "http://127.0.0.1:2379"),
+                   help="comma-separated etcd client URLs, http://HOST:PORT or "
+                   "https://HOST:PORT, HOST an IPv4 address or a name; the environment "
+                   f"variable {ENDPOINTS_ENV} supplies the default (default: %(default)s)")
     g.add_argument("--etcd-prefix", default="/overlay/",
                    help="key prefix of the network config and leases (default: %(default)s)")
-    g.add_argument("--etcd-cafile", help="CA bundle to verify etcd's certificate")
-    g.add_argument("--etcd-certfile", help="client certificate for etcd")
-    g.add_argument("--etcd-keyfile", help="client key for etcd")
-    g.add_argument("--etcd-server-name",
-                   help="name to verify in etcd's certificate (default: the endpoint host)")
-    g.add_argument("--etcd-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="timeout of one etcd request (default: %(default)s)")
+    g.add_argument("--etcd-cafile", metavar="FILE",
+                   help="CA bundle (PEM) to verify etcd's certificate; needed for https:// "
+                   "endpoints (default: none, plain http)")
+    g.add_argument("--etcd-certfile", metavar="FILE",
+                   help="client certificate (PEM) for etcd, with --etcd-keyfile (default: none)")
+    g.add_argument("--etcd-keyfile", metavar="FILE",
+                   help="the client certificate's private key (PEM) (default: none)")
+    g.add_argument("--etcd-server-name", metavar="NAME",
+                   help="name to verify in etcd's certificate (default: the endpoint host; "
+                   "localhost with several endpoints)")
+    g.add_argument("--etcd-timeout", type=cli.seconds, default=5.0, metavar="SECONDS",
+                   help="timeout of one etcd request, more than 0 (default: %(default)s)")
     return g
 
 
@@ -89,21 +100,33 @@ def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, 
     tls = False
     for p in parts:
         u = urlsplit(p if "://" in p else f"//{p}")
-        if u.scheme in ("https", "unixs"):
+        if u.scheme == "https":
             tls = True
         elif u.scheme not in ("", "http"):
-            raise ConfigError("--etcd-endpoints", f"{p!r}: unsupported scheme {u.scheme!r}")
+            raise ConfigError("--etcd-endpoints", f"{p!r}: unsupported scheme {u.scheme!r} "
+                              "(use http:// or https://)")
+        if u.path not in ("", "/") or u.query or u.fragment or u.username is not None:
+            raise ConfigError("--etcd-endpoints", f"{p!r}: give only the scheme, host and "
+                              "port, such as http://10.0.0.1:2379")
         try:
-            host, port = u.hostname, u.port or 2379
+            host, port = u.hostname, u.port
         except ValueError:
-            raise ConfigError("--etcd-endpoints", f"{p!r} is not host:port") from None
+            raise ConfigError("--etcd-endpoints", f"{p!r} is not HOST:PORT with a port "
+                              "between 1 and 65535") from None
+        if port == 0:
+            raise ConfigError("--etcd-endpoints", f"{p!r}: port 0 cannot be connected to")
         if not host:
-            raise ConfigError("--etcd-endpoints", f"{p!r} is not host:port")
+            raise ConfigError("--etcd-endpoints", f"{p!r} is not HOST:PORT")
+        if ":" in host:
+            raise ConfigError("--etcd-endpoints", f"{p!r} is an IPv6 address; the etcd client "
+                              "reaches etcd over IPv4 only: give an IPv4 address, or a name "
+                              "that has one")
         try:
             addr = socket.gethostbyname(host)
-        except OSError:
-            raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r}") from None
-        out.append(f"{addr}:{port}")
+        except (OSError, UnicodeError):
+            raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r} to an IPv4 "
+                              "address") from None
+        out.append(f"{addr}:{port or 2379}")
     return tuple(out), tls
 
 
@@ -126,7 +149,30 @@ def tls_hint(details: str) -> str:
     return ""
 
 
-def _translate(op: str, exc: BaseException) -> Exception:
+def reach_hint(details: str, where: str) -> str:
+    """A plain-words reason why etcd at `where` could not be asked, from gRPC's details
+    (a TLS failure, nothing listening, something that is not etcd), or ''."""
+    d = details.lower()
+    hint = tls_hint(details)
+    if hint:
+        return hint
+    if "connection refused" in d:
+        return f"nothing listens at {where}: is etcd running there? (see --etcd-endpoints)"
+    if "http/2" in d or "settings frame" in d or "http1" in d:
+        return (f"{where} answered, but it is not etcd: it does not speak gRPC over HTTP/2 "
+                "(a web server on the etcd port?)")
+    if "unimplemented" in d or "method not found" in d or "status: 404" in d:
+        return (f"{where} answered, but it is not etcd: it does not serve etcd's v3 API "
+                "(another gRPC or HTTP/2 server on the etcd port?)")
+    if "no route to host" in d or "network is unreachable" in d:
+        return f"no route to {where}"
+    if "socket closed" in d or "connection reset" in d or "end of tcp stream" in d:
+        return (f"{where} closed the connection (if etcd serves https, use https:// and "
+                "--etcd-cafile)")
+    return ""
+
+
+def _translate(op: str, exc: BaseException, where: str = "etcd") -> Exception:
     import grpc
     from etcd3aio import (
         EtcdConnectionError,
@@ -138,17 +184,21 @@ def _translate(op: str, exc: BaseException) -> Exception:
     if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
         return PermanentError(f"etcd refused {op}: {exc}")
     if isinstance(exc, EtcdConnectionError | EtcdTransientError):
-        hint = tls_hint(str(exc))
+        hint = reach_hint(str(exc), where)
         return TemporaryError(f"etcd {op} failed: {hint}" if hint else f"etcd {op} failed: {exc}")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return TemporaryError(f"etcd {op} timed out")
+        return TemporaryError(f"etcd {op} timed out (no answer from {where} within "
+                              "--etcd-timeout)")
     if isinstance(exc, grpc.aio.AioRpcError):
         code = exc.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return PermanentError(f"etcd refused {op}: {exc.details()}")
-        hint = tls_hint(exc.details() or "")
+        hint = reach_hint(f"{code.name} {exc.details() or ''}", where)
         if hint:
             return TemporaryError(f"etcd {op} failed: {hint}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return TemporaryError(f"etcd {op} timed out (no answer from {where} within "
+                                  "--etcd-timeout)")
         return TemporaryError(f"etcd {op} failed: {code.name} {exc.details() or ''}".strip())
     if isinstance(exc, OSError):
         return TemporaryError(f"etcd {op} failed: {exc}")
@@ -156,7 +206,7 @@ def _translate(op: str, exc: BaseException) -> Exception:
 
 
 @contextlib.contextmanager
-def _errors(op: str) -> Iterator[None]:
+def _errors(op: str, where: str = "etcd") -> Iterator[None]:
     try:
         yield
     except (TemporaryError, PermanentError):
@@ -164,16 +214,22 @@ def _errors(op: str) -> Iterator[None]:
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        raise _translate(op, exc) from exc
+        raise _translate(op, exc, where) from exc
 
 
-def _read(path: str | None, flag: str) -> bytes | None:
+def _read(path: str | None, flag: str, pem: str) -> bytes | None:
+    """The PEM file a flag names; ConfigError unless it holds a `pem` block (CERTIFICATE,
+    PRIVATE KEY): gRPC would only find out at the TLS handshake, in its own words."""
     if path is None:
         return None
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(flag, f"cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data or pem.encode() + b"-----" not in data:
+        raise ConfigError(flag, f"{path} holds no PEM {pem.lower()} "
+                          f"(-----BEGIN ...{pem}-----)")
+    return data
 
 
 class EtcdStore:
@@ -183,9 +239,9 @@ class EtcdStore:
         self.opts = opts
         self.prefix = opts.prefix
         endpoints, scheme_tls = parse_endpoints(opts.endpoints)
-        ca = _read(opts.cafile, "--etcd-cafile")
-        cert = _read(opts.certfile, "--etcd-certfile")
-        key = _read(opts.keyfile, "--etcd-keyfile")
+        ca = _read(opts.cafile, "--etcd-cafile", "CERTIFICATE")
+        cert = _read(opts.certfile, "--etcd-certfile", "CERTIFICATE")
+        key = _read(opts.keyfile, "--etcd-keyfile", "PRIVATE KEY")
         if (cert is None) != (key is None):
             raise ConfigError("--etcd-certfile", "give both --etcd-certfile and --etcd-keyfile")
         if cert is not None and ca is None:
@@ -212,7 +268,7 @@ class EtcdStore:
 
     async def connect(self) -> None:
         if not self._connected:
-            with _errors("connect"):
+            with self._errors("connect"):
                 await self._client.connect()
             self._connected = True
 
@@ -229,6 +285,9 @@ class EtcdStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _errors(self, op: str) -> contextlib.AbstractContextManager[None]:
+        return _errors(op, ", ".join(self.endpoints))
+
     @property
     def _kv(self) -> Any:
         assert self._client.kv is not None, "call connect() first"
@@ -243,7 +302,7 @@ class EtcdStore:
 
     async def ping(self) -> int:
         """The current revision; raises TemporaryError if etcd cannot serve reads."""
-        with _errors("status"):
+        with self._errors("status"):
             resp = await self._kv.get(config_key(self.prefix), timeout=self.opts.timeout)
             return int(resp.header.revision)
 
@@ -251,7 +310,7 @@ class EtcdStore:
 
     async def get_config(self) -> NetworkConfig:
         key = config_key(self.prefix)
-        with _errors(f"read {key}"):
+        with self._errors(f"read {key}"):
             resp = await self._kv.get(key, timeout=self.opts.timeout)
         if not resp.kvs:
             raise NotFound(f"no network config at {key}; run `overlayctl network init`")
@@ -280,7 +339,7 @@ class EtcdStore:
             key, range_end=range_end, start_revision=start_revision)
         try:
             while True:
-                with _errors("watch"):
+                with self._errors("watch"):
                     try:
                         resp = await gen.__anext__()
                     except StopAsyncIteration:
@@ -297,7 +356,7 @@ class EtcdStore:
         """Write the config; without `overwrite`, only if none exists. True if written."""
         key = config_key(self.prefix)
         kv = self._kv
-        with _errors(f"write {key}"):
+        with self._errors(f"write {key}"):
             if overwrite:
                 await kv.put(key, cfg.to_json(), timeout=self.opts.timeout)
                 return True
@@ -327,7 +386,7 @@ class EtcdStore:
         from etcd3aio import prefix_range_end
 
         head = f"{self.prefix}subnets/"
-        with _errors(f"list {head}"):
+        with self._errors(f"list {head}"):
             resp = await self._kv.get(head, range_end=prefix_range_end(head),
                                       timeout=self.opts.timeout)
         entries: dict[IPv4Network, LeaseEntry] = {}
@@ -371,13 +430,13 @@ class EtcdStore:
                     yield batch
 
     async def grant(self, ttl: int) -> int:
-        with _errors("grant lease"):
+        with self._errors("grant lease"):
             resp = await self._lease.grant(ttl, timeout=self.opts.timeout)
             return int(resp.ID)
 
     async def keepalive(self, lease_id: int) -> int:
         """Renew once; the remaining TTL, <= 0 if the lease no longer exists."""
-        with _errors("renew lease"):
+        with self._errors("renew lease"):
             call = self._lease.keep_alive(lease_id)
             try:
                 async with asyncio.timeout(self.opts.timeout):
@@ -388,14 +447,14 @@ class EtcdStore:
         raise TemporaryError("etcd renew lease: stream closed without an answer")
 
     async def revoke(self, lease_id: int) -> None:
-        with _errors("revoke lease"):
+        with self._errors("revoke lease"):
             await self._lease.revoke(lease_id, timeout=self.opts.timeout)
 
     async def create_lease(self, record: NodeRecord, lease_id: int) -> int | None:
         """Claim `record.subnet` if nobody holds it. The new mod_revision, or None."""
         key = subnet_key(self.prefix, record.subnet)
         kv = self._kv
-        with _errors(f"claim {key}"):
+        with self._errors(f"claim {key}"):
             resp = await kv.txn(
                 compare=[kv.txn_compare_create_revision(key, 0)],
                 success=[kv.txn_op_put(key, record.to_json(), lease=lease_id)],
@@ -407,7 +466,7 @@ class EtcdStore:
         """Rewrite our own key (new etcd lease, new VTEP...) if unchanged since `expect_mod`."""
         key = subnet_key(self.prefix, record.subnet)
         kv = self._kv
-        with _errors(f"update {key}"):
+        with self._errors(f"update {key}"):
             resp = await kv.txn(
                 compare=[_compare_mod(key, expect_mod)],
                 success=[kv.txn_op_put(key, record.to_json(), lease=lease_id)],
@@ -418,7 +477,7 @@ class EtcdStore:
     async def delete_lease(self, subnet: IPv4Network, expect_mod: int | None = None) -> bool:
         key = subnet_key(self.prefix, subnet)
         kv = self._kv
-        with _errors(f"delete {key}"):
+        with self._errors(f"delete {key}"):
             if expect_mod is None:
                 resp = await kv.delete(key, timeout=self.opts.timeout)
                 return bool(resp.deleted)
@@ -430,7 +489,7 @@ class EtcdStore:
             return bool(resp.succeeded)
 
     async def put_raw(self, key: str, value: bytes | str) -> None:
-        with _errors(f"write {key}"):
+        with self._errors(f"write {key}"):
             await self._kv.put(key, value, timeout=self.opts.timeout)
 
 

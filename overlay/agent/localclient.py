@@ -4,11 +4,16 @@ Used by `overlayctl status`/`leave` and by the sandbox; the server is `localapi`
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from overlay.errors import TemporaryError
 from overlay.v1 import overlay_pb2 as pb
 from overlay.v1 import overlay_pb2_grpc as pb_grpc
 
@@ -25,13 +30,66 @@ STATE_NAMES = {
 
 
 def local_status(socket_path: Path | str, timeout: float = 3.0) -> Message:
-    with grpc.insecure_channel(f"unix:{socket_path}") as ch:
-        return pb_grpc.LocalStub(ch).Status(pb.StatusRequest(), timeout=timeout)
+    """The agent's status; TemporaryError saying why if it cannot be asked."""
+    with _call(socket_path, timeout) as stub:
+        return stub.Status(pb.StatusRequest(), timeout=timeout)
 
 
 def local_leave(socket_path: Path | str, timeout: float = 10.0) -> None:
-    with grpc.insecure_channel(f"unix:{socket_path}") as ch:
-        pb_grpc.LocalStub(ch).Leave(pb.LocalLeaveRequest(), timeout=timeout)
+    with _call(socket_path, timeout) as stub:
+        stub.Leave(pb.LocalLeaveRequest(), timeout=timeout)
+
+
+@contextmanager
+def _call(socket_path: Path | str, timeout: float) -> Iterator[Any]:
+    where = f"overlayd at {socket_path}"
+    try:
+        st = os.stat(socket_path)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise TemporaryError(f"cannot reach {where}: no such socket; is overlayd running "
+                                 "on this node, with this --run-dir?") from None
+        raise TemporaryError(f"cannot reach {where}: {_lower(exc.strerror)}") from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise TemporaryError(f"cannot reach {where}: {exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TemporaryError(f"cannot reach {where}: it is not a socket")
+    try:
+        with grpc.insecure_channel(f"unix:{socket_path}") as ch:
+            yield pb_grpc.LocalStub(ch)
+    except grpc.RpcError as exc:
+        raise TemporaryError(f"{where}: {rpc_reason(exc, timeout)}") from None
+
+
+def _lower(text: str | None) -> str:
+    text = text or "error"
+    return text[:1].lower() + text[1:]
+
+
+_REASONS: tuple[tuple[str, Callable[[float], str]], ...] = (
+    ("connection refused", lambda _: "nothing listens on the socket (overlayd is not "
+     "running; the socket is left from an earlier run)"),
+    ("permission denied", lambda _: "permission denied" + (" (run as root)" if os.geteuid()
+                                                             else "")),
+    ("http/2", lambda _: "something else listens there: it does not speak gRPC"),
+    ("deadline", lambda t: f"no answer within {t:g}s (overlayd is busy or stuck)"),
+)
+
+
+def rpc_reason(exc: grpc.RpcError, timeout: float) -> str:
+    """A short, whole reason for a failed local API call (never gRPC's debug string)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = (exc.details() if callable(getattr(exc, "details", None)) else "") or ""
+    text = f"{getattr(code, 'name', '')} {details}".lower()
+    for needle, reason in _REASONS:
+        if needle in text:
+            return reason(timeout)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return _REASONS[-1][1](timeout)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return "this socket serves something other than overlayd's local API"
+    first = details.splitlines()[0] if details else ""
+    return f"{getattr(code, 'name', 'error').lower()}: {first}".rstrip(": ")
 
 
 def status_json(st: Message) -> dict[str, Any]:

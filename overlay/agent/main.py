@@ -6,15 +6,19 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
+from ipaddress import IPv4Address
 from pathlib import Path
 
-from overlay import __version__, etcdstore
+from overlay import __version__, cli, etcdstore
 from overlay import log as logsetup
+from overlay.agent.http import split_hostport
 from overlay.agent.options import AgentOptions
-from overlay.errors import ConfigError, OverlayError
+from overlay.errors import ConfigError
 from overlay.membership.swim import SwimConfig
 from overlay.membership.tls import tls_files
+from overlay.model import check_node_name, parse_mac
 
 DESCRIPTION = """\
 overlayd: the node agent of the overlay network.
@@ -32,8 +36,9 @@ EPILOG = """\
 environment: OVERLAYD_ETCD_ENDPOINTS and OVERLAYD_NODE_NAME supply defaults
 for --etcd-endpoints and --node-name.
 
-exit status: 0 after SIGTERM/SIGINT or a graceful leave, 1 on an unexpected
-failure, 2 on invalid configuration.
+exit status: 0 after SIGTERM/SIGINT or a graceful leave, 1 on a failure it
+cannot wait out, 2 on invalid configuration, 70 on a bug (logged with its
+traceback).
 """
 
 
@@ -44,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"overlayd {__version__}")
     g = etcdstore.add_arguments(p)
-    g.add_argument("--etcd-startup-timeout", type=float, default=1.0, metavar="SECONDS",
+    g.add_argument("--etcd-startup-timeout", type=cli.seconds, default=1.0, metavar="SECONDS",
                    help="at start, how long to wait for etcd before starting DEGRADED from "
                         "the config, subnet and peers saved in --state-dir by the last run "
                         "(only if there are some; default: %(default)s)")
@@ -57,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iface-regex", help="pick the first interface whose name matches")
     g.add_argument("--public-ip", help="underlay address to use (default: the interface's "
                    "first address)")
-    g.add_argument("--mtu", type=int, help="pod and VXLAN MTU (default: underlay MTU - 50)")
+    g.add_argument("--mtu", type=cli.int_range(576, 65535),
+                   help="pod and VXLAN MTU, 576..65535 (default: underlay MTU - 50)")
     g.add_argument("--vtep-mac", help="MAC of the VXLAN device (default: random once, then "
                    "persisted in --state-dir)")
-    g.add_argument("--lease-ttl", type=int, default=60, metavar="SECONDS",
-                   help="TTL of the subnet lease in etcd: how long a dead node keeps its "
-                        "subnet (default: %(default)s)")
-    g.add_argument("--reconcile-interval", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--lease-ttl", type=cli.int_range(5), default=60, metavar="SECONDS",
+                   help="TTL of the subnet lease in etcd, 5 or more: how long a dead node "
+                        "keeps its subnet (default: %(default)s)")
+    g.add_argument("--reconcile-interval", type=cli.seconds, default=10.0, metavar="SECONDS",
                    help="period of the full pass that compares the kernel with the leases "
                         "(default: %(default)s); entries or devices changed by hand are "
                         "noticed from kernel notifications and repaired at once, so this "
@@ -77,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "current members may send to the VXLAN port (nftables table "
                         "'ip overlay_vxlan')")
     g = p.add_argument_group("local state")
-    g.add_argument("--run-dir", type=Path, default=Path("/run/overlay"),
+    g.add_argument("--run-dir", type=cli.path, default=Path("/run/overlay"),
                    help="sockets and pod address allocations (default: %(default)s)")
-    g.add_argument("--state-dir", type=Path, default=Path("/var/lib/overlay"),
+    g.add_argument("--state-dir", type=cli.path, default=Path("/var/lib/overlay"),
                    help="identity kept across reboots: node name, VTEP MAC, last subnet, "
                         "membership signing key (default: %(default)s)")
     g = p.add_argument_group(
@@ -98,23 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", help="the certificate's private key (PEM)")
     g.add_argument("--tls-ca", help="the cluster CA certificate(s) (PEM)")
     d = SwimConfig()
-    g.add_argument("--probe-interval", type=float, default=d.probe_interval, metavar="SECONDS",
+    g.add_argument("--probe-interval", type=cli.seconds, default=d.probe_interval,
+                   metavar="SECONDS",
                    help="one peer is probed per interval (default: %(default)s)")
-    g.add_argument("--probe-timeout", type=float, default=d.probe_timeout, metavar="SECONDS",
+    g.add_argument("--probe-timeout", type=cli.seconds, default=d.probe_timeout,
+                   metavar="SECONDS",
                    help="wait this long for a direct answer before asking --indirect-probes "
                         "other peers to probe it too (default: %(default)s)")
-    g.add_argument("--indirect-probes", type=int, default=d.indirect_probes, metavar="K",
+    g.add_argument("--indirect-probes", type=cli.int_range(0, 64), default=d.indirect_probes,
+                   metavar="K",
                    help="peers asked to probe a peer that does not answer (default: "
                         "%(default)s)")
-    g.add_argument("--suspect-timeout", type=float, default=d.suspect_timeout, metavar="SECONDS",
+    g.add_argument("--suspect-timeout", type=cli.seconds, default=d.suspect_timeout,
+                   metavar="SECONDS",
                    help="a suspect peer that does not refute is declared dead after this "
                         "long once 3 other peers confirm they cannot reach it either "
                         "(default: %(default)s)")
-    g.add_argument("--suspect-timeout-max", type=float, default=d.suspect_timeout_max,
+    g.add_argument("--suspect-timeout-max", type=cli.seconds, default=d.suspect_timeout_max,
                    metavar="SECONDS", help="... and after this long while nobody confirms "
                    "(packet loss rather than a crash; default: %(default)s); both grow with "
                    "log10 of the cluster size above 10 nodes")
-    g.add_argument("--push-pull-interval", type=float, default=d.push_pull_interval,
+    g.add_argument("--push-pull-interval", type=cli.seconds, default=d.push_pull_interval,
                    metavar="SECONDS", help="full state exchange with a random peer "
                    "(default: %(default)s)")
     g = p.add_argument_group("observability")
@@ -122,19 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-addr", help="serve Prometheus /metrics here, e.g. 0.0.0.0:9182")
     g.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log line format (default: %(default)s)")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="least severe level logged (default: %(default)s)")
     return p
 
 
 def options_from_args(args: argparse.Namespace) -> AgentOptions:
-    if args.lease_ttl < 5:
-        raise ConfigError("--lease-ttl", "must be at least 5 seconds")
-    if args.reconcile_interval <= 0:
-        raise ConfigError("--reconcile-interval", "must be positive")
-    if args.mtu is not None and not 576 <= args.mtu <= 65535:
-        raise ConfigError("--mtu", f"{args.mtu} is outside 576..65535")
-    if args.etcd_startup_timeout <= 0:
-        raise ConfigError("--etcd-startup-timeout", "must be positive")
+    """The agent's options; ConfigError naming the flag for anything that cannot work,
+    before the agent touches the kernel or etcd."""
+    if args.node_name is not None:
+        check_node_name(args.node_name, "--node-name")
+    if args.iface is not None and (not 0 < len(args.iface) <= 15 or "/" in args.iface
+                                   or any(c.isspace() for c in args.iface)
+                                   or args.iface in (".", "..")):
+        raise ConfigError("--iface", f"{args.iface!r} is not an interface name (1 to 15 "
+                          "characters, no '/' or spaces)")
+    if args.iface_regex is not None:
+        try:
+            re.compile(args.iface_regex)
+        except re.error as exc:
+            raise ConfigError("--iface-regex", f"{args.iface_regex!r}: {exc}") from None
+    if args.public_ip is not None:
+        try:
+            IPv4Address(args.public_ip)
+        except ValueError:
+            raise ConfigError("--public-ip", f"{args.public_ip!r} is not an IPv4 address") \
+                from None
+    if args.vtep_mac is not None:
+        parse_mac(args.vtep_mac, "--vtep-mac")
+    split_hostport(args.grpc_listen, "--grpc-listen")
+    for flag in ("--grpc-advertise", "--health-addr", "--metrics-addr"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            split_hostport(value, flag)
     swim = SwimConfig(probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
                       indirect_probes=args.indirect_probes, suspect_timeout=args.suspect_timeout,
                       suspect_timeout_max=args.suspect_timeout_max,
@@ -161,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("overlayd")
     if os.geteuid() != 0:
         log.error("overlayd needs root (CAP_NET_ADMIN) to program the kernel")
-        return 2
+        return cli.EXIT_USAGE
     try:
         opts = options_from_args(args)
         # Deliberately here: the agent's imports (pyroute2, grpc, etcd3aio) cost ~0.5 s,
@@ -170,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
 
         log.info("overlayd %s starting", __version__)
         return asyncio.run(Agent(opts).run())
-    except ConfigError as exc:
-        log.error("invalid configuration: %s", exc)
-        return 2
-    except OverlayError as exc:
-        log.error("%s", exc)
-        return 1
     except KeyboardInterrupt:
-        return 0
+        return cli.EXIT_OK
+    except Exception as exc:
+        failure = cli.explain(exc)
+        if isinstance(exc, ConfigError):
+            log.error("invalid configuration: %s", exc)
+        elif failure.code == cli.EXIT_BUG:
+            # A daemon's log is where a bug is reported from: keep the traceback there.
+            log.error("%s", failure.message, exc_info=exc)
+        else:
+            log.error("%s", failure.message)
+        return failure.code
 
 
 if __name__ == "__main__":

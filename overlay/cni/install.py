@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import overlay
-from overlay.errors import ConfigError
+from overlay.cni.spec import NETWORK_NAME_RE
+from overlay.errors import ConfigError, PermanentError
 
 CONFLIST_NAME = "10-overlay.conflist"
 
@@ -88,17 +89,34 @@ def _atomic(path: Path, data: str | bytes, mode: int) -> None:
         raise
 
 
+def check(opts: InstallOptions) -> dict[str, Any]:
+    """Everything `install` can refuse before it writes anything; the conflist to write."""
+    if not NETWORK_NAME_RE.match(opts.network_name):
+        raise ConfigError("--network-name", f"{opts.network_name!r}: a network name is a "
+                          "letter or digit, then letters, digits, '.', '_' or '-'")
+    if not os.path.isabs(opts.agent_socket):
+        raise ConfigError("--agent-socket", f"{opts.agent_socket!r}: give an absolute path "
+                          "(the plugin runs from the runtime's working directory)")
+    return read_conflist(opts.conflist_file) if opts.conflist_file else conflist(opts)
+
+
 def install(opts: InstallOptions) -> tuple[Path, Path]:
-    doc = read_conflist(opts.conflist_file) if opts.conflist_file else conflist(opts)
+    doc = check(opts)
     src = plugin_binary()
     try:
         data = src.read_bytes()
     except OSError as exc:
-        raise ConfigError("install-cni", f"the CNI plugin {src} is missing ({exc.strerror}): "
-                          "this installation was built without it; build it with `make "
-                          "native` and reinstall the package") from None
+        raise PermanentError(f"the CNI plugin {src} is missing ({exc.strerror}): this "
+                             "installation was built without it; build it with `make native` "
+                             "and reinstall the package") from None
     binary = opts.bin_dir / "overlay"
-    _atomic(binary, data, 0o755)
     conf = opts.conf_dir / CONFLIST_NAME
-    _atomic(conf, json.dumps(doc, indent=2) + "\n", 0o644)
+    for path, what, flag in ((binary, data, "--bin-dir"),
+                             (conf, json.dumps(doc, indent=2) + "\n", "--conf-dir")):
+        try:
+            _atomic(path, what, 0o755 if path == binary else 0o644)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise PermanentError(f"cannot install {path} ({flag} {path.parent}): "
+                                 f"{exc.filename or path}: {reason}") from None
     return binary, conf

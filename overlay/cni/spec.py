@@ -37,7 +37,7 @@ E_NO_ADDRESS = 102
 E_NETLINK = 103
 E_CHECK_FAILED = 110
 
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+NETWORK_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 IFNAMSIZ = 15
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -229,7 +229,7 @@ def parse_conf(stdin: bytes, command: str) -> NetConf:
 
 def _parse_fields(doc: dict[str, Any], version: str, command: str) -> NetConf:
     name = doc.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not NETWORK_NAME_RE.match(name):
         raise CniError(E_INVALID_CONFIG, f"name: {name!r} is not a valid network name "
                        "(letters, digits, '_', '.', '-'; starting with a letter or digit)")
     ptype = doc.get("type")

@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from collections.abc import Sequence
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from overlay import __version__, etcdstore
-from overlay.ctl import render
-from overlay.errors import ConfigError, OverlayError, PermanentError, TemporaryError
+from overlay import __version__, cli, etcdstore
+from overlay.ctl import flags, render
+from overlay.errors import ConfigError, OverlayError
 from overlay.log import quiet_grpc
+
+if TYPE_CHECKING:
+    from overlay.model import NetworkConfig
 
 DESCRIPTION = """\
 overlayctl: administer the overlay network.
@@ -32,11 +35,28 @@ overlayctl: administer the overlay network.
   install-cni    install the CNI plugin and its conflist for container runtimes
   trace          show the packets between two pods: outer and inner headers
   sandbox        run a whole multi-node cluster on this machine (namespaces)
+
+`overlayctl COMMAND --help` explains a command's flags.
 """
+
+EPILOG = """\
+environment: OVERLAYD_ETCD_ENDPOINTS supplies the default of --etcd-endpoints
+(as for overlayd); OVERLAY_DEBUG=1 adds the traceback to an internal error.
+
+exit status: 0 done, 1 failed (etcd or the agent unreachable, a file not
+writable, ...), 2 invalid flags or values, 130 interrupted.
+"""
+
+# network init: the config key each flag sets, so an error names the flag the user typed.
+NETWORK_FLAGS = {"Network": "--cidr", "SubnetLen": "--subnet-len", "Backend.VNI": "--vni",
+                 "Backend.Port": "--port"}
+LOCAL_SOCKET = Path("/run/overlay/overlayd.sock")
+MAX_SANDBOX_NODES = 200  # node underlay addresses 172.30.1.11 .. 172.30.1.210
+MAX_SANDBOX_PODS = 250
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="overlayctl", description=DESCRIPTION,
+    p = argparse.ArgumentParser(prog="overlayctl", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"overlayctl {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -53,45 +73,71 @@ def build_parser() -> argparse.ArgumentParser:
     etcdstore.add_arguments(init)
     init.add_argument("--cidr", default="10.244.0.0/16",
                       help="the cluster (pod) network (default: %(default)s)")
-    init.add_argument("--subnet-len", type=int, default=24,
-                      help="prefix length of each node's subnet (default: %(default)s)")
-    init.add_argument("--vni", type=int, default=1, help="VXLAN network identifier (default: 1)")
-    init.add_argument("--port", type=int, default=8472, help="VXLAN UDP port (default: 8472)")
-    init.add_argument("--force", action="store_true", help="overwrite an existing config")
-    init.add_argument("--config-file", type=Path,
+    init.add_argument("--subnet-len", type=cli.int_range(0, 32), default=24, metavar="LEN",
+                      help="prefix length of each node's subnet, between the --cidr length "
+                      "and 29 (default: %(default)s)")
+    init.add_argument("--vni", type=cli.int_range(1, 16777215), default=1,
+                      help="VXLAN network identifier, 1..16777215 (default: %(default)s)")
+    init.add_argument("--port", type=cli.port, default=8472,
+                      help="VXLAN UDP port (default: %(default)s)")
+    init.add_argument("--force", action="store_true",
+                      help="overwrite an existing, different config (running nodes break)")
+    init.add_argument("--config-file", type=cli.path, metavar="FILE",
                       help="read the config from this JSON file instead of the flags, e.g. "
                       '{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": '
                       '"vxlan", "VNI": 1, "Port": 8472}} (a Kubernetes ConfigMap)')
-    show = nsub.add_parser("show", help="print the network config")
+    show = nsub.add_parser("show", help="print the network config",
+                           description="Print the network config stored in etcd (JSON).")
     etcdstore.add_arguments(show)
 
-    leases = sub.add_parser("leases", help="list the subnet leases in etcd")
+    leases = sub.add_parser("leases", help="list the subnet leases in etcd",
+                            description="List the subnet leases in etcd: which node holds "
+                            "which subnet, its underlay address, VTEP MAC and gRPC address.")
     etcdstore.add_arguments(leases)
-    leases.add_argument("--json", action="store_true")
+    leases.add_argument("--json", action="store_true",
+                        help="a JSON list (with the etcd lease and revision of each) instead "
+                        "of a table")
 
-    status = sub.add_parser("status", help="this node's agent and its peers")
-    status.add_argument("--socket", default="/run/overlay/overlayd.sock",
-                        help="the agent's local API socket (default: %(default)s)")
+    status = sub.add_parser("status", help="this node's agent and its peers",
+                            description="Ask this node's overlayd for its readiness and its "
+                            "view of every peer. Exits 1 if the agent is not ready.")
+    status.add_argument("--socket", type=cli.path, default=LOCAL_SOCKET,
+                        help="the agent's local API socket, <overlayd --run-dir>/overlayd.sock "
+                        "(default: %(default)s)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    leave = sub.add_parser("leave", help="graceful leave: release the lease, tell the peers")
-    leave.add_argument("--socket", default="/run/overlay/overlayd.sock")
+    leave = sub.add_parser("leave", help="graceful leave: release the lease, tell the peers",
+                           description="Make this node's overlayd leave the cluster: it tells "
+                           "its peers (they drop its entries at once), releases its subnet "
+                           "lease in etcd, removes its devices and exits.")
+    leave.add_argument("--socket", type=cli.path, default=LOCAL_SOCKET,
+                       help="the agent's local API socket, <overlayd --run-dir>/overlayd.sock "
+                       "(default: %(default)s)")
 
     inst = sub.add_parser("install-cni", help="install the CNI plugin and conflist",
                           description="Install the `overlay` CNI executable into --bin-dir and "
                           "write 10-overlay.conflist (overlay, then portmap) into --conf-dir, "
                           "atomically.")
-    inst.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
-    inst.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    inst.add_argument("--bin-dir", type=cli.path, default=Path("/opt/cni/bin"),
+                      help="where the container runtime looks for CNI plugins "
+                      "(default: %(default)s)")
+    inst.add_argument("--conf-dir", type=cli.path, default=Path("/etc/cni/net.d"),
+                      help="where the container runtime looks for network configs "
+                      "(default: %(default)s)")
     inst.add_argument("--agent-socket", default="/run/overlay/cni.sock",
-                      help="where the node agent serves the plugin (default: %(default)s)")
-    inst.add_argument("--network-name", default="overlay")
+                      help="where the node agent serves the plugin, an absolute path "
+                      "(default: %(default)s)")
+    inst.add_argument("--network-name", default="overlay",
+                      help="the network's name in the conflist, which runtimes select it by: "
+                      "letters, digits, and . _ - after the first (default: %(default)s)")
     inst.add_argument("--cni-version", default="1.0.0",
-                      choices=("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"))
-    inst.add_argument("--no-portmap", action="store_true", help="do not chain portmap")
+                      choices=("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"),
+                      help="cniVersion of the conflist (default: %(default)s)")
+    inst.add_argument("--no-portmap", action="store_true",
+                      help="do not chain the portmap plugin (hostPort mappings)")
     inst.add_argument("--ip-masq", action="store_true",
                       help="set ipMasq (needs overlayd --ip-masq)")
-    inst.add_argument("--conflist", type=Path,
+    inst.add_argument("--conflist", type=cli.path, metavar="FILE",
                       help="install this conflist (JSON, first plugin of type overlay) instead "
                       "of generating one from the flags above")
     # The plugin is one static executable whatever the host has: these two once chose a
@@ -109,48 +155,59 @@ def build_parser() -> argparse.ArgumentParser:
                         "attached through the real CNI plugin. Needs root.")
     ssub = sb.add_subparsers(dest="sb_cmd", metavar="SUBCOMMAND")
     ssub.required = True
-    up = ssub.add_parser("up", help="create the sandbox")
-    up.add_argument("--nodes", type=int, default=3)
-    up.add_argument("--pods-per-node", type=int, default=2)
-    up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5))
-    up.add_argument("--cidr", default="10.244.0.0/16")
-    up.add_argument("--subnet-len", type=int, default=24)
+    up = ssub.add_parser("up", help="create the sandbox",
+                         description="Create a sandbox: etcd, --nodes nodes each running "
+                         "overlayd, --pods-per-node pods on each. Takes a few seconds per node.")
+    up.add_argument("--nodes", type=cli.int_range(0, MAX_SANDBOX_NODES), default=3,
+                    help=f"nodes, each a namespace running overlayd; 0 for etcd only, at most "
+                    f"{MAX_SANDBOX_NODES} (default: %(default)s)")
+    up.add_argument("--pods-per-node", type=cli.int_range(0, MAX_SANDBOX_PODS), default=2,
+                    help="pods attached on each node through the CNI plugin "
+                    "(default: %(default)s)")
+    up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5),
+                    help="members of the etcd cluster, each a namespace (default: %(default)s)")
+    up.add_argument("--cidr", default="10.244.0.0/16",
+                    help="the cluster (pod) network (default: %(default)s)")
+    up.add_argument("--subnet-len", type=cli.int_range(0, 32), default=24, metavar="LEN",
+                    help="prefix length of each node's subnet (default: %(default)s)")
     up.add_argument("--tls", action="store_true",
                     help="make a CA and a certificate per node; agents talk mutual TLS")
     up.add_argument("--etcd-tls", action="store_true",
                     help="etcd serves https and requires client certificates (its own CA); "
                          "every agent gets one")
-    for name, helptext in (("check", "ping every pod from every pod"),
-                           ("status", "nodes, subnets and peers"),
-                           ("down", "remove everything the sandbox made")):
-        s = ssub.add_parser(name, help=helptext)
+    up.add_argument("--dry-run", action="store_true",
+                    help="check the flags and say what would be made, without making it")
+    for name, helptext, text in (
+            ("check", "ping every pod from every pod", "Ping every pod from every other pod "
+             "and print the matrix; exits 1 unless every pair answers."),
+            ("status", "nodes, subnets and peers", "Show the sandbox's etcd, nodes (subnet, "
+             "readiness, peers as each node sees them) and pods."),
+            ("down", "remove everything the sandbox made", "Stop the sandbox's agents and "
+             "etcd, and remove its namespaces and files (also what a failed `up` left).")):
+        s = ssub.add_parser(name, help=helptext, description=text)
         if name == "status":
-            s.add_argument("--json", action="store_true")
+            s.add_argument("--json", action="store_true", help="machine-readable output")
     for s in ssub.choices.values():
-        s.add_argument("--name", default="demo", help="sandbox name (default: %(default)s)")
+        flags.add_sandbox_name(s)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_grpc()
-    # `overlayctl ... | head` ends quietly, as a Unix tool should, not with a traceback.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = build_parser().parse_args(argv)
-    try:
-        return dispatch(args)
-    except ConfigError as exc:
-        print(f"overlayctl: invalid {exc.field}: {exc.message}", file=sys.stderr)
-        return 2
-    except (TemporaryError, PermanentError, OverlayError) as exc:
-        print(f"overlayctl: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """overlayctl: every error is one line on stderr and an exit status (overlay.cli)."""
+
+    # `overlayctl ... | head` ends quietly too: cli.run takes the BrokenPipeError (SIGPIPE
+    # stays ignored: gRPC's sockets must not kill the process when a peer goes away).
+    def run() -> int:
+        quiet_grpc()
+        return dispatch(build_parser().parse_args(argv))
+
+    return cli.run("overlayctl", run)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "network":
-        return asyncio.run(network_cmd(args))
+        cfg = network_config(args) if args.net_cmd == "init" else None
+        return asyncio.run(network_cmd(args, cfg))
     if args.cmd == "leases":
         return asyncio.run(leases_cmd(args))
     if args.cmd == "status":
@@ -181,24 +238,37 @@ def dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.cmd)
 
 
-async def network_cmd(args: argparse.Namespace) -> int:
-    from overlay.etcdstore import EtcdStore
+def network_config(args: argparse.Namespace) -> NetworkConfig:
+    """The config `network init` would write, checked against this host's own networks.
+
+    Before the event loop: pyroute2's synchronous IPRoute does not work inside one."""
     from overlay.model import NetworkConfig, parse_cidr, validate_network
 
-    if args.net_cmd == "init":
-        if args.config_file is not None:
-            try:
-                raw = args.config_file.read_bytes()
-            except OSError as exc:
-                raise ConfigError("--config-file", f"{args.config_file}: {exc.strerror}") \
-                    from None
+    if args.config_file is not None:
+        try:
+            raw = args.config_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError("--config-file", cli.os_error(exc, "read")) from None
+        try:
             cfg = NetworkConfig.from_json(raw)
-        else:
+        except ConfigError as exc:
+            raise ConfigError("--config-file", f"{args.config_file}: {exc}") from None
+        fields: dict[str, str] = {}
+    else:
+        with cli.flag_names(NETWORK_FLAGS):
             cfg = NetworkConfig(network=parse_cidr(args.cidr, "--cidr"),
                                 subnet_len=args.subnet_len, vni=args.vni, port=args.port)
+        fields = NETWORK_FLAGS
+    with cli.flag_names(fields):
         validate_network(cfg, tuple(local_networks()))
+    return cfg
+
+
+async def network_cmd(args: argparse.Namespace, cfg: NetworkConfig | None) -> int:
+    from overlay.etcdstore import EtcdStore
+
     async with EtcdStore(etcdstore.options_from_args(args)) as store:
-        if args.net_cmd == "show":
+        if cfg is None:
             print((await store.get_config()).to_json())
             return 0
         if await store.put_config(cfg, overwrite=args.force):
@@ -220,30 +290,29 @@ async def network_cmd(args: argparse.Namespace) -> int:
         return 1
 
 
-def local_networks() -> list[Any]:
-    """IPv4 networks of this host's interfaces, which a cluster CIDR must not overlap."""
-    import socket as _s
-    from ipaddress import IPv4Interface
+def local_networks() -> list[IPv4Network]:
+    """IPv4 networks of this host's interfaces, which a cluster CIDR must not overlap
+    (our own bridge and VXLAN devices excepted: they hold cluster addresses)."""
+    import socket
+
+    from pyroute2 import IPRoute
+
+    from overlay.devnames import is_node_device
 
     out = []
     try:
-        import fcntl  # noqa: F401
-
-        from pyroute2 import IPRoute
-
-        from overlay.devnames import is_node_device
-
         with IPRoute() as ipr:
-            for a in ipr.addr("dump", family=_s.AF_INET):
-                iface = IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-                label = a.get("IFA_LABEL") or ""
-                # Our own devices hold cluster addresses once overlayd ran here.
-                if is_node_device(label):
-                    continue
-                if not iface.ip.is_loopback:
-                    out.append(iface.network)
-    except Exception:
-        pass
+            addrs = list(ipr.addr("dump", family=socket.AF_INET))
+    except OSError as exc:
+        # Not worth refusing to run over; worth saying the check did not happen.
+        print(f"overlayctl: warning: cannot list this host's addresses to check --cidr "
+              f"against them: {cli.os_error(exc)}", file=sys.stderr)
+        return []
+    for a in addrs:
+        iface = IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+        if is_node_device(a.get("IFA_LABEL") or "") or iface.ip.is_loopback:
+            continue
+        out.append(iface.network)
     return out
 
 
@@ -271,12 +340,7 @@ async def leases_cmd(args: argparse.Namespace) -> int:
 def status_cmd(args: argparse.Namespace) -> int:
     from overlay.agent.localclient import local_status, status_json
 
-    try:
-        st = local_status(args.socket)
-    except Exception as exc:
-        print(f"overlayctl: cannot reach overlayd at {args.socket}: "
-              f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
-        return 1
+    st = local_status(args.socket)
     if args.json:
         print(json.dumps(status_json(st), indent=2))
         return 0 if st.ready else 1

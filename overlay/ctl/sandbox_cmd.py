@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from overlay import cli
 from overlay.ctl import render
+from overlay.errors import ConfigError
 from overlay.sandbox.sandbox import Sandbox, SandboxError, tail
 
 
@@ -31,15 +33,22 @@ def sandbox_cmd(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     sb = Sandbox(args.name, progress=progress)
     if args.sb_cmd == "up":
-        if args.nodes < 1 or args.pods_per_node < 0:
-            raise SandboxError("up", "--nodes must be >= 1 and --pods-per-node >= 0")
+        check_up(sb, args)
         print(f"sandbox {args.name}: {args.nodes} nodes x {args.pods_per_node} pods, "
               f"{args.etcd_members} etcd member(s)", flush=True)
+        if args.dry_run:
+            hosts = ["ul", *(f"etcd{i}" for i in range(1, args.etcd_members + 1)),
+                     *(f"n{i}" for i in range(1, args.nodes + 1))]
+            print(f"would create namespaces {', '.join(sb.ns(h) for h in hosts)} and "
+                  f"{args.nodes * args.pods_per_node} pod namespaces, cluster {args.cidr} "
+                  f"with a /{args.subnet_len} per node, files in {sb.dir} (dry run: "
+                  "nothing made)")
+            return 0
         try:
             sb.up(args.nodes, args.pods_per_node, etcd_members=args.etcd_members,
                   cidr=args.cidr, subnet_len=args.subnet_len, tls=args.tls,
                   etcd_tls=args.etcd_tls)
-        except SandboxError:
+        except (SandboxError, KeyboardInterrupt):
             print(f"(the partial sandbox is left for inspection; remove it with "
                   f"`overlayctl sandbox down --name {args.name}`)", file=sys.stderr)
             raise
@@ -55,6 +64,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.sb_cmd == "status":
         return status(sb, args.json)
     raise AssertionError(args.sb_cmd)
+
+
+def check_up(sb: Sandbox, args: argparse.Namespace) -> None:
+    """Everything `sandbox up` can refuse before it makes anything."""
+    from overlay.model import NetworkConfig, parse_cidr
+
+    with cli.flag_names({"Network": "--cidr", "SubnetLen": "--subnet-len"}):
+        cfg = NetworkConfig(parse_cidr(args.cidr, "--cidr"), subnet_len=args.subnet_len)
+    room = 2 ** (32 - cfg.subnet_len) - 3  # network, gateway, broadcast
+    if args.pods_per_node > room:
+        raise ConfigError("--pods-per-node", f"{args.pods_per_node} pods do not fit in a "
+                          f"/{cfg.subnet_len} per node (at most {room})")
+    if args.nodes > cfg.subnet_count:
+        raise ConfigError("--nodes", f"{args.nodes} nodes need more than the "
+                          f"{cfg.subnet_count} subnets of /{cfg.subnet_len} in {cfg.network}")
+    if sb.state is not None:
+        raise SandboxError("up", f"sandbox {sb.name!r} already exists; run "
+                           f"`overlayctl sandbox down --name {sb.name}` first")
 
 
 def check(sb: Sandbox) -> int:

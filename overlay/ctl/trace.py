@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import Any, TextIO
 
+from overlay import cli
+from overlay.ctl import flags
 from overlay.errors import ConfigError, OverlayError
 
 ICMP_TYPES = {0: "echo-reply", 3: "dest-unreachable", 8: "echo-request", 11: "time-exceeded"}
@@ -147,20 +151,30 @@ def summary(seen: list[Seen], a: IPv4Address, b: IPv4Address) -> list[str]:
 # --- the capturing shell ----------------------------------------------------
 
 
-def enter_netns(name: str) -> None:
+def enter_netns(name: str) -> int | None:
     """Run this command again inside network namespace `name`, through `ip netns exec`
-    (which also mounts that namespace's /sys, where scapy reads interface types)."""
+    (which also mounts that namespace's /sys, where scapy reads interface types), and
+    return its exit status; None when already inside."""
     if os.environ.get(_INSIDE) == name:
-        return
-    if not os.path.exists(f"/run/netns/{name}"):
+        return None
+    if not name or "/" in name or name in (".", "..") or name.startswith("-") \
+            or not os.path.exists(f"/run/netns/{name}"):
         raise ConfigError("--netns", f"no network namespace {name!r} (see `ip netns list`)")
     argv = ["ip", "netns", "exec", name, sys.executable, "-c",
             "import sys; from overlay.ctl.main import main; sys.exit(main(sys.argv[1:]))",
             *sys.argv[1:]]
+    # Ctrl-C reaches both processes: the one inside reports it, this one waits for it.
+    # (A handler, not SIG_IGN, which the child would inherit.)
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        os.execvpe("ip", argv, {**os.environ, _INSIDE: name})
+        code = subprocess.call(argv, env={**os.environ, _INSIDE: name})
     except OSError as exc:
         raise OverlayError(f"cannot run `ip netns exec {name}`: {exc}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code == 255:  # ip's own failure; it said why on stderr
+        raise OverlayError(f"cannot enter network namespace {name!r}")
+    return 128 - code if code < 0 else code
 
 
 def where(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -180,12 +194,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         a, b = IPv4Address(args.a), IPv4Address(args.b)
     except ValueError as exc:
-        raise ConfigError("pod address", str(exc)) from None
-    if args.count < 1 or args.timeout <= 0:
-        raise ConfigError("--count/--timeout", "must be positive")
+        raise ConfigError("POD_IP", str(exc)) from None
     netns, iface = where(args)
     if netns:
-        enter_netns(netns)
+        code = enter_netns(netns)
+        if code is not None:
+            return code
     import scapy.layers.l2  # noqa: F401  (registers Ethernet, for the capture socket's type)
     from scapy.config import conf
     from scapy.error import Scapy_Exception
@@ -211,14 +225,20 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
               f"and {b} (VXLAN port {args.port}), up to {args.count} or {args.timeout:g}s",
               file=sys.stderr, flush=True)
 
+    interrupted = False
     try:
         sniff(iface=iface, filter=bpf, prn=on_packet, store=False, timeout=args.timeout,
-              started_callback=started, stop_filter=lambda _: len(seen) >= args.count)
+              started_callback=started, stop_filter=lambda _: len(seen) >= args.count,
+              chainCC=True)
+    except KeyboardInterrupt:  # Ctrl-C ends the capture; what was seen is still worth saying
+        interrupted = True
     except (OSError, ValueError, Scapy_Exception) as exc:  # no such interface, no tcpdump
         raise OverlayError(f"cannot capture on {iface}: {exc}") from None
     if not args.json:
         for line in summary(seen, a, b):
             print(line, file=out)
+    if interrupted:
+        raise KeyboardInterrupt
     if not seen:
         print(f"overlayctl: no packet between {a} and {b} seen on {iface} in "
               f"{args.timeout:g}s", file=sys.stderr)
@@ -238,13 +258,15 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("a", metavar="POD_IP", help="one pod's address")
     t.add_argument("b", metavar="POD_IP", help="the other pod's address")
-    t.add_argument("--name", help="capture on the underlay bridge of this sandbox")
+    flags.add_sandbox_name(t, default=None, help="capture on the underlay bridge of this "
+                           "sandbox")
     t.add_argument("--iface", help="interface to capture on (e.g. eth0, cni0, overlay.1)")
     t.add_argument("--netns", help="network namespace to capture in (a name that "
                    "`ip netns list` shows)")
-    t.add_argument("--port", type=int, default=8472, help="VXLAN UDP port (default: 8472)")
-    t.add_argument("--count", type=int, default=20,
+    t.add_argument("--port", type=cli.port, default=8472,
+                   help="VXLAN UDP port (default: %(default)s)")
+    t.add_argument("--count", type=cli.int_range(1), default=20,
                    help="stop after this many packets (default: %(default)s)")
-    t.add_argument("--timeout", type=float, default=10.0,
+    t.add_argument("--timeout", type=cli.seconds, default=10.0,
                    help="stop after this many seconds (default: %(default)s)")
     t.add_argument("--json", action="store_true", help="one JSON object per packet")

@@ -6,20 +6,26 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-# Listen on UDP `port` for `seconds`; print "<source ip> <payload>" per datagram.
+# Listen on UDP `port` for up to `seconds`; print "<source ip> <payload>" per datagram.
+# With a third argument, stop 0.5 s after a datagram with that payload arrived (the last
+# one a test sends), so a busy machine gets all the time it needs and an idle one no wait.
 UDP_LISTENER = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(0.2)
+s.settimeout(0.1)
 end = time.monotonic() + float(sys.argv[2])
+until = sys.argv[3] if len(sys.argv) > 3 else None
 print("ready", flush=True)
 while time.monotonic() < end:
     try:
         data, addr = s.recvfrom(2048)
     except TimeoutError:
         continue
-    print(addr[0], data.decode(errors="replace"), flush=True)
+    text = data.decode(errors="replace")
+    print(addr[0], text, flush=True)
+    if text == until:
+        end = min(end, time.monotonic() + 0.5)
 """
 
 # Send one UDP datagram: argv = dst ip, port, payload.
@@ -50,8 +56,12 @@ def python_in(prefix: Sequence[str], code: str, *args: str, timeout: float = 30
                           text=True, timeout=timeout, check=False)
 
 
-def start_listener(prefix: Sequence[str], port: int, seconds: float) -> subprocess.Popen[str]:
-    p = subprocess.Popen([*prefix, sys.executable, "-c", UDP_LISTENER, str(port), str(seconds)],
+def start_listener(prefix: Sequence[str], port: int, seconds: float, until: str | None = None
+                   ) -> subprocess.Popen[str]:
+    """A UDP listener in a namespace, ready when this returns (see UDP_LISTENER)."""
+    extra = [until] if until is not None else []
+    p = subprocess.Popen([*prefix, sys.executable, "-c", UDP_LISTENER, str(port), str(seconds),
+                          *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline()

@@ -57,11 +57,11 @@ def test_mtu_flag_overrides_the_derived_mtu(jumbo):
     restart(sb, "n1", ["--mtu", "1400"])
     try:
         wait_until(lambda: mtu(sb, ns, "overlay.1") == 1400 and mtu(sb, ns, "cni0") == 1400,
-                   timeout=5)
+                   timeout=30)
         assert sb.status("n1").mtu == 1400
     finally:
         restart(sb, "n1", [])
-    wait_until(lambda: mtu(sb, ns, "overlay.1") == 8950, timeout=5)
+    wait_until(lambda: mtu(sb, ns, "overlay.1") == 8950, timeout=30)
 
 
 @pytest.mark.parametrize("flag, value, says", [
@@ -123,4 +123,4 @@ def test_iface_regex_and_public_ip_choose_the_underlay(jumbo):
         restart(sb, "n2", [])
     a = next(p for p in sb.st.pods if p.node == "n1")
     b = next(p for p in sb.st.pods if p.node == "n2")
-    wait_until(lambda: sb.ping(a.netns, b.ip), timeout=10)
+    wait_until(lambda: sb.ping(a.netns, b.ip), timeout=30)

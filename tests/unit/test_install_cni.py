@@ -116,9 +116,10 @@ def test_concurrent_readers_never_see_a_partial_conflist(tmp_path):
 
 def test_a_build_without_the_plugin_is_a_clear_error(tmp_path, monkeypatch):
     import overlay.cni.install as inst
-    from overlay.errors import ConfigError
+    from overlay.errors import PermanentError
 
     monkeypatch.setattr(inst, "plugin_binary", lambda: tmp_path / "missing" / "overlay")
-    with pytest.raises(ConfigError, match="make native"):
+    with pytest.raises(PermanentError, match="make native") as e:
         install(InstallOptions(bin_dir=tmp_path / "bin", conf_dir=tmp_path / "net.d"))
+    assert e.type is PermanentError  # a broken installation, not a usage error: exit 1
     assert not (tmp_path / "bin" / "overlay").exists()

@@ -3,7 +3,7 @@ top-level, function-local and TYPE_CHECKING ones alike).
 
 Layers, bottom to top; a module may import its own layer and those below, never above:
 
-  base      overlay, errors, devnames, retry, log, metrics, cni.wire
+  base      overlay, errors, devnames, retry, log, metrics, cli, cni.wire
             (standard library and prometheus-client only)
   core      model, subnets, dataplane.desired/devices/rtnl,
             membership.swim/effective/admission, cni.spec: records and decisions
@@ -38,7 +38,7 @@ PKG = Path(overlay.__file__).resolve().parent
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("overlay", "overlay.errors", "overlay.devnames", "overlay.retry", "overlay.log",
-              "overlay.metrics", "overlay.cni", "overlay.cni.wire")),
+              "overlay.metrics", "overlay.cli", "overlay.cni", "overlay.cni.wire")),
     ("core", ("overlay.model", "overlay.subnets", "overlay.dataplane",
               "overlay.dataplane.desired", "overlay.dataplane.devices", "overlay.dataplane.rtnl",
               "overlay.membership", "overlay.membership.swim", "overlay.membership.effective",
