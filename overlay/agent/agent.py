@@ -382,7 +382,7 @@ class Agent:
         rec = entry.record
         vx = VxlanSpec(name=vxlan_name(self.cfg.vni), vni=self.cfg.vni, port=self.cfg.port,
                        local=self.underlay.ip, mtu=self.mtu, mac=self.vtep_mac,
-                       address=IPv4Interface(f"{rec.vtep_ip}/32"),
+                       addresses=IPv4Interface(f"{rec.vtep_ip}/32"),
                        underlay_ifindex=self.underlay.ifindex)
         br = BridgeSpec(BRIDGE_NAME, self.bridge_mac, self.mtu, rec.gateway)
         return Specs(self.node, vx, br, self.cfg.network)

@@ -10,10 +10,30 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Literal
 
+from overlay.model import IPAddr, IPIface
+
+# Outer Ethernet 14 + IP 20/40 + UDP 8 + VXLAN 8 (the inner Ethernet header
+# is not part of the inner MTU): 50 bytes over IPv4, 70 over IPv6.
 VXLAN_OVERHEAD_V4 = 50
+VXLAN_OVERHEAD_V6 = 70
+
+
+def vxlan_overhead(underlay_family: int) -> int:
+    return VXLAN_OVERHEAD_V6 if underlay_family == 6 else VXLAN_OVERHEAD_V4
+
+
+def _addresses(value: IPIface | tuple[IPIface, ...]) -> tuple[IPIface, ...]:
+    if isinstance(value, IPv4Interface | IPv6Interface):
+        return (value,)
+    return tuple(value)
+
+
+def managed(addr: IPIface) -> bool:
+    """Addresses we own on our devices: not the IPv6 link-local ones the kernel adds."""
+    return not (addr.version == 6 and addr.ip.is_link_local)
 
 
 def stable_mac(seed: str) -> str:
@@ -25,22 +45,33 @@ def stable_mac(seed: str) -> str:
 
 @dataclass(frozen=True)
 class VxlanSpec:
+    """One device for both pod families; `local` (IPv4 or IPv6) sets the underlay's.
+    `addresses`: the node's VTEP address of each pod family, as /32 and /128."""
+
     name: str
     vni: int
     port: int
-    local: IPv4Address
+    local: IPAddr
     mtu: int
     mac: str
-    address: IPv4Interface
+    addresses: tuple[IPIface, ...]
     underlay_ifindex: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "addresses", _addresses(self.addresses))
 
 
 @dataclass(frozen=True)
 class BridgeSpec:
+    """`addresses`: the pods' gateway of each family."""
+
     name: str
     mac: str
     mtu: int
-    address: IPv4Interface
+    addresses: tuple[IPIface, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "addresses", _addresses(self.addresses))
 
 
 @dataclass(frozen=True)
@@ -53,10 +84,10 @@ class LinkInfo:
     up: bool
     mtu: int
     mac: str
-    addresses: frozenset[IPv4Interface] = field(default_factory=frozenset)
+    addresses: frozenset[IPIface] = field(default_factory=frozenset)
     vni: int | None = None
     port: int | None = None
-    local: IPv4Address | None = None
+    local: IPAddr | None = None
     learning: bool | None = None
     underlay_ifindex: int | None = None
 
@@ -76,20 +107,27 @@ class DeviceOp:
         return f"{self.action} {self.name}{v}"
 
 
+def _addr_key(a: IPIface) -> tuple[int, int, int]:
+    return (a.version, int(a.ip), a.network.prefixlen)
+
+
 def _common_ops(
-    name: str, mtu: int, mac: str, address: IPv4Interface, have: LinkInfo
+    name: str, mtu: int, mac: str, addresses: tuple[IPIface, ...], have: LinkInfo,
+    what: str = "node address",
 ) -> list[DeviceOp]:
     ops: list[DeviceOp] = []
     if have.mtu != mtu:
         ops.append(DeviceOp("set_mtu", name, mtu, f"MTU is {have.mtu}, want {mtu}"))
     if have.mac != mac:
         ops.append(DeviceOp("set_mac", name, mac, f"MAC is {have.mac}, want {mac}"))
-    for a in sorted(have.addresses - {address}):
+    stale = {a for a in have.addresses if managed(a)} - set(addresses)
+    for a in sorted(stale, key=_addr_key):
         # flannel leaves the old address on cni0 and every later pod fails
         # ("already has an IP address different from"); we replace it.
         ops.append(DeviceOp("del_addr", name, a, "address from an earlier subnet"))
-    if address not in have.addresses:
-        ops.append(DeviceOp("add_addr", name, address, "node address"))
+    for a in addresses:
+        if a not in have.addresses:
+            ops.append(DeviceOp("add_addr", name, a, what))
     if not have.up:
         ops.append(DeviceOp("up", name, None, "device is down"))
     return ops
@@ -98,7 +136,7 @@ def _common_ops(
 def vxlan_ops(spec: VxlanSpec, have: LinkInfo | None) -> list[DeviceOp]:
     create = DeviceOp("create", spec.name, spec, "device missing")
     rest = [
-        DeviceOp("add_addr", spec.name, spec.address, "node address"),
+        *(DeviceOp("add_addr", spec.name, a, "node address") for a in spec.addresses),
         DeviceOp("up", spec.name, None, "new device"),
     ]
     if have is None:
@@ -110,7 +148,7 @@ def vxlan_ops(spec: VxlanSpec, have: LinkInfo | None) -> list[DeviceOp]:
             DeviceOp("create", spec.name, spec, mismatch),
             *rest,
         ]
-    return _common_ops(spec.name, spec.mtu, spec.mac, spec.address, have)
+    return _common_ops(spec.name, spec.mtu, spec.mac, spec.addresses, have)
 
 
 def incompatible_vxlan(spec: VxlanSpec, have: LinkInfo) -> str:
@@ -135,10 +173,11 @@ def incompatible_vxlan(spec: VxlanSpec, have: LinkInfo) -> str:
 
 
 def bridge_ops(spec: BridgeSpec, have: LinkInfo | None) -> list[DeviceOp]:
+    gateways = [DeviceOp("add_addr", spec.name, a, "pod gateway") for a in spec.addresses]
     if have is None:
         return [
             DeviceOp("create", spec.name, spec, "device missing"),
-            DeviceOp("add_addr", spec.name, spec.address, "pod gateway"),
+            *gateways,
             DeviceOp("up", spec.name, None, "new device"),
         ]
     if have.kind != "bridge":
@@ -146,7 +185,7 @@ def bridge_ops(spec: BridgeSpec, have: LinkInfo | None) -> list[DeviceOp]:
         return [
             DeviceOp("delete", spec.name, None, why),
             DeviceOp("create", spec.name, spec, why),
-            DeviceOp("add_addr", spec.name, spec.address, "pod gateway"),
+            *gateways,
             DeviceOp("up", spec.name, None, "new device"),
         ]
-    return _common_ops(spec.name, spec.mtu, spec.mac, spec.address, have)
+    return _common_ops(spec.name, spec.mtu, spec.mac, spec.addresses, have, "pod gateway")

@@ -205,7 +205,8 @@ def test_twenty_agents_started_at_once(make_sandbox):
 
 
 def test_subnet_exhaustion_waits_and_takes_a_released_subnet(make_sandbox):
-    sb = make_sandbox(4, 0, cidr="10.244.0.0/22", subnet_len=24)  # room for exactly 4
+    # room for exactly 3: flannel's default SubnetMin leaves the first subnet out
+    sb = make_sandbox(3, 0, cidr="10.244.0.0/22", subnet_len=24)
     sb.add_node("n5", wait=False)
 
     def reason() -> str:
@@ -215,7 +216,7 @@ def test_subnet_exhaustion_waits_and_takes_a_released_subnet(make_sandbox):
             return ""
         return next((c.message for c in st.conditions if c.name == "lease"), "")
 
-    wait_until(lambda: "all 4 /24 subnets are leased" in reason(), 20, 0.3)
+    wait_until(lambda: "all 3 /24 subnets are leased" in reason(), 20, 0.3)
     assert not sb.status("n5").ready and pid_alive(sb.node("n5").pid)
     log = Path(sb.node("n5").log).read_text()
     assert "no free subnet in 10.244.0.0/22" in log
@@ -237,8 +238,8 @@ def test_subnet_exhaustion_waits_and_takes_a_released_subnet(make_sandbox):
     local_leave(sb.agent_socket("n2"))
     took = wait_until(lambda: sb.status("n5").ready, 30, 0.3)
     assert sb.status("n5").self.subnet == freed
-    report("subnet exhaustion", "a /22 with /24 subnets (4) and 5 nodes",
-           f"n5 waited with 'all 4 /24 subnets are leased' (CNI ADD: code 11, same reason); "
+    report("subnet exhaustion", "a /22 with /24 subnets (3 leasable) and 4 nodes",
+           f"n5 waited with 'all 3 /24 subnets are leased' (CNI ADD: code 11, same reason); "
            f"took {freed} {took:.1f}s after n2 left")
 
 

@@ -1,4 +1,4 @@
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 from overlay.dataplane.devices import (
     BridgeSpec,
@@ -7,6 +7,7 @@ from overlay.dataplane.devices import (
     bridge_ops,
     stable_mac,
     vxlan_ops,
+    vxlan_overhead,
 )
 
 SPEC = VxlanSpec("overlay.1", 1, 8472, IPv4Address("172.30.1.11"), 1450, "02:00:00:00:00:01",
@@ -57,3 +58,31 @@ def test_bridge_gets_the_new_gateway_and_loses_the_old_one():
     ops = bridge_ops(spec, have)
     assert [(o.action, str(o.value)) for o in ops] == [("del_addr", "10.244.1.1/24"),
                                                        ("add_addr", "10.244.2.1/24")]
+
+
+def test_dual_stack_devices_get_an_address_per_family_and_keep_link_local_ones():
+    v4, v6 = IPv4Interface("10.244.1.0/32"), IPv6Interface("fd00:0:0:1::/128")
+    spec = VxlanSpec("overlay.1", 1, 8472, IPv6Address("fd30::1:11"), 1430,
+                     "02:00:00:00:00:01", (v4, v6), 2)
+    assert [(o.action, str(o.value)) for o in vxlan_ops(spec, None)][1:] == [
+        ("add_addr", "10.244.1.0/32"), ("add_addr", "fd00:0:0:1::/128"), ("up", "None")]
+    ll = IPv6Interface("fe80::1/64")
+    have = link(local=IPv6Address("fd30::1:11"), mtu=1430,
+                addresses=frozenset({v4, ll, IPv6Interface("fd00:0:0:9::/128")}))
+    ops = vxlan_ops(spec, have)
+    assert [(o.action, str(o.value)) for o in ops] == [("del_addr", "fd00:0:0:9::/128"),
+                                                       ("add_addr", "fd00:0:0:1::/128")]
+    bridge = BridgeSpec("cni0", "02:00:00:00:00:aa", 1430,
+                        (IPv4Interface("10.244.1.1/24"), IPv6Interface("fd00:0:0:1::1/64")))
+    have = LinkInfo("cni0", 3, "bridge", True, 1430, "02:00:00:00:00:aa",
+                    frozenset(bridge.addresses) | {ll})
+    assert bridge_ops(bridge, have) == []
+
+
+def test_underlay_family_change_recreates_the_device():
+    ops = vxlan_ops(SPEC, link(local=IPv6Address("fd30::1:11")))
+    assert [o.action for o in ops][:2] == ["delete", "create"]
+
+
+def test_vxlan_overhead_is_50_over_ipv4_and_70_over_ipv6():
+    assert (vxlan_overhead(4), vxlan_overhead(6)) == (50, 70)

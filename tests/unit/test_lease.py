@@ -76,7 +76,7 @@ class FakeStore:
                 del self.keys[s]
 
 
-CFG = NetworkConfig(network=IPv4Network("10.244.0.0/22"), subnet_len=24)  # 4 subnets
+CFG = NetworkConfig(network=IPv4Network("10.244.0.0/22"), subnet_len=24)  # 3 subnets (1-3)
 
 
 def tpl(name="n1", mac="02:00:00:00:00:01"):
@@ -131,9 +131,9 @@ def test_preferred_subnet_taken_by_another_node_moves_with_a_log_line(caplog):
 
 def test_exhaustion_is_a_clear_temporary_error_and_a_freed_subnet_is_taken():
     store = FakeStore()
-    held = [run(mgr(store, name=f"n{i}").acquire()) for i in range(2, 6)]
+    held = [run(mgr(store, name=f"n{i}").acquire()) for i in range(2, 5)]
     m = mgr(store, name="n9")
-    with pytest.raises(SubnetsExhausted, match="all 4 /24 subnets are leased"):
+    with pytest.raises(SubnetsExhausted, match="all 3 /24 subnets are leased"):
         run(m._try_acquire())
 
     async def go():
