@@ -11,6 +11,10 @@ Three paths in one sandbox, on the same underlay bridge, measured in turn
              peer's VTEP IP, permanent neighbour, FDB entry to the peer host
   overlay    a pod -> a pod through our agents and CNI plugin
 
+With --family ipv6 the pods are IPv6-only, and with --underlay-family ipv6 (the
+default then) the hosts' network too, and the reference is the same layout in
+IPv6 (flannel's flannel-v6.<VNI>): results go to dataplane_ipv6.json.
+
 Targets: overlay throughput >= 0.97 x reference, overlay RTT <= 1.05 x reference,
 each the median over rounds of the ratio between ours and the reference run
 back to back in that round (the ratio of the overall medians is recorded too).
@@ -46,7 +50,54 @@ from common import (
 from overlay.sandbox.sandbox import Sandbox, kill_and_wait
 
 REF_CIDR = "10.250.{i}.0"
+REF_CIDR6 = "fd50:0:0:{i}::"
 PORT = 5201
+
+
+def build_reference6(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
+    """The same by hand for IPv6 pods (flannel-v6.1's layout): /128 VTEP address, route
+    onlink via the peer's VTEP, permanent NDP entry, FDB entry to the peer host."""
+    hosts = [sb.add_outside_host(f"r{i}") for i in (1, 2)]
+    info: dict[str, dict[str, str]] = {}
+    for i, h in enumerate(hosts, start=1):
+        vtep = REF_CIDR6.format(i=i)
+        gw, pod_ip = f"{vtep}1", f"{vtep}2"
+        mac = f"02:bb:00:00:00:0{i}"
+        pod_ns = sb.ns(f"r{i}-p1")
+        n = h.netns
+        for cmd in (
+            f"link add flannel.1 type vxlan id 1 local {h.underlay_ip} dev eth0 dstport 8472 "
+            "nolearning",
+            f"link set flannel.1 address {mac} mtu {mtu}",
+            f"addr add {vtep}/128 dev flannel.1 nodad",
+            "link set flannel.1 up",
+            "link add cni0 type bridge",
+            f"link set cni0 mtu {mtu}",
+            f"addr add {gw}/64 dev cni0 nodad",
+            "link set cni0 up",
+        ):
+            sh("ip", "-n", n, *cmd.split())
+        sh("ip", "netns", "add", pod_ns)
+        sh("ip", "-n", pod_ns, "link", "set", "lo", "up")
+        sh("ip", "-n", n, "link", "add", "vethr1", "mtu", str(mtu), "type", "veth", "peer",
+           "name", "eth0", "netns", pod_ns, "mtu", str(mtu))
+        sh("ip", "-n", n, "link", "set", "vethr1", "master", "cni0", "up")
+        sh("ip", "-n", n, "link", "set", "vethr1", "type", "bridge_slave", "hairpin", "on")
+        sh("ip", "-n", pod_ns, "addr", "add", f"{pod_ip}/64", "dev", "eth0", "nodad")
+        sh("ip", "-n", pod_ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", pod_ns, "-6", "route", "add", "default", "via", gw)
+        sb.run_in(n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        info[f"r{i}"] = {"host_ns": n, "pod_ns": pod_ns, "pod_ip": pod_ip, "vtep_ip": vtep,
+                         "mac": mac, "underlay_ip": h.underlay_ip}
+    for me, peer in (("r1", "r2"), ("r2", "r1")):
+        n, p = info[me]["host_ns"], info[peer]
+        sh("ip", "-n", n, "-6", "route", "add", f"{p['vtep_ip']}/64", "via", p["vtep_ip"],
+           "dev", "flannel.1", "onlink")
+        sh("ip", "-n", n, "-6", "neigh", "add", p["vtep_ip"], "lladdr", p["mac"], "dev",
+           "flannel.1", "nud", "permanent")
+        sh("bridge", "-n", n, "fdb", "append", p["mac"], "dev", "flannel.1", "dst",
+           p["underlay_ip"], "self", "permanent")
+    return info
 
 
 def build_reference(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
@@ -250,19 +301,27 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=1000, help="pings per path and round")
     ap.add_argument("--together", type=int, default=3,
                     help="extra runs of ours and the reference at the same time")
+    ap.add_argument("--family", choices=("ipv4", "ipv6"), default="ipv4",
+                    help="the pods' address family (default: %(default)s)")
+    ap.add_argument("--underlay-family", choices=("ipv4", "ipv6"), default=None,
+                    help="the hosts' network (default: the pods' family)")
     args = ap.parse_args()
     require_root()
     t_start = time.monotonic()
-    with sandbox("bdp", nodes=2, pods_per_node=1) as sb:
+    v6 = args.family == "ipv6"
+    underlay6 = (args.underlay_family or args.family) == "ipv6"
+    with sandbox("bdp", nodes=2, pods_per_node=1, ip_family=args.family,
+                 underlay_family=6 if underlay6 else 4) as sb:
         st = sb.st
         pods = {p.node: p for p in st.pods}
         mtu = int(sb.status("n1").mtu)
-        ref = build_reference(sb, mtu)
+        ref = build_reference6(sb, mtu) if v6 else build_reference(sb, mtu)
         n1, n2 = sb.node("n1"), sb.node("n2")
         paths = {
             "underlay": (n1.netns, n2.netns, n2.underlay_ip),
             "reference": (ref["r1"]["pod_ns"], ref["r2"]["pod_ns"], ref["r2"]["pod_ip"]),
-            "overlay": (pods["n1"].netns, pods["n2"].netns, pods["n2"].ip),
+            "overlay": (pods["n1"].netns, pods["n2"].netns,
+                        pods["n2"].ip6 if v6 else pods["n2"].ip),
         }
         for name, (src, _dst, ip) in paths.items():
             if not sb.ping(src, ip, count=1, timeout=2) and not sb.ping(src, ip, timeout=2):
@@ -328,13 +387,17 @@ def main() -> None:
                                                   rtt["reference"]["run_medians"], strict=True)]
     t_ratio = round(statistics.median(paired), 3)
     r_ratio = round(statistics.median(rtt_paired), 3)
+    name = "dataplane_ipv6" if v6 else "dataplane"
+    tid = "dataplane6" if v6 else "dataplane"
+    fam = (f"IPv6 pods over an IPv{6 if underlay6 else 4} underlay, " if v6 else "")
     doc = {
-        "benchmark": "dataplane",
+        "benchmark": name,
         "machine": machine(),
         "config": {"iperf_seconds": args.seconds, "iperf_omit_seconds": 1, "reps": args.reps,
                    "together_runs": args.together,
                    "pings_per_rep": args.pings, "ping_interval_s": 0.01, "mtu": mtu,
-                   "streams": 1},
+                   "streams": 1, "pod_family": args.family,
+                   "underlay_family": "ipv6" if underlay6 else "ipv4"},
         "throughput_gbps": gbps,
         "iperf_runs": tput,
         "rtt_ms": rtt,
@@ -359,10 +422,11 @@ def main() -> None:
             "rtt_overlay_vs_underlay": ratio(rtt["overlay"]["median"], rtt["underlay"]["median"]),
         },
         "targets": [
-            {"id": "dataplane.throughput", "what": "pod-to-pod TCP throughput vs hand-built "
-             "reference overlay (median over rounds of back-to-back pairs)", "ratio": t_ratio,
-             "op": ">=", "threshold": 0.97, "met": t_ratio is not None and t_ratio >= 0.97},
-            {"id": "dataplane.rtt", "what": "pod-to-pod ping RTT vs hand-built reference "
+            {"id": f"{tid}.throughput", "what": f"{fam}pod-to-pod TCP throughput vs "
+             "hand-built reference overlay (median over rounds of back-to-back pairs)",
+             "ratio": t_ratio, "op": ">=", "threshold": 0.97,
+             "met": t_ratio is not None and t_ratio >= 0.97},
+            {"id": f"{tid}.rtt", "what": f"{fam}pod-to-pod ping RTT vs hand-built reference "
              "overlay (median RTT, median over rounds of pairs)", "ratio": r_ratio,
              "op": "<=", "threshold": 1.05, "met": r_ratio is not None and r_ratio <= 1.05},
         ],
@@ -370,7 +434,7 @@ def main() -> None:
         "differences": differences(devices["overlay"], devices["reference"]),
         "wall_seconds": round(time.monotonic() - t_start, 1),
     }
-    write_result("dataplane", doc)
+    write_result(name, doc)
     print(json.dumps({"throughput_ratio": t_ratio, "rtt_ratio": r_ratio,
                       "gbps": {n: round(g["median"], 2) for n, g in gbps.items()},
                       "rtt_ms": {n: round(r["median"], 4) for n, r in rtt.items()}}))

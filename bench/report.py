@@ -17,7 +17,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all",
-        "membership", "signing")
+        "membership", "signing", "dataplane_ipv6", "direct_routing")
 
 
 def load(results: Path) -> dict[str, Any]:
@@ -579,6 +579,24 @@ def safe(section: Any, *args: Any) -> str:
         return f"_Could not render this section: {type(exc).__name__}: {exc}._"
 
 
+def direct_routing_section(doc: dict[str, Any] | None) -> str:
+    if not doc:
+        return "_Not run._"
+    g, r, ra = doc["throughput_gbps"], doc["rtt_ms_run_medians"], doc["ratios"]
+    what = {"direct": "same segment, DirectRouting (no tunnel)",
+            "vxlan": "same segment, VXLAN (DirectRouting off)",
+            "routed": "across the router, DirectRouting on (VXLAN)"}
+    rows = [[what[n], f"{g[n]['median']:.2f}", f"{r[n]['median'] * 1000:.0f}"] for n in what]
+    return "\n".join([
+        "Two sandboxes of two routed underlay segments, one with DirectRouting and one "
+        f"without, {doc['config']['reps']} interleaved rounds (`bench/direct_routing.py`).",
+        "", table(["path", "Gbit/s (median)", "RTT median µs"], rows), "",
+        f"- direct / VXLAN on the same segment: throughput "
+        f"**{f(ra['throughput_direct_vs_vxlan'])}**, RTT **{f(ra['rtt_direct_vs_vxlan'])}** "
+        "(no target: on veths the tunnel costs little next to the veth and bridge hops)",
+    ])
+
+
 def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
     run = docs.get("run_all", {})
     m = next((d["machine"] for d in docs.values() if isinstance(d, dict) and "machine" in d), {})
@@ -607,6 +625,12 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
                   + ", ".join(f"`{k}` ({v})" for k, v in run["failed"].items()), ""]
     parts += ["## 1. Data plane", "", safe(dataplane_section, docs.get("dataplane"),
                                            imgs.get("dataplane")), "",
+              "### IPv6 pods over an IPv6 underlay", "",
+              "The same measurement with IPv6-only pods and hosts, against flannel-v6.1's "
+              "layout built by hand (`bench/dataplane.py --family ipv6`):", "",
+              safe(dataplane_section, docs.get("dataplane_ipv6"), None), "",
+              "### DirectRouting", "", safe(direct_routing_section, docs.get("direct_routing")),
+              "",
               "## 2. Peer programming", "", safe(peers_section, docs.get("peer_programming"),
                                                  imgs.get("peer_programming")), "",
               "## 3. Convergence", "", safe(convergence_section, docs.get("convergence"),

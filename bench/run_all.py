@@ -22,10 +22,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-# (script, arguments, time limit in seconds); the whole run stays under 15 minutes.
-PLAN: list[tuple[str, list[str], int]] = [
+# (script, arguments, time limit in seconds[, name of the run when a script runs twice]).
+PLAN: list[tuple[str, list[str], int] | tuple[str, list[str], int, str]] = [
     ("spine.py", [], 180),
     ("dataplane.py", [], 420),
+    # IPv6 pods over an IPv6 underlay against flannel-v6.1's layout built by hand
+    ("dataplane.py", ["--family", "ipv6", "--reps", "3", "--together", "1"], 300,
+     "dataplane_ipv6"),
+    ("direct_routing.py", [], 240),
     ("peer_programming.py", [], 300),
     ("convergence.py", [], 240),
     ("cni_latency.py", [], 300),
@@ -37,6 +41,7 @@ QUICK: dict[str, list[str]] = {
     "spine.py": ["--runs", "1"],
     "cni_latency.py": ["--calls", "10", "--pods", "20"],
     "dataplane.py": ["--seconds", "2", "--reps", "1", "--pings", "50", "--together", "1"],
+    "direct_routing.py": ["--seconds", "2", "--reps", "1", "--pings", "50"],
     "peer_programming.py": ["--sizes", "100,1000", "--reps", "1", "--idle-seconds", "3"],
     "convergence.py": ["--reps", "1"],
     "footprint.py": ["--peers", "10,1000", "--window", "6", "--settle", "1"],
@@ -51,7 +56,7 @@ def remove_leftovers(since: float) -> None:
     """Sandboxes our scripts made in this run and could not remove (killed): remove them."""
     from overlay.sandbox.sandbox import BASE, Sandbox
 
-    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg")
+    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg", "bdr", "bdv")
     for d in BASE.glob("*") if BASE.exists() else ():
         if d.name.startswith(tags) and d.stat().st_mtime >= since - 1:
             print(f"   removing leftover sandbox {d.name}", file=sys.stderr)
@@ -89,8 +94,8 @@ def main() -> int:
     notes: list[str] = []
     t_all = time.monotonic()
     since = time.time()
-    for script, extra, limit in PLAN:
-        name = script.removesuffix(".py")
+    for script, extra, limit, *named in PLAN:
+        name = named[0] if named else script.removesuffix(".py")
         if only is not None and name not in only:
             continue
         path = HERE / script

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,12 +23,14 @@ from urllib.parse import urlsplit
 from overlay import cli
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
 from overlay.model import (
+    IPNet,
     LeaseEntry,
     LeaseEvent,
     LeaseSnapshot,
     NetworkConfig,
     NodeRecord,
     config_key,
+    key_role,
     normalize_prefix,
     parse_subnet_key,
     subnet_key,
@@ -89,8 +91,9 @@ def options_from_args(args: argparse.Namespace) -> EtcdOptions:
 def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
     """'http://10.0.0.1:2379,https://h:2379' -> (('10.0.0.1:2379', 'a.b.c.d:2379'), tls?).
 
-    grpc's ipv4: resolver wants literal addresses, so host names are resolved
-    here, once.
+    grpc's ipv4:/ipv6: resolvers want literal addresses, so host names are
+    resolved here, once (to IPv4 if they have one). IPv6 endpoints come out as
+    '[fd30::11]:2379'; one list cannot mix the families (one resolver).
     """
     items = [raw] if isinstance(raw, str) else list(raw)
     parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
@@ -117,17 +120,29 @@ def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, 
             raise ConfigError("--etcd-endpoints", f"{p!r}: port 0 cannot be connected to")
         if not host:
             raise ConfigError("--etcd-endpoints", f"{p!r} is not HOST:PORT")
-        if ":" in host:
-            raise ConfigError("--etcd-endpoints", f"{p!r} is an IPv6 address; the etcd client "
-                              "reaches etcd over IPv4 only: give an IPv4 address, or a name "
-                              "that has one")
-        try:
-            addr = socket.gethostbyname(host)
-        except (OSError, UnicodeError):
-            raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r} to an IPv4 "
-                              "address") from None
-        out.append(f"{addr}:{port or 2379}")
+        out.append(_resolve(host, port or 2379))
+    if len({e.startswith("[") for e in out}) > 1:
+        raise ConfigError("--etcd-endpoints", "mixes IPv4 and IPv6 endpoints; list the "
+                          "members by addresses of one family")
     return tuple(out), tls
+
+
+def _resolve(host: str, port: int) -> str:
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+        return f"{host}:{port}"
+    except ValueError:
+        pass
+    try:
+        return f"{socket.gethostbyname(host)}:{port}"
+    except (OSError, UnicodeError):
+        pass
+    try:
+        info = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)
+        return f"[{info[0][4][0]}]:{port}"
+    except (OSError, IndexError, UnicodeError):
+        raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r}") from None
 
 
 class WatchLost(TemporaryError):
@@ -264,6 +279,9 @@ class EtcdStore:
             watch_max_reconnect_backoff_seconds=2.0,
             **kwargs,
         )
+        if endpoints[0].startswith("["):
+            # etcd3aio always names grpc's ipv4: resolver, which refuses IPv6 literals.
+            self._client._manager.target = "ipv6:" + ",".join(endpoints)
         self._connected = False
 
     async def connect(self) -> None:
@@ -369,18 +387,20 @@ class EtcdStore:
 
     # --- leases -----------------------------------------------------------
 
-    def _decode(self, kv: Any) -> tuple[IPv4Network | None, LeaseEntry | None, str]:
+    def _decode(self, kv: Any) -> tuple[IPNet | None, LeaseEntry | None, str, bool]:
+        """(key subnet, entry, why invalid, is an IPv6 claim) of one lease key."""
         key = kv.key.decode(errors="replace")
         subnet = parse_subnet_key(self.prefix, key)
         if subnet is None:
-            return None, None, f"{key}: not a subnet key"
+            return None, None, f"{key}: not a subnet key", False
         try:
             rec = NodeRecord.from_json(kv.value)
         except ConfigError as exc:
-            return subnet, None, f"{key}: {exc}"
-        if rec.subnet != subnet:
-            return subnet, None, f"{key}: value names subnet {rec.subnet}"
-        return subnet, LeaseEntry(rec, int(kv.mod_revision), int(kv.lease)), ""
+            return subnet, None, f"{key}: {exc}", False
+        role = key_role(subnet, rec)
+        if not role:
+            return subnet, None, f"{key}: value names subnet {rec.key_subnet}", False
+        return subnet, LeaseEntry(rec, int(kv.mod_revision), int(kv.lease)), "", role == "claim"
 
     async def list_leases(self) -> LeaseSnapshot:
         from etcd3aio import prefix_range_end
@@ -389,15 +409,16 @@ class EtcdStore:
         with self._errors(f"list {head}"):
             resp = await self._kv.get(head, range_end=prefix_range_end(head),
                                       timeout=self.opts.timeout)
-        entries: dict[IPv4Network, LeaseEntry] = {}
+        entries: dict[IPNet, LeaseEntry] = {}
+        claims: dict[IPNet, LeaseEntry] = {}
         invalid = []
         for kv in resp.kvs:
-            subnet, entry, err = self._decode(kv)
+            subnet, entry, err, claim = self._decode(kv)
             if entry is not None and subnet is not None:
-                entries[subnet] = entry
+                (claims if claim else entries)[subnet] = entry
             else:
                 invalid.append((kv.key.decode(errors="replace"), err))
-        return LeaseSnapshot(int(resp.header.revision), entries, invalid)
+        return LeaseSnapshot(int(resp.header.revision), entries, invalid, claims)
 
     async def watch_leases(self, start_revision: int) -> AsyncIterator[list[LeaseEvent]]:
         """Batches of lease changes from `start_revision` on.
@@ -420,12 +441,12 @@ class EtcdStore:
                     if ev.type == 1:  # DELETE
                         batch.append(LeaseEvent(subnet, None, int(ev.kv.mod_revision)))
                         continue
-                    _, entry, err = self._decode(ev.kv)
+                    _, entry, err, claim = self._decode(ev.kv)
                     if entry is None:
                         log.warning("ignoring invalid lease %s", err)
                         batch.append(LeaseEvent(subnet, None, int(ev.kv.mod_revision)))
                         continue
-                    batch.append(LeaseEvent(subnet, entry, int(ev.kv.mod_revision)))
+                    batch.append(LeaseEvent(subnet, entry, int(ev.kv.mod_revision), claim))
                 if batch:
                     yield batch
 
@@ -451,39 +472,62 @@ class EtcdStore:
             await self._lease.revoke(lease_id, timeout=self.opts.timeout)
 
     async def create_lease(self, record: NodeRecord, lease_id: int) -> int | None:
-        """Claim `record.subnet` if nobody holds it. The new mod_revision, or None."""
-        key = subnet_key(self.prefix, record.subnet)
+        """Claim the record's subnets (every key of its lease) if nobody holds any of them.
+        The new mod_revision, or None."""
+        return await self.write_lease(record, lease_id, dict.fromkeys(record.lease_keys, 0))
+
+    async def replace_lease(self, record: NodeRecord, lease_id: int,
+                            expect_mod: int | Mapping[IPNet, int],
+                            drop: Mapping[IPNet, int] | None = None) -> int | None:
+        """Rewrite our own lease (new etcd lease, new VTEP...) if unchanged since we read it.
+
+        `expect_mod`: the mod_revision of each existing key (an int: of the record's
+        own key); a key of the record not named must not exist. `drop`: other keys
+        of ours to delete in the same transaction (mod_revision, or 0: whatever it is).
+        """
+        expect = ({record.key_subnet: expect_mod} if isinstance(expect_mod, int)
+                  else dict(expect_mod))
+        for k in record.lease_keys:
+            expect.setdefault(k, 0)
+        return await self.write_lease(record, lease_id, expect, drop or {})
+
+    async def write_lease(self, record: NodeRecord, lease_id: int, expect: Mapping[IPNet, int],
+                          drop: Mapping[IPNet, int] | None = None) -> int | None:
+        """One transaction: every key of `record` must be as `expect` says (its
+        mod_revision, 0: absent), then all of them get the record, bound to `lease_id`,
+        and the keys in `drop` go."""
         kv = self._kv
-        with self._errors(f"claim {key}"):
-            resp = await kv.txn(
-                compare=[kv.txn_compare_create_revision(key, 0)],
-                success=[kv.txn_op_put(key, record.to_json(), lease=lease_id)],
-                timeout=self.opts.timeout,
-            )
+        compare = []
+        for subnet, mod in {**(drop or {}), **expect}.items():
+            key = subnet_key(self.prefix, subnet)
+            if mod:
+                compare.append(_compare_mod(key, mod))
+            elif subnet in expect:
+                compare.append(kv.txn_compare_create_revision(key, 0))
+        value = record.to_json()
+        success = [kv.txn_op_put(subnet_key(self.prefix, k), value, lease=lease_id)
+                   for k in record.lease_keys]
+        success += [kv.txn_op_delete(subnet_key(self.prefix, k)) for k in (drop or {})
+                    if k not in record.lease_keys]
+        what = subnet_key(self.prefix, record.key_subnet)
+        with self._errors(f"claim {what}"):
+            resp = await kv.txn(compare=compare, success=success, timeout=self.opts.timeout)
         return int(resp.header.revision) if resp.succeeded else None
 
-    async def replace_lease(self, record: NodeRecord, lease_id: int, expect_mod: int) -> int | None:
-        """Rewrite our own key (new etcd lease, new VTEP...) if unchanged since `expect_mod`."""
-        key = subnet_key(self.prefix, record.subnet)
+    async def delete_lease(self, subnet: IPNet | NodeRecord,
+                           expect_mod: int | None = None) -> bool:
+        """Delete one lease: a subnet's key, or every key of a record (its IPv6 claim too);
+        with `expect_mod`, only if the (record's) key is unchanged since then."""
+        keys = subnet.lease_keys if isinstance(subnet, NodeRecord) else (subnet,)
+        main = subnet_key(self.prefix, keys[0])
         kv = self._kv
-        with self._errors(f"update {key}"):
-            resp = await kv.txn(
-                compare=[_compare_mod(key, expect_mod)],
-                success=[kv.txn_op_put(key, record.to_json(), lease=lease_id)],
-                timeout=self.opts.timeout,
-            )
-        return int(resp.header.revision) if resp.succeeded else None
-
-    async def delete_lease(self, subnet: IPv4Network, expect_mod: int | None = None) -> bool:
-        key = subnet_key(self.prefix, subnet)
-        kv = self._kv
-        with self._errors(f"delete {key}"):
-            if expect_mod is None:
-                resp = await kv.delete(key, timeout=self.opts.timeout)
+        with self._errors(f"delete {main}"):
+            if expect_mod is None and len(keys) == 1:
+                resp = await kv.delete(main, timeout=self.opts.timeout)
                 return bool(resp.deleted)
             resp = await kv.txn(
-                compare=[_compare_mod(key, expect_mod)],
-                success=[kv.txn_op_delete(key)],
+                compare=[_compare_mod(main, expect_mod)] if expect_mod is not None else [],
+                success=[kv.txn_op_delete(subnet_key(self.prefix, k)) for k in keys],
                 timeout=self.opts.timeout,
             )
             return bool(resp.succeeded)

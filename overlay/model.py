@@ -148,6 +148,16 @@ def parse_ip(value: object, field: str) -> IPAddr:
         raise ConfigError(field, f"{value!r} is not an IP address") from None
 
 
+def parse_underlay_ip(value: object, field: str = "underlayIP") -> IPAddr:
+    """A node's underlay address: a unicast address of either family that a VXLAN
+    packet can be sent to (not loopback, link-local, multicast or unspecified)."""
+    addr = parse_ip(value, field)
+    if addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified:
+        raise ConfigError(field, f"{addr} cannot be an underlay address (loopback, link-local, "
+                          "multicast or unspecified)")
+    return addr
+
+
 def _int(value: object, field: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(field, f"expected an integer, got {value!r}")
@@ -198,6 +208,19 @@ def parse_cidr6(value: object, field: str = "IPv6Network") -> IPv6Network:
 def parse_subnet(value: object, field: str = "subnet") -> IPNet:
     """A node subnet of either family."""
     return _any_cidr(value, field, "10.244.7.0/24")
+
+
+def within(net: IPNet, outer: IPNet) -> bool:
+    """`net` lies in `outer` (False across families)."""
+    if isinstance(net, IPv4Network):
+        return isinstance(outer, IPv4Network) and net.subnet_of(outer)
+    return isinstance(outer, IPv6Network) and net.subnet_of(outer)
+
+
+def hostport(host: IPAddr | str, port: int | str) -> str:
+    """host:port, with an IPv6 address in brackets ([fd30::1:11]:7946)."""
+    h = str(host)
+    return f"[{h}]:{port}" if ":" in h and not h.startswith("[") else f"{h}:{port}"
 
 
 def vtep_address(subnet: IPNet) -> IPAddr:
@@ -259,8 +282,7 @@ class Pool:
         return range(self.index(self.first), self.index(self.last) + 1)
 
     def belongs(self, subnet: IPNet) -> bool:
-        return (subnet.version == self.family and subnet.prefixlen == self.subnet_len
-                and subnet.subnet_of(self.network))  # type: ignore[arg-type]
+        return subnet.prefixlen == self.subnet_len and within(subnet, self.network)
 
     def in_range(self, subnet: IPNet) -> bool:
         """A subnet a new lease may get."""
@@ -666,7 +688,7 @@ class NodeRecord:
         return cls(
             node=check_node_name(doc.get("node")),
             subnet=subnet,
-            underlay_ip=parse_ip(doc.get("underlayIP"), "underlayIP"),
+            underlay_ip=parse_underlay_ip(doc.get("underlayIP"), "underlayIP"),
             vtep_mac=parse_mac(doc.get("vtepMAC"), "vtepMAC"),
             grpc_addr=grpc_addr,
             backend=backend,

@@ -22,7 +22,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Interface
+from ipaddress import ip_interface
 
 from overlay import metrics
 from overlay.agent import state
@@ -41,14 +41,15 @@ from overlay.agent.readiness import Readiness
 from overlay.agent.status import AgentStatus, PeerStatus, state_counts
 from overlay.agent.vxlanfilter import VxlanFilter
 from overlay.cni.ipam import Ipam
-from overlay.dataplane.devices import VXLAN_OVERHEAD_V4, BridgeSpec, DeviceOp, VxlanSpec, stable_mac
+from overlay.dataplane.desired import UnderlayView
+from overlay.dataplane.devices import BridgeSpec, DeviceOp, VxlanSpec, stable_mac, vxlan_overhead
 from overlay.dataplane.kernel import Underlay
 from overlay.dataplane.reconciler import Reconciler, Specs
 from overlay.devnames import BRIDGE_NAME, vxlan_name
 from overlay.errors import ConfigError, PermanentError, TemporaryError
 from overlay.membership import tls as tlsmod
 from overlay.membership.signing import NodeKey
-from overlay.model import LeaseEntry, NetworkConfig, validate_network
+from overlay.model import LeaseEntry, NetworkConfig, hostport, validate_network
 
 log = logging.getLogger("overlayd")
 
@@ -88,10 +89,10 @@ class Agent:
 
     def node_net(self) -> NodeNet:
         self.readiness.lease_pending(self.lease)
-        subnet = self.lease.subnet if self.lease else None
-        ready = self.readiness.ready() and subnet is not None
+        subnets = self.lease.subnets if self.lease else ()
+        ready = self.readiness.ready() and bool(subnets)
         return NodeNet(ready=ready, reason="" if ready else self.readiness.not_ready_reason(),
-                       subnet=subnet, mtu=self.mtu or 1450, bridge=BRIDGE_NAME,
+                       subnets=subnets, mtu=self.mtu or 1450, bridge=BRIDGE_NAME,
                        bridge_mac=self.bridge_mac)
 
     @property
@@ -104,8 +105,8 @@ class Agent:
         rec, ms = self.reconciler, self.membership
         if ms is not None:
             peers = tuple(PeerStatus.of_view(v, bool(
-                rec and v.in_etcd and v.source != "left" and rec.is_programmed(v.record)))
-                for v in ms.views())
+                rec and v.in_etcd and v.source != "left" and rec.is_programmed(v.record)),
+                bool(rec and rec.is_direct(v.record.node))) for v in ms.views())
         else:
             peers = tuple(PeerStatus(e.record, e.mod_revision,
                                      bool(rec and rec.is_programmed(e.record)))
@@ -138,7 +139,7 @@ class Agent:
         if not self.readiness.ready():
             return f"not ready: {self.readiness.not_ready_reason()}"
         npeers = len(self.peers.peer_records()) if self.peers else 0
-        return f"ready: node {self.node}, subnet {self.lease.subnet if self.lease else '-'}, " \
+        return f"ready: node {self.node}, subnet {self.lease.describe() if self.lease else '-'}, " \
                f"{npeers} peers"
 
     # --- lifecycle ------------------------------------------------------------
@@ -210,11 +211,15 @@ class Agent:
         fixed = ipam.repair()
         if fixed:
             log.warning("IPAM: repaired %d records left inconsistent by a crash", fixed)
-        self.masq = masq = NftMasquerade(lambda: self.cfg.network if self.cfg else None,
-                                         lambda: self.lease.subnet if self.lease else None,
+        self.masq = masq = NftMasquerade(lambda: self.cfg.networks if self.cfg else None,
+                                         lambda: self.lease.subnets if self.lease else None,
                                          opts.run_dir / "masq", opts.ip_masq, host.nft)
         self._closers.append(masq.close)
-        cni = CniService(ipam, host.pod_wiring(BRIDGE_NAME), self.node_net, masq)
+        ipam6 = Ipam(opts.run_dir / "ipam6")  # IPv6 pod addresses (overlay.cni.ipam)
+        fixed = ipam6.repair()
+        if fixed:
+            log.warning("IPAM (IPv6): repaired %d records left inconsistent by a crash", fixed)
+        cni = CniService(ipam, host.pod_wiring(BRIDGE_NAME), self.node_net, masq, ipam6=ipam6)
         await cni.start(opts.run_dir / "cni.sock")
         self._closers.append(cni.close)
         server = await start_local_api(opts.run_dir / "overlayd.sock", self.status,
@@ -231,7 +236,8 @@ class Agent:
         revision = await self._dataplane_up(entry, cfg, tls)
         log.info("node %s ready%s: subnet %s, %d peers", self.node,
                  " (DEGRADED: etcd unreachable)" if self.degraded.active else "",
-                 entry.record.subnet, len(self.peers.peer_records()) if self.peers else 0)
+                 " and ".join(map(str, entry.record.subnets)),
+                 len(self.peers.peer_records()) if self.peers else 0)
         metrics.READY.set(1)
         # systemd: started only now that the lease, the devices and the first
         # reconcile are done, so pods scheduled after this get an address.
@@ -242,8 +248,8 @@ class Agent:
         opts = self.opts
         assert self.host is not None
         # The underlay first: a wrong --iface fails at once, even while etcd is down.
-        self.underlay = underlay = await self.host.find_underlay(opts.iface, opts.iface_regex,
-                                                                 opts.public_ip)
+        self.underlay = underlay = await self.host.find_underlay(
+            opts.iface, opts.iface_regex, opts.public_ip, opts.underlay_family)
         self.store = store = self.parts.store(opts.etcd)
         await store.connect()
         self._closers.append(store.close)
@@ -269,12 +275,13 @@ class Agent:
         # membership statements are signed with (overlay.membership.signing).
         self.node_key = node_key = NodeKey(state.signing_key(opts.state_dir))
         self.incarnation = state.next_incarnation(ident.incarnation, int(time.time() * 1000))
-        grpc_addr = opts.grpc_advertise or f"{underlay.ip}:{opts.grpc_listen.rpartition(':')[2]}"
+        grpc_addr = opts.grpc_advertise or hostport(underlay.ip,
+                                                    self._grpc_listen().rpartition(":")[2])
         template = Template(ident.node, str(underlay.ip), ident.vtep_mac, grpc_addr,
                             node_key.public)
         self.peers = PeerTable(ident.node)
         self.lease = lease = LeaseManager(self.store, cfg, template, opts.lease_ttl,
-                                          ident.subnet)
+                                          ident.subnets)
         lease.on_change = self._lease_changed
         self.readiness.set("lease", False, "acquiring a subnet lease")
         self.readiness.status("acquiring a subnet lease")
@@ -283,7 +290,7 @@ class Agent:
             lease, ident, template, etcd_answered=not self.config.from_saved)
         if not self.degraded.active:
             metrics.LEASE_ACQUISITIONS.inc()
-            self.readiness.set("lease", True, f"holding {entry.record.subnet}")
+            self.readiness.set("lease", True, f"holding {lease.describe()}")
             self.readiness.set("etcd", True, "reachable")
             metrics.ETCD_UP.set(1)
         self._save_identity(entry)
@@ -299,10 +306,11 @@ class Agent:
         peers = self.peers
         self.membership = ms = self.parts.membership(
             entry.record, entry.mod_revision, self.incarnation, opts.membership,
-            opts.grpc_listen, tls, lambda: peers.entries, self._membership_changed,
+            self._grpc_listen(), tls, lambda: peers.entries, self._membership_changed,
             self.node_key)
         self._closers.append(ms.close)
-        filt = VxlanFilter(cfg.port, self.host.nft)
+        assert self.underlay is not None
+        filt = VxlanFilter(cfg.port, self.host.nft, self.underlay.family)
         if opts.vxlan_filter:
             self.vxlan_filter = filt
         else:
@@ -323,7 +331,7 @@ class Agent:
         if self.vxlan_filter is None:
             # A table left by an earlier run with the filter on would still drop traffic.
             await filt.remove()
-        self.host.enable_forwarding()
+        self.host.enable_forwarding(ipv6=cfg.enable_ipv6)
         await self._first_reconcile(rec)
         if opts.ip_masq or self.masq.has_pods():
             await self.masq.ensure()
@@ -364,28 +372,31 @@ class Agent:
         self.readiness.set("device", True, f"{rec.specs.vxlan.name} up" if rec.specs else "up")
         self.readiness.set("reconciled", True, "kernel matches the leases")
 
+    def _grpc_listen(self) -> str:
+        if self.opts.grpc_listen:
+            return self.opts.grpc_listen
+        return "[::]:7946" if self.underlay and self.underlay.family == 6 else "0.0.0.0:7946"
+
     def _overlay_mtu(self, underlay: Underlay) -> int:
-        opts = self.opts
-        mtu = opts.mtu or underlay.mtu - VXLAN_OVERHEAD_V4
-        if opts.mtu and opts.mtu > underlay.mtu - VXLAN_OVERHEAD_V4:
-            log.warning("--mtu %d exceeds %s's MTU %d minus the %d-byte VXLAN overhead: large "
-                        "packets will be dropped", opts.mtu, underlay.ifname, underlay.mtu,
-                        VXLAN_OVERHEAD_V4)
-        if mtu < 576:
-            raise ConfigError("--mtu", f"overlay MTU {mtu} is below 576")
-        log.info("underlay %s, address %s, MTU %d: overlay MTU %d", underlay.ifname,
-                 underlay.ip, underlay.mtu, mtu)
+        assert self.cfg is not None
+        mtu = overlay_mtu(self.cfg, underlay, self.opts.mtu)
+        log.info("underlay %s, address %s, MTU %d: overlay MTU %d (%d bytes of VXLAN over "
+                 "IPv%d)", underlay.ifname, underlay.ip, underlay.mtu, mtu,
+                 vxlan_overhead(underlay.family), underlay.family)
         return mtu
 
     def _specs(self, entry: LeaseEntry) -> Specs:
         assert self.cfg is not None and self.underlay is not None
         rec = entry.record
+        # the VTEP address of each pod family: the source of node -> remote pod traffic
         vx = VxlanSpec(name=vxlan_name(self.cfg.vni), vni=self.cfg.vni, port=self.cfg.port,
                        local=self.underlay.ip, mtu=self.mtu, mac=self.vtep_mac,
-                       addresses=IPv4Interface(f"{rec.vtep_ip}/32"),
+                       addresses=tuple(ip_interface(f"{a}/{a.max_prefixlen}")
+                                       for a in rec.vtep_ips),
                        underlay_ifindex=self.underlay.ifindex)
-        br = BridgeSpec(BRIDGE_NAME, self.bridge_mac, self.mtu, rec.gateway)
-        return Specs(self.node, vx, br, self.cfg.network)
+        br = BridgeSpec(BRIDGE_NAME, self.bridge_mac, self.mtu, rec.gateways)
+        view = UnderlayView(self.underlay.family, self.underlay.network, self.cfg.direct_routing)
+        return Specs(self.node, vx, br, self.cfg.networks, view)
 
     async def _lease_changed(self, entry: LeaseEntry) -> None:
         assert self.reconciler is not None and self.masq is not None
@@ -398,8 +409,10 @@ class Agent:
             await self.masq.ensure()
 
     def _save_identity(self, entry: LeaseEntry) -> None:
+        rec = entry.record
         state.save(self.opts.state_dir, state.Identity(
-            self.node, self.vtep_mac, entry.record.subnet, entry.mod_revision, self.incarnation))
+            self.node, self.vtep_mac, rec.key_subnet, entry.mod_revision, self.incarnation,
+            rec.subnet6 if rec.subnet is not None else None))
 
     def _membership_changed(self) -> None:
         if self.reconciler is not None:
@@ -423,3 +436,24 @@ class Agent:
                                                                       "leave")])
         if self.vxlan_filter is not None:
             await self.vxlan_filter.remove()
+
+
+def overlay_mtu(cfg: NetworkConfig, underlay: Underlay, flag: int | None) -> int:
+    """The MTU of the VXLAN device, the bridge and the pods: --mtu, else flannel's
+    Backend.MTU (the outer MTU to plan for) or the underlay's, minus the VXLAN
+    overhead of the underlay's family (50 bytes over IPv4, 70 over IPv6)."""
+    overhead = vxlan_overhead(underlay.family)
+    outer = cfg.mtu or underlay.mtu
+    if cfg.mtu and cfg.mtu > underlay.mtu:
+        log.warning("Backend.MTU %d exceeds %s's MTU %d: large packets will be dropped",
+                    cfg.mtu, underlay.ifname, underlay.mtu)
+    mtu = flag or outer - overhead
+    if flag and flag > underlay.mtu - overhead:
+        log.warning("--mtu %d exceeds %s's MTU %d minus the %d-byte VXLAN overhead: large "
+                    "packets will be dropped", flag, underlay.ifname, underlay.mtu, overhead)
+    least = 1280 if cfg.enable_ipv6 else 576  # IPv6 needs 1280 on every link
+    if mtu < least:
+        raise ConfigError("--mtu" if flag else "Backend.MTU" if cfg.mtu else "underlay",
+                          f"overlay MTU {mtu} is below {least}"
+                          + (" (IPv6's minimum)" if least == 1280 else ""))
+    return mtu

@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import ip_interface
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +34,7 @@ from overlay.cni.spec import CniError
 from overlay.cni.wiring import PodWiring, WiringError
 from overlay.devnames import BRIDGE_NAME, host_veth_name
 from overlay.errors import TemporaryError
-from overlay.model import pod_gateway
+from overlay.model import IPAddr, IPIface, IPNet, pod_gateway
 from overlay.netns import same_netns
 
 log = logging.getLogger(__name__)
@@ -45,20 +45,24 @@ class NodeNet:
 
     ready: bool
     reason: str = ""
-    subnet: IPv4Network | None = None
+    subnets: tuple[IPNet, ...] = ()  # one per pod address family, IPv4 first
     mtu: int = 1450
     bridge: str = BRIDGE_NAME
     bridge_mac: str = ""
 
     @property
-    def gateway(self) -> IPv4Interface:
+    def subnet(self) -> IPNet | None:
+        return self.subnets[0] if self.subnets else None
+
+    @property
+    def gateway(self) -> IPIface:
         assert self.subnet is not None
         return pod_gateway(self.subnet)
 
 
 class Masquerade(Protocol):
-    async def add(self, ip: IPv4Address) -> None: ...
-    async def remove(self, ip: IPv4Address) -> None: ...
+    async def add(self, ip: IPAddr) -> None: ...
+    async def remove(self, ip: IPAddr) -> None: ...
 
 
 class CniService:
@@ -68,8 +72,12 @@ class CniService:
         wiring: PodWiring,
         node: Callable[[], NodeNet],
         masq: Masquerade | None = None,
+        ipam6: Ipam | None = None,
     ) -> None:
         self.ipam = ipam
+        # IPv6 addresses are allocated apart (overlay.cni.ipam): pods of an IPv6-only
+        # or dual-stack node have a record there.
+        self.ipam6 = ipam6
         self.wiring = wiring
         self.node = node
         self.masq = masq
@@ -132,9 +140,19 @@ class CniService:
             if command in spec.COMMANDS:
                 metrics.CNI_SECONDS.labels(command=command).observe(time.perf_counter() - t0)
 
+    def ipams(self) -> list[Ipam]:
+        return [i for i in (self.ipam, self.ipam6) if i is not None]
+
+    def _ipam_for(self, version: int) -> Ipam:
+        if version == 4:
+            return self.ipam
+        if self.ipam6 is None:
+            raise CniError(spec.E_INTERNAL, "IPv6 pod addresses are not configured in the agent")
+        return self.ipam6
+
     async def add(self, e: spec.Env, conf: spec.NetConf, ns_fd: int) -> bytes:
         node = self.node()
-        if not node.ready or node.subnet is None:
+        if not node.ready or not node.subnets:
             raise CniError(spec.E_TRY_AGAIN, "the overlay node agent is not ready; try again later",
                            _not_ready_details(node))
         mtu = conf.mtu or node.mtu
@@ -143,27 +161,43 @@ class CniService:
                            f"{node.mtu}; packets would be dropped")
         if conf.prev_result is not None:
             spec.parse_result(conf.prev_result)  # refuse a malformed one before any change
-        existing = self.ipam.find(e.container_id, e.ifname)
+        # One address per family the node has (IPv4 first); each allocation that is new
+        # is given back if anything after it fails.
+        allocated: list[tuple[IPNet, IPAddr]] = []
+        fresh: list[Ipam] = []
         try:
-            alloc = self.ipam.allocate(node.subnet, e.container_id, e.ifname)
+            for subnet in node.subnets:
+                ipam = self._ipam_for(subnet.version)
+                existing = ipam.find(e.container_id, e.ifname)
+                alloc = ipam.allocate(subnet, e.container_id, e.ifname)
+                if existing is None or existing.ip != alloc.ip:
+                    fresh.append(ipam)
+                allocated.append((subnet, alloc.ip))
         except AddressesExhausted as exc:
+            for ipam in fresh:
+                ipam.release(e.container_id, e.ifname)
             raise CniError(spec.E_NO_ADDRESS, "no free pod address on this node",
                            str(exc)) from None
-        address = IPv4Interface(f"{alloc.ip}/{node.subnet.prefixlen}")
-        gw = node.gateway.ip
+        except BaseException:
+            for ipam in fresh:
+                ipam.release(e.container_id, e.ifname)
+            raise
+        config = [(ip_interface(f"{ip}/{subnet.prefixlen}"), pod_gateway(subnet).ip)
+                  for subnet, ip in allocated]
         attached = None
         try:
-            attached = await self.wiring.attach(ns_fd, e.container_id, e.ifname, address, gw,
+            attached = await self.wiring.attach(ns_fd, e.container_id, e.ifname, config,
                                                 mtu, conf.hairpin)
             if conf.ip_masq and self.masq is not None:
-                await self.masq.add(alloc.ip)
+                for _, ip in allocated:
+                    await self.masq.add(ip)
         except BaseException as exc:
-            # Leave nothing behind: the veth (if made) and the address (if new).
+            # Leave nothing behind: the veth (if made) and the addresses (if new).
             if attached is not None:
                 with contextlib.suppress(Exception):
                     await self.wiring.detach(e.container_id, e.ifname, None)
-            if existing is None:
-                self.ipam.release(e.container_id, e.ifname)
+            for ipam in fresh:
+                ipam.release(e.container_id, e.ifname)
             if isinstance(exc, WiringError):
                 code = spec.E_IFNAME_EXISTS if "already exists" in exc.what else spec.E_NETLINK
                 raise CniError(code, f"cannot attach the pod: {exc}") from None
@@ -171,16 +205,17 @@ class CniService:
                 raise CniError(spec.E_TRY_AGAIN, "cannot set up masquerading for the pod; try "
                                "again later", str(exc)) from None
             raise
-        log.info("pod %s/%s attached: %s via %s", e.container_id[:12], e.ifname, address,
-                 attached.host_ifname)
+        log.info("pod %s/%s attached: %s via %s", e.container_id[:12], e.ifname,
+                 ", ".join(str(a) for a, _ in config), attached.host_ifname)
         ours = spec.Result(
             interfaces=(
                 spec.Interface(node.bridge, node.bridge_mac),
                 spec.Interface(attached.host_ifname, attached.host_mac),
                 spec.Interface(e.ifname, attached.container_mac, e.netns),
             ),
-            ips=(spec.IPConfig(address, gw, 2),),
-            routes=(spec.RouteR("0.0.0.0/0", str(gw)),),
+            ips=tuple(spec.IPConfig(a, gw, 2) for a, gw in config),
+            routes=tuple(spec.RouteR("0.0.0.0/0" if gw.version == 4 else "::/0", str(gw))
+                         for _, gw in config),
             dns=conf.dns,
         )
         if conf.prev_result is not None:
@@ -192,18 +227,20 @@ class CniService:
         if conf.lenient:
             log.warning("CNI DEL %s/%s: the network config is invalid (%s); removing the "
                         "attachment anyway", e.container_id[:12], e.ifname, conf.lenient)
-        have = self.ipam.find(e.container_id, e.ifname)
+        have = [a for ipam in self.ipams() if (a := ipam.find(e.container_id, e.ifname))]
         try:
             await self.wiring.detach(e.container_id, e.ifname, ns_fd,
-                                     have.ip if have is not None else None)
+                                     have[0].ip if have else None)
         except WiringError as exc:
-            # Keep the address: the pod may still use it. The runtime retries DEL.
+            # Keep the addresses: the pod may still use them. The runtime retries DEL.
             raise CniError(spec.E_NETLINK, f"cannot remove the pod's veth: {exc}") from None
-        alloc = self.ipam.release(e.container_id, e.ifname)
-        if alloc is not None and self.masq is not None:
-            await self.masq.remove(alloc.ip)
-        if alloc is not None:
-            log.info("pod %s/%s detached, %s released", e.container_id[:12], e.ifname, alloc.ip)
+        for ipam in self.ipams():
+            alloc = ipam.release(e.container_id, e.ifname)
+            if alloc is not None and self.masq is not None:
+                await self.masq.remove(alloc.ip)
+            if alloc is not None:
+                log.info("pod %s/%s detached, %s released", e.container_id[:12], e.ifname,
+                         alloc.ip)
         return b""
 
     async def check(self, e: spec.Env, conf: spec.NetConf, ns_fd: int) -> bytes:
@@ -211,16 +248,22 @@ class CniService:
             raise CniError(spec.E_INVALID_CONFIG, "prevResult: CHECK needs the result of ADD")
         prev = spec.parse_result(conf.prev_result)
         problems = []
-        alloc = self.ipam.find(e.container_id, e.ifname)
         ours = [ip for ip in prev.ips
                 if ip.interface is not None and 0 <= ip.interface < len(prev.interfaces)
                 and prev.interfaces[ip.interface].name == e.ifname]
         if not ours:
             problems.append(f"prevResult has no address for {e.ifname}")
-        if alloc is None:
+        allocs = [a for ipam in self.ipams() if (a := ipam.find(e.container_id, e.ifname))]
+        if not allocs:
             problems.append(f"no address is allocated to {e.container_id}/{e.ifname}")
-        elif not any(ip.address.ip == alloc.ip for ip in ours):
-            problems.append(f"allocated address {alloc.ip} is not in prevResult")
+        for alloc in allocs:
+            if not any(ip.address.ip == alloc.ip for ip in ours):
+                problems.append(f"allocated address {alloc.ip} is not in prevResult")
+        for family in sorted({s.version for s in self.node().subnets} - {a.ip.version
+                                                                        for a in allocs}):
+            if allocs:
+                problems.append(f"no IPv{family} address is allocated to "
+                                f"{e.container_id}/{e.ifname}")
         view = await self.wiring.container_view(ns_fd, e.ifname)
         host, host_index, master = await self.wiring.host_view(e.container_id, e.ifname)
         if not view.exists:
@@ -235,8 +278,10 @@ class CniService:
             for ip in ours:
                 if ip.address not in view.addresses:
                     problems.append(f"{e.ifname} lacks address {ip.address}")
-                if ip.gateway is not None and view.default_gw != ip.gateway:
-                    problems.append(f"the default route is via {view.default_gw or 'nothing'}, "
+                have_gw = view.gateway(ip.address.version)
+                if ip.gateway is not None and have_gw != ip.gateway:
+                    what = "default route" if ip.address.version == 4 else "IPv6 default route"
+                    problems.append(f"the {what} is via {have_gw or 'nothing'}, "
                                     f"not {ip.gateway}")
             mine = [i for i in prev.interfaces if i.name == e.ifname and i.sandbox]
             if mine and mine[0].mac and mine[0].mac.lower() != view.mac:
@@ -255,15 +300,17 @@ class CniService:
 
     async def gc(self, conf: spec.NetConf) -> bytes:
         valid = conf.valid_attachments or ()
-        for a in self.ipam.gc(valid):
-            with contextlib.suppress(WiringError):
-                await self.wiring.detach(a.container_id, a.ifname, None)
-            if self.masq is not None:
-                await self.masq.remove(a.ip)
-            log.info("GC released %s of %s/%s", a.ip, a.container_id[:12], a.ifname)
+        for ipam in self.ipams():
+            for a in ipam.gc(valid):
+                with contextlib.suppress(WiringError):
+                    await self.wiring.detach(a.container_id, a.ifname, None)
+                if self.masq is not None:
+                    await self.masq.remove(a.ip)
+                log.info("GC released %s of %s/%s", a.ip, a.container_id[:12], a.ifname)
         # Veths whose allocation is already gone (an agent killed in the middle of an ADD).
         keep = [host_veth_name(c, i) for c, i in valid]
-        keep += [host_veth_name(a.container_id, a.ifname) for a in self.ipam.all()]
+        keep += [host_veth_name(a.container_id, a.ifname) for ipam in self.ipams()
+                 for a in ipam.all()]
         for name in await self.wiring.orphans(keep):
             with contextlib.suppress(WiringError):
                 await self.wiring.deleter.delete(name)
@@ -440,7 +487,7 @@ async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket, da
 
 
 def _not_ready_details(node: NodeNet) -> str:
-    if node.subnet is None:
+    if not node.subnets:
         return (f"this node has no pod subnet yet ({node.reason or 'starting'}); pods start "
                 "once overlayd holds a subnet lease")
     return node.reason or "starting"

@@ -41,7 +41,7 @@ class DegradedStart:
         # Retry often: when etcd returns after a long outage our key may have expired,
         # and peers do not program us until we hold a lease again.
         task = asyncio.create_task(lease.acquire(retry_max=1.0), name="lease-acquire")
-        if not (ident.subnet and ident.lease_revision):
+        if not (ident.subnets and ident.lease_revision):
             return await task
         # (no second wait when etcd already did not answer for the config)
         wait = self.startup_timeout if etcd_answered else 0.0
@@ -50,16 +50,17 @@ class DegradedStart:
         except TimeoutError:
             pass
         self._pending = task
-        entry = LeaseEntry(template.record(ident.subnet), ident.lease_revision, 0)
+        entry = LeaseEntry(template.record(*ident.subnets), ident.lease_revision, 0)
+        held = " and ".join(map(str, ident.subnets))
         lease.assume(entry)
         self.active = True
         msg = (f"unreachable at start-up: running DEGRADED from the state saved in "
-               f"{self.state_dir} (subnet {ident.subnet}, lease revision "
+               f"{self.state_dir} (subnet {held}, lease revision "
                f"{ident.lease_revision}); peers learn our record by gossip; the lease is "
                "re-taken when etcd answers")
         log.warning("etcd %s", msg)
         self.readiness.set("etcd", False, msg)
-        self.readiness.set("lease", True, f"assumed {ident.subnet} from the saved state")
+        self.readiness.set("lease", True, f"assumed {held} from the saved state")
         return entry
 
     def saved_peers(self) -> LeaseSnapshot | None:
@@ -72,7 +73,7 @@ class DegradedStart:
         entry = await self._pending
         self._pending = None
         log.info("etcd answers again: lease for %s re-taken; no longer degraded",
-                 entry.record.subnet)
+                 " and ".join(map(str, entry.record.subnets)))
         self.active = False
         await on_lease(entry)
 

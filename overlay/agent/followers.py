@@ -68,9 +68,8 @@ class ConfigFollower:
                 else:
                     cfg = await self.store.get_config()
                 self.readiness.set("etcd", True, "reachable")
-                self.readiness.set("config", True, str(cfg.network))
-                log.info("network config: %s, /%d per node, VNI %d, UDP port %d", cfg.network,
-                         cfg.subnet_len, cfg.vni, cfg.port)
+                self.readiness.set("config", True, ", ".join(map(str, cfg.networks)))
+                log.info("network config: %s", cfg.describe())
                 self.cfg = cfg
                 return cfg
             except NotFound as exc:
@@ -125,7 +124,7 @@ class ConfigFollower:
             msg = str(exc)
             if self._refused.changed(msg):
                 log.error("refusing the network config now in etcd (%s); keeping the last "
-                          "good one (%s)", msg, self.cfg.network if self.cfg else "-")
+                          "good one (%s)", msg, self.cfg.describe() if self.cfg else "-")
             self.readiness.set("config", False, f"refused: {msg}; using the last good one")
             return
         except TemporaryError:
@@ -138,7 +137,7 @@ class ConfigFollower:
             if self._changed.changed(msg):
                 log.warning("%s", msg)
         else:
-            self.readiness.set("config", True, str(cfg.network))
+            self.readiness.set("config", True, ", ".join(map(str, cfg.networks)))
 
 
 class LeaseFollower:
@@ -193,8 +192,14 @@ class LeaseFollower:
             return
         if peers.revision < lease.current.mod_revision:
             return  # the watch has not reached our own last write yet: old news
-        e = peers.entries.get(lease.current.record.subnet)
+        mine = lease.current.record
+        e = peers.entries.get(mine.key_subnet)
         if e is None:
             lease.lost("its key was deleted from etcd")
         elif e.record.node != lease.template.node:
             lease.lost(f"node {e.record.node} now holds it")
+        else:
+            for k in mine.lease_keys[1:]:  # the IPv6 claim of a dual-stack lease
+                c = peers.claims.get(k)
+                if c is None or c.record.node != lease.template.node:
+                    lease.lost(f"its IPv6 claim {k} was deleted or taken")

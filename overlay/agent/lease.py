@@ -1,7 +1,8 @@
 """The node's subnet lease: acquire, keep alive, win it back.
 
-Allocation is an etcd transaction that succeeds only if the key does not
-exist; a lost race moves on to the next candidate (flannel exits instead).
+Allocation is an etcd transaction that succeeds only if none of the lease's
+keys exists (one per family, see overlay.model); a lost race moves on to the
+next candidate (flannel exits instead).
 A node that finds its own key (by node name) after a restart takes it over
 in place, and a node whose lease expired asks for its old subnet first and
 moves, saying so, only if somebody else took it meanwhile.
@@ -14,15 +15,16 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Protocol
 
 from overlay import metrics, subnets
 from overlay.errors import TemporaryError
-from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
+from overlay.model import IPNet, LeaseEntry, LeaseSnapshot, NetworkConfig, NodeRecord
 from overlay.retry import Backoff, Once, wait
+from overlay.subnets import split as split_subnets
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,11 @@ class LeaseStore(Protocol):
     async def keepalive(self, lease_id: int) -> int: ...
     async def create_lease(self, record: NodeRecord, lease_id: int) -> int | None: ...
     async def replace_lease(
-        self, record: NodeRecord, lease_id: int, expect_mod: int
+        self, record: NodeRecord, lease_id: int, expect_mod: int | Mapping[IPNet, int],
+        drop: Mapping[IPNet, int] | None = None,
     ) -> int | None: ...
-    async def delete_lease(self, subnet: IPv4Network, expect_mod: int | None = None) -> bool: ...
+    async def delete_lease(self, subnet: IPNet | NodeRecord,
+                           expect_mod: int | None = None) -> bool: ...
     async def revoke(self, lease_id: int) -> None: ...
 
 
@@ -45,7 +49,7 @@ class SubnetsExhausted(TemporaryError):
 
 @dataclass(frozen=True)
 class Template:
-    """Everything in our lease record except the subnet."""
+    """Everything in our lease record except the subnets."""
 
     node: str
     underlay_ip: str
@@ -53,19 +57,31 @@ class Template:
     grpc_addr: str
     public_key: str = ""    # membership signing key (overlay.membership.signing)
 
-    def record(self, subnet: IPv4Network) -> NodeRecord:
-        return NodeRecord(self.node, subnet, IPv4Address(self.underlay_ip), self.vtep_mac,
-                          self.grpc_addr, public_key=self.public_key)
+    def record(self, *subnets: IPNet) -> NodeRecord:
+        v4, v6 = split_subnets(subnets)
+        return NodeRecord(self.node, v4, ip_address(self.underlay_ip), self.vtep_mac,
+                          self.grpc_addr, public_key=self.public_key, subnet6=v6)
+
+
+def _preferred(value: IPNet | Sequence[IPNet] | None) -> tuple[IPNet, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, IPv4Network | IPv6Network):
+        return (value,)
+    return tuple(value)
 
 
 class LeaseManager:
+    """Holds this node's lease: one subnet per enabled family (IPv4 and/or IPv6),
+    written and renewed as one (see overlay.model for the etcd layout)."""
+
     def __init__(
         self,
         store: LeaseStore,
         cfg: NetworkConfig,
         template: Template,
         ttl: int = 60,
-        preferred: IPv4Network | None = None,
+        preferred: IPNet | Sequence[IPNet] | None = None,
         rng: random.Random | None = None,
         retry_max: float = 5.0,
     ) -> None:
@@ -73,7 +89,7 @@ class LeaseManager:
         self.cfg = cfg
         self.template = template
         self.ttl = ttl
-        self.preferred = preferred
+        self.preferred = _preferred(preferred)
         self.rng = rng or random.Random()
         self.retry_max = retry_max
         self.current: LeaseEntry | None = None
@@ -89,8 +105,16 @@ class LeaseManager:
         self.on_change: Callable[[LeaseEntry], Awaitable[None]] | None = None
 
     @property
-    def subnet(self) -> IPv4Network | None:
-        return self.current.record.subnet if self.current else None
+    def subnet(self) -> IPNet | None:
+        """The subnet the lease is stored under (IPv4 when the node has one)."""
+        return self.current.record.key_subnet if self.current else None
+
+    @property
+    def subnets(self) -> tuple[IPNet, ...]:
+        return self.current.record.subnets if self.current else ()
+
+    def describe(self) -> str:
+        return " and ".join(map(str, self.subnets)) or "-"
 
     async def acquire(self, retry_max: float | None = None) -> LeaseEntry:
         """Hold a subnet lease, retrying (with backoff up to `retry_max`) until etcd gives one."""
@@ -102,7 +126,7 @@ class LeaseManager:
                 self.last_error = ""
                 self.current = entry
                 self._assumed = False
-                self.preferred = entry.record.subnet
+                self.preferred = entry.record.subnets
                 self.healthy = True
                 self.last_renewal = time.monotonic()
                 return entry
@@ -114,55 +138,80 @@ class LeaseManager:
                 self.healthy = False
             await asyncio.sleep(backoff.next())
 
+    def _fits(self, rec: NodeRecord) -> bool:
+        """`rec` has a subnet of exactly the config's families, each one it may keep."""
+        return (tuple(s.version for s in rec.subnets) == self.cfg.families
+                and all(subnets.keeps(self.cfg, s) for s in rec.subnets))
+
     async def _try_acquire(self) -> LeaseEntry:
         snap = await self.store.list_leases()
+        me = self.template.node
+        pref = set(self.preferred)
         mine = sorted(
-            (e for e in snap.entries.values() if e.record.node == self.template.node),
-            key=lambda e: (e.record.subnet != self.preferred, e.record.subnet),
+            (e for e in snap.entries.values() if e.record.node == me),
+            key=lambda e: (not self._fits(e.record), e.record.key_subnet not in pref,
+                           e.record.key_subnet.version, str(e.record.key_subnet)),
         )
+        # Every key of ours, with its revision: taken over, or dropped in the same write.
+        own: dict[IPNet, int] = {k: e.mod_revision for k, e in snap.claims.items()
+                                 if e.record.node == me}
+        for e in mine:
+            own[e.record.key_subnet] = e.mod_revision
         self.lease_id = await self.store.grant(self.ttl)
-        if mine:
-            keep, extra = mine[0], mine[1:]
-            rec = self.template.record(keep.record.subnet)
-            mod = await self.store.replace_lease(rec, self.lease_id, keep.mod_revision)
-            if mod is None:
-                raise TemporaryError(f"lease {keep.record.subnet} changed while taking it over")
-            for e in extra:
-                log.warning("removing duplicate lease %s also held by node %s",
-                            e.record.subnet, e.record.node)
-                await self.store.delete_lease(e.record.subnet, e.mod_revision)
-            what = "still held" if rec == keep.record else "taken over with new details"
-            log.info("subnet %s: this node's lease was %s (etcd lease %x)",
-                     rec.subnet, what, self.lease_id)
-            return LeaseEntry(rec, mod, self.lease_id)
+        if mine and self._fits(mine[0].record):
+            keep = mine[0]
+            # A claim another node holds is not ours to take over (it was deleted
+            # by hand and taken meanwhile): then this node moves, below.
+            if all(k in own or k not in snap.claims for k in keep.record.lease_keys):
+                rec = self.template.record(*keep.record.subnets)
+                expect = {k: own.get(k, 0) for k in rec.lease_keys}
+                drop = {k: m for k, m in own.items() if k not in expect}
+                mod = await self.store.replace_lease(rec, self.lease_id, expect, drop)
+                if mod is None:
+                    raise TemporaryError(f"lease {keep.record.key_subnet} changed while taking "
+                                         "it over")
+                for e in mine[1:]:
+                    log.warning("removed duplicate lease %s also held by node %s",
+                                e.record.key_subnet, e.record.node)
+                what = "still held" if rec == keep.record else "taken over with new details"
+                log.info("subnet %s: this node's lease was %s (etcd lease %x)",
+                         " and ".join(map(str, rec.subnets)), what, self.lease_id)
+                return LeaseEntry(rec, mod, self.lease_id)
 
-        taken = set(snap.entries)
-        pref = self.preferred
-        if pref is not None and pref in snap.entries:
-            owner = snap.entries[pref].record.node
-            log.warning("subnet %s, which this node held before, now belongs to node %s: "
-                        "moving to another subnet; pods on the old one must be restarted",
-                        pref, owner)
-        if pref is not None and not subnets.belongs(self.cfg, pref):
-            log.warning("subnet %s, which this node held before, is not in the cluster "
-                        "network %s any more", pref, self.cfg.network)
-            pref = None
-        for cand in subnets.candidates(self.cfg, taken, pref, self.rng):
-            rec = self.template.record(cand)
-            mod = await self.store.create_lease(rec, self.lease_id)
+        taken = snap.taken() - set(own)
+        prefs: list[IPNet] = []
+        for p in (*self.preferred, *(s for e in mine for s in e.record.subnets)):
+            if p in prefs:
+                continue
+            if p in taken:
+                owner = _owner(snap, p)
+                log.warning("subnet %s, which this node held before, now belongs to node %s: "
+                            "moving to another subnet; pods on the old one must be restarted",
+                            p, owner)
+                continue
+            if not subnets.keeps(self.cfg, p):
+                log.warning("subnet %s, which this node held before, is not in the cluster "
+                            "network %s any more", p, " and ".join(map(str, self.cfg.networks)))
+                continue
+            prefs.append(p)
+        for cand in subnets.pairs(self.cfg, taken, prefs, self.rng):
+            rec = self.template.record(*cand)
+            expect = {k: own.get(k, 0) for k in rec.lease_keys}
+            drop = {k: m for k, m in own.items() if k not in expect}
+            mod = await self.store.replace_lease(rec, self.lease_id, expect, drop)
             if mod is not None:
                 log.info("subnet %s: leased for node %s (etcd lease %x, ttl %ds)",
-                         cand, rec.node, self.lease_id, self.ttl)
+                         " and ".join(map(str, cand)), rec.node, self.lease_id, self.ttl)
                 return LeaseEntry(rec, mod, self.lease_id)
             log.info("subnet %s was taken by another node at the same moment; "
-                     "trying another", cand)
-        free = subnets.free_count(self.cfg, taken)
+                     "trying another", " and ".join(map(str, cand)))
         await self._revoke_quietly()
-        if free <= 0:
-            raise SubnetsExhausted(
-                f"no free subnet in {self.cfg.network}: all {self.cfg.subnet_count} "
-                f"/{self.cfg.subnet_len} subnets are leased; waiting for one to be released"
-            )
+        for pool in self.cfg.pools():
+            if subnets.free_count(pool, taken) <= 0:
+                raise SubnetsExhausted(
+                    f"no free subnet in {pool.network}: all {len(pool.range_indexes)} "
+                    f"/{pool.subnet_len} subnets are leased; waiting for one to be released"
+                )
         raise TemporaryError("every candidate subnet was taken concurrently")
 
     async def _revoke_quietly(self) -> None:
@@ -183,7 +232,7 @@ class LeaseManager:
         if it expired meanwhile, asks for the same subnet first.
         """
         self.current = entry
-        self.preferred = entry.record.subnet
+        self.preferred = entry.record.subnets
         self.lease_id = 0
         self.healthy = False
         self._assumed = True
@@ -235,9 +284,10 @@ class LeaseManager:
         log.warning("lease for %s lost because %s; acquiring again", self.subnet, why)
         self.healthy = False
         entry = await self.acquire()
-        if old is not None and entry.record.subnet != old.record.subnet:
+        if old is not None and entry.record.subnets != old.record.subnets:
             log.warning("node %s moved from subnet %s to %s", entry.record.node,
-                        old.record.subnet, entry.record.subnet)
+                        " and ".join(map(str, old.record.subnets)),
+                        " and ".join(map(str, entry.record.subnets)))
         if self.on_change is not None:
             await self.on_change(entry)
 
@@ -246,7 +296,14 @@ class LeaseManager:
         if self.current is None:
             return
         try:
-            await self.store.delete_lease(self.current.record.subnet, None)
+            await self.store.delete_lease(self.current.record, None)
         finally:
             await self._revoke_quietly()
             self.current = None
+
+
+def _owner(snap: LeaseSnapshot, subnet: IPNet) -> str:
+    e = snap.entries.get(subnet) or snap.claims.get(subnet)
+    if e is None:
+        e = next((x for x in snap.entries.values() if subnet in x.record.subnets), None)
+    return e.record.node if e is not None else "?"

@@ -46,12 +46,15 @@ def status_reply(st: AgentStatus) -> Message:
         reply.self.name = st.node
     reply.self.incarnation = st.incarnation
     if st.cfg is not None:
-        reply.cluster_cidr, reply.vni, reply.port = str(st.cfg.network), st.cfg.vni, st.cfg.port
+        # both pod networks, comma-separated like Kubernetes' dual-stack --cluster-cidr
+        reply.cluster_cidr = ",".join(map(str, st.cfg.networks))
+        reply.vni, reply.port = st.cfg.vni, st.cfg.port
     for name, c in st.conditions:
         reply.conditions.add(name=name, ok=c.ok, message=c.message)
     for p in st.peers:
         ps = reply.peers.add(programmed=p.programmed, in_etcd=p.in_etcd, source=p.source,
-                             since_unix_ms=p.since_unix_ms, state=pb_state(p.state))
+                             since_unix_ms=p.since_unix_ms, state=pb_state(p.state),
+                             direct=p.direct)
         ps.record.CopyFrom(record_pb(p.record, p.lease_revision, p.incarnation))
         if p.grpc_rtt_us is not None:
             ps.grpc_rtt_us = min(p.grpc_rtt_us, 2**32 - 1)

@@ -94,14 +94,16 @@ def rpc_reason(exc: grpc.RpcError, timeout: float) -> str:
 
 def status_json(st: Message) -> dict[str, Any]:
     def rec(r: Message) -> dict[str, Any]:
-        return {"name": r.name, "subnet": r.subnet, "underlayIP": r.underlay_ip,
+        # "subnet": the lease's own (IPv4 when it has one); "ipv6Subnet" beside it.
+        return {"name": r.name, "subnet": r.subnet or r.subnet6 or None,
+                "ipv6Subnet": r.subnet6 or None, "underlayIP": r.underlay_ip,
                 "vtepMAC": r.vtep_mac, "grpcAddr": r.grpc_addr}
 
     peers = []
     for p in st.peers:
         d = rec(p.record)
         d.update(state=STATE_NAMES.get(p.state, str(p.state)), sinceUnixMs=p.since_unix_ms,
-                 programmed=p.programmed, inEtcd=p.in_etcd, source=p.source,
+                 programmed=p.programmed, inEtcd=p.in_etcd, source=p.source, direct=p.direct,
                  incarnation=p.record.incarnation, leaseRevision=p.record.lease_revision,
                  grpcRttUs=p.grpc_rtt_us if p.HasField("grpc_rtt_us") else None,
                  tunnelRttUs=p.tunnel_rtt_us if p.HasField("tunnel_rtt_us") else None,

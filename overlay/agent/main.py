@@ -60,10 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iface", help="underlay interface for VXLAN traffic (default: the "
                    "interface of the default route)")
     g.add_argument("--iface-regex", help="pick the first interface whose name matches")
-    g.add_argument("--public-ip", help="underlay address to use (default: the interface's "
-                   "first address)")
+    g.add_argument("--public-ip", help="underlay address to use, IPv4 or IPv6 (default: the "
+                   "interface's first address)")
+    g.add_argument("--underlay-family", choices=("ipv4", "ipv6"),
+                   help="the family VXLAN packets travel in (default: IPv4 if the interface "
+                   "has an IPv4 address, else IPv6); pods get the families of the network "
+                   "config, whatever this is")
     g.add_argument("--mtu", type=cli.int_range(576, 65535),
-                   help="pod and VXLAN MTU, 576..65535 (default: underlay MTU - 50)")
+                   help="pod and VXLAN MTU, 576..65535 (default: Backend.MTU or the "
+                   "underlay MTU, minus 50 over IPv4 or 70 over IPv6)")
     g.add_argument("--vtep-mac", help="MAC of the VXLAN device (default: random once, then "
                    "persisted in --state-dir)")
     g.add_argument("--lease-ttl", type=cli.int_range(5), default=60, metavar="SECONDS",
@@ -93,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Every node signs what it says about itself (ed25519 key in --state-dir, public key "
         "in its etcd lease); peers accept a node's record, incarnation or leave only with "
         "its signature. Mutual TLS (--tls-*) adds privacy on the wire.")
-    g.add_argument("--grpc-listen", default="0.0.0.0:7946",
-                   help="listen address of the membership service (default: %(default)s)")
+    g.add_argument("--grpc-listen", default=None,
+                   help="listen address of the membership service (default: 0.0.0.0:7946, "
+                   "[::]:7946 over an IPv6 underlay)")
     g.add_argument("--grpc-advertise",
                    help="address peers use to reach it (default: underlay IP and listen port)")
     g.add_argument("--tls-cert", help="this node's certificate (PEM), signed by --tls-ca and "
@@ -175,6 +181,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         node_name=args.node_name, iface=args.iface, iface_regex=args.iface_regex,
         public_ip=args.public_ip, mtu=args.mtu, vtep_mac=args.vtep_mac,
         grpc_listen=args.grpc_listen, grpc_advertise=args.grpc_advertise,
+        underlay_family={"ipv4": 4, "ipv6": 6}.get(args.underlay_family or ""),
         run_dir=args.run_dir, state_dir=args.state_dir, lease_ttl=args.lease_ttl,
         reconcile_interval=args.reconcile_interval, health_addr=args.health_addr,
         metrics_addr=args.metrics_addr, ip_masq=args.ip_masq, vxlan_filter=args.vxlan_filter,

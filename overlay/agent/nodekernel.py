@@ -24,6 +24,7 @@ from overlay.log import change_fields
 log = logging.getLogger("overlayd")
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IP6_FORWARD = Path("/proc/sys/net/ipv6/conf/all/forwarding")
 
 
 class NodeKernel(Protocol):
@@ -36,9 +37,9 @@ class NodeKernel(Protocol):
     def monitor(self) -> Monitor | None: ...
 
     async def find_underlay(self, iface: str | None, iface_regex: str | None,
-                            public_ip: str | None) -> Underlay: ...
+                            public_ip: str | None, family: int | None = None) -> Underlay: ...
 
-    def enable_forwarding(self) -> None: ...
+    def enable_forwarding(self, ipv6: bool = False) -> None: ...
 
     def pod_wiring(self, bridge: str) -> PodWiring: ...
 
@@ -64,19 +65,23 @@ class LinuxKernel:
         return self._monitor
 
     async def find_underlay(self, iface: str | None, iface_regex: str | None,
-                            public_ip: str | None) -> Underlay:
-        return await find_underlay(self.netlink.ipr, iface, iface_regex, public_ip)
+                            public_ip: str | None, family: int | None = None) -> Underlay:
+        return await find_underlay(self.netlink.ipr, iface, iface_regex, public_ip, family)
 
-    def enable_forwarding(self) -> None:
-        try:
-            if IP_FORWARD.read_text().strip() != "1":
-                IP_FORWARD.write_text("1\n")
-                why = "pods' traffic is routed through this host"
-                log.info("enabled net.ipv4.ip_forward (%s)", why,
-                         extra=change_fields("sysctl", "set", why, sysctl="net.ipv4.ip_forward"))
-        except OSError as exc:
-            log.warning("cannot enable net.ipv4.ip_forward: %s; pod traffic will not be "
-                        "forwarded", exc)
+    def enable_forwarding(self, ipv6: bool = False) -> None:
+        knobs = [("net.ipv4.ip_forward", IP_FORWARD)]
+        if ipv6:  # IPv6 forwarding is one switch for the whole namespace
+            knobs.append(("net.ipv6.conf.all.forwarding", IP6_FORWARD))
+        for name, path in knobs:
+            try:
+                if path.read_text().strip() != "1":
+                    path.write_text("1\n")
+                    why = "pods' traffic is routed through this host"
+                    log.info("enabled %s (%s)", name, why,
+                             extra=change_fields("sysctl", "set", why, sysctl=name))
+            except OSError as exc:
+                log.warning("cannot enable %s: %s; pod traffic will not be forwarded", name,
+                            exc)
 
     def pod_wiring(self, bridge: str) -> PodWiring:
         # A netlink socket of its own: CNI requests run beside the reconciler's batches.

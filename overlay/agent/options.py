@@ -19,7 +19,8 @@ class AgentOptions:
     public_ip: str | None = None
     mtu: int | None = None
     vtep_mac: str | None = None
-    grpc_listen: str = "0.0.0.0:7946"
+    grpc_listen: str | None = None  # default: 0.0.0.0:7946, [::]:7946 on an IPv6 underlay
+    underlay_family: int | None = None  # 4 or 6 (--underlay-family); None: IPv4 if there
     grpc_advertise: str | None = None
     run_dir: Path = Path("/run/overlay")
     state_dir: Path = Path("/var/lib/overlay")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 from typing import Protocol
 
 from overlay.agent.followers import ConfigSource, LeaseSource
@@ -21,7 +20,7 @@ from overlay.membership.service import Membership, PeerView
 from overlay.membership.signing import NodeKey
 from overlay.membership.swim import SwimConfig
 from overlay.membership.tls import TlsMaterial
-from overlay.model import LeaseEntry, NodeRecord
+from overlay.model import IPNet, LeaseEntry, NodeRecord
 
 
 class AgentStore(LeaseStore, ConfigSource, LeaseSource, Protocol):
@@ -58,7 +57,7 @@ class MembershipPort(Protocol):
 class MembershipFactory(Protocol):
     def __call__(self, me: NodeRecord, lease_revision: int, incarnation: int, cfg: SwimConfig,
                  listen: str, tls: TlsMaterial | None,
-                 etcd_entries: Callable[[], Mapping[IPv4Network, LeaseEntry]],
+                 etcd_entries: Callable[[], Mapping[IPNet, LeaseEntry]],
                  on_change: Callable[[], None], key: NodeKey, /) -> MembershipPort: ...
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Network
 
-from overlay.model import LeaseEntry, LeaseEvent, LeaseSnapshot, NodeRecord
+from overlay.model import IPNet, LeaseEntry, LeaseEvent, LeaseSnapshot, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +19,9 @@ log = logging.getLogger(__name__)
 class PeerTable:
     def __init__(self, me: str) -> None:
         self.me = me
-        self.entries: dict[IPv4Network, LeaseEntry] = {}
+        self.entries: dict[IPNet, LeaseEntry] = {}
+        # The IPv6 claim keys of dual-stack leases (who holds which IPv6 subnet).
+        self.claims: dict[IPNet, LeaseEntry] = {}
         self.revision = 0
         self.synced = False
         self.listeners: list[Callable[[], None]] = []
@@ -44,6 +45,7 @@ class PeerTable:
             log.warning("ignoring invalid lease %s: %s", key, why)
         moved = snap.entries != self.entries  # records or revisions
         self.entries = dict(snap.entries)
+        self.claims = dict(snap.claims)
         self.revision = snap.revision
         self.synced = True
         if moved:
@@ -53,6 +55,13 @@ class PeerTable:
     def apply(self, events: Iterable[LeaseEvent]) -> bool:
         changed = moved = False
         for ev in events:
+            if ev.claim or (ev.entry is None and ev.subnet in self.claims):
+                if ev.entry is None:
+                    self.claims.pop(ev.subnet, None)
+                else:
+                    self.claims[ev.subnet] = ev.entry
+                self.revision = max(self.revision, ev.revision)
+                continue
             old = self.entries.get(ev.subnet)
             moved = moved or old != ev.entry
             if ev.entry is None:
@@ -71,7 +80,7 @@ class PeerTable:
         return changed
 
     def snapshot(self) -> LeaseSnapshot:
-        return LeaseSnapshot(self.revision, dict(self.entries))
+        return LeaseSnapshot(self.revision, dict(self.entries), [], dict(self.claims))
 
     def records(self) -> list[NodeRecord]:
         return [e.record for e in self.entries.values()]

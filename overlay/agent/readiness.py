@@ -66,10 +66,10 @@ class Readiness:
         if lease.current is None:
             self.set("lease", False, "no subnet lease")
         elif lease.assumed:
-            self.set("lease", True, f"assumed {lease.subnet} from the saved state (etcd "
+            self.set("lease", True, f"assumed {lease.describe()} from the saved state (etcd "
                      "unreachable)")
         else:
-            self.set("lease", True, f"holding {lease.subnet}")
+            self.set("lease", True, f"holding {lease.describe()}")
         if not degraded:  # while degraded, the etcd condition says why
             self.set("etcd", lease.healthy, "reachable" if lease.healthy
                      else "cannot renew the lease")

@@ -19,18 +19,21 @@ import secrets
 import socket
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv6Network
 from pathlib import Path
 
 from overlay.errors import ConfigError
 from overlay.model import (
+    IPNet,
     LeaseEntry,
     LeaseSnapshot,
     NetworkConfig,
     NodeRecord,
     check_node_name,
-    parse_cidr,
+    key_role,
+    parse_cidr6,
     parse_mac,
+    parse_subnet,
 )
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,14 @@ KEY_FILE = "node.key"
 class Identity:
     node: str
     vtep_mac: str
-    subnet: IPv4Network | None = None
+    subnet: IPNet | None = None  # the lease's key subnet (IPv4 when it has one)
     lease_revision: int = 0     # etcd mod_revision of our lease key when last written
     incarnation: int = 0        # membership incarnation of the last start
+    subnet6: IPv6Network | None = None  # the IPv6 subnet of a dual-stack lease
+
+    @property
+    def subnets(self) -> tuple[IPNet, ...]:
+        return tuple(s for s in (self.subnet, self.subnet6) if s is not None)
 
 
 def random_mac() -> str:
@@ -82,9 +90,12 @@ def load(state_dir: Path) -> Identity | None:
         log.warning("ignoring unreadable %s (%s); starting with a new identity", path, exc)
         return None
     try:
-        subnet = parse_cidr(doc["subnet"], "subnet") if doc.get("subnet") else None
+        subnet = parse_subnet(doc["subnet"], "subnet") if doc.get("subnet") else None
+        subnet6 = parse_cidr6(doc["ipv6Subnet"], "ipv6Subnet") if doc.get("ipv6Subnet") \
+            else None
         return Identity(check_node_name(doc.get("node")), parse_mac(doc.get("vtepMAC")), subnet,
-                        _nonneg(doc.get("leaseRevision", 0)), _nonneg(doc.get("incarnation", 0)))
+                        _nonneg(doc.get("leaseRevision", 0)), _nonneg(doc.get("incarnation", 0)),
+                        subnet6 if subnet6 != subnet else None)
     except (ConfigError, KeyError, TypeError) as exc:
         log.warning("ignoring invalid %s (%s); starting with a new identity", path, exc)
         return None
@@ -100,6 +111,8 @@ def save(state_dir: Path, ident: Identity) -> None:
     doc = {"node": ident.node, "vtepMAC": ident.vtep_mac,
            "subnet": str(ident.subnet) if ident.subnet else None,
            "leaseRevision": ident.lease_revision, "incarnation": ident.incarnation}
+    if ident.subnet6 is not None and ident.subnet6 != ident.subnet:
+        doc["ipv6Subnet"] = str(ident.subnet6)
     atomic_write(state_dir / STATE_FILE, json.dumps(doc, indent=2) + "\n")
 
 
@@ -124,7 +137,8 @@ def resolve(state_dir: Path, node_name: str | None, vtep_mac: str | None) -> Ide
         log.warning("node name changed from %s to %s: not reusing %s's subnet",
                     saved.node, name, saved.node)
     ident = Identity(name, mac, subnet, saved.lease_revision if saved and same else 0,
-                     saved.incarnation if saved and same else 0)
+                     saved.incarnation if saved and same else 0,
+                     saved.subnet6 if saved is not None and same else None)
     save(state_dir, ident)
     return ident
 
@@ -191,12 +205,16 @@ def load_peers(state_dir: Path) -> LeaseSnapshot | None:
     path = state_dir / PEERS_FILE
     try:
         doc = json.loads(path.read_text())
-        entries: dict[IPv4Network, LeaseEntry] = {}
+        entries: dict[IPNet, LeaseEntry] = {}
+        claims: dict[IPNet, LeaseEntry] = {}
         for item in doc["leases"]:
             rec = NodeRecord.from_json(json.dumps(item["record"]))
-            entries[rec.subnet] = LeaseEntry(rec, _nonneg(item["modRevision"]),
-                                             _nonneg(item.get("lease", 0)))
-        return LeaseSnapshot(_nonneg(doc["revision"]), entries)
+            entry = LeaseEntry(rec, _nonneg(item["modRevision"]), _nonneg(item.get("lease", 0)))
+            entries[rec.key_subnet] = entry
+            for k in rec.lease_keys:
+                if key_role(k, rec) == "claim":
+                    claims[k] = entry
+        return LeaseSnapshot(_nonneg(doc["revision"]), entries, [], claims)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, ConfigError, KeyError, TypeError) as exc:

@@ -33,13 +33,14 @@ class PeerStatus:
     grpc_error: str | None = None
     tunnel_rtt_us: int | None = None
     tunnel_error: str | None = None
+    direct: bool = False  # reached by a direct route (DirectRouting)
 
     @classmethod
-    def of_view(cls, v: PeerView, programmed: bool) -> PeerStatus:
+    def of_view(cls, v: PeerView, programmed: bool, direct: bool = False) -> PeerStatus:
         h = v.health
         return cls(v.record, v.lease_revision, programmed, v.incarnation, v.state,
                    v.since_unix_ms, v.in_etcd, v.source, h.grpc_rtt_us, h.grpc_error,
-                   h.tunnel_rtt_us, h.tunnel_error)
+                   h.tunnel_rtt_us, h.tunnel_error, direct)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ that. Each node keeps its own nftables table:
     }
   }
 
-The set is replaced in one nft transaction whenever the peer set changes, so
-there is never a moment with a half-written list. The table survives agent
+Over an IPv6 underlay the table is `ip6 overlay_vxlan` (type ipv6_addr,
+`ip6 saddr`). The set is replaced in one nft transaction whenever the peer
+set changes, so there is never a moment with a half-written list. The table survives agent
 restarts (protection does not lapse while overlayd is down) and is removed
 on a graceful leave.
 """
@@ -24,40 +25,50 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Address
 
 from overlay.agent.nft import NftCommand, Runner
 from overlay.dataplane.desired import Desired
 from overlay.errors import TemporaryError
+from overlay.model import IPAddr
 
 log = logging.getLogger(__name__)
 
 TABLE = "overlay_vxlan"
 
 
-def _elements(members: Iterable[IPv4Address]) -> str:
-    ips = sorted(set(members))
+def _elements(members: Iterable[IPAddr], family: int = 4) -> str:
+    ips = sorted({m for m in members if m.version == family}, key=int)
     return ", ".join(map(str, ips))
 
 
-def ruleset(port: int, members: Iterable[IPv4Address]) -> str:
-    """The whole table, created from scratch (a table that exists is replaced)."""
-    elems = _elements(members)
+def _names(family: int) -> tuple[str, str, str]:
+    """(nft table family, set type, address match) of the underlay family."""
+    return ("ip", "ipv4_addr", "ip") if family == 4 else ("ip6", "ipv6_addr", "ip6")
+
+
+def ruleset(port: int, members: Iterable[IPAddr], family: int = 4) -> str:
+    """The whole table, created from scratch (a table that exists is replaced). A table
+    of the other family, left from a run over the other underlay, goes too."""
+    elems = _elements(members, family)
     elements = f" elements = {{ {elems} }};" if elems else ""
+    tfam, stype, match = _names(family)
+    other = _names(10 - family)[0]
     return (
-        f"table ip {TABLE} {{}}\n"
-        f"delete table ip {TABLE}\n"
-        f"table ip {TABLE} {{\n"
-        f"  set members {{ type ipv4_addr;{elements} }}\n"
+        f"table {other} {TABLE} {{}}\n"
+        f"delete table {other} {TABLE}\n"
+        f"table {tfam} {TABLE} {{}}\n"
+        f"delete table {tfam} {TABLE}\n"
+        f"table {tfam} {TABLE} {{\n"
+        f"  set members {{ type {stype};{elements} }}\n"
         f"  chain input {{\n"
         f"    type filter hook input priority -150; policy accept;\n"
-        f"    udp dport {port} ip saddr != @members counter drop\n"
+        f"    udp dport {port} {match} saddr != @members counter drop\n"
         f"  }}\n"
         f"}}\n"
     )
 
 
-_RULE = re.compile(r"udp dport (\d+) ip saddr != @members counter")
+_RULE = re.compile(r"udp dport (\d+) ip6? saddr != @members counter")
 _ELEMENTS = re.compile(r"elements = \{([^}]*)\}")
 
 
@@ -71,11 +82,12 @@ def parse_table(text: str) -> tuple[int | None, frozenset[str]]:
     return port, frozenset(filter(None, (i.strip() for i in items)))
 
 
-def member_update(members: Iterable[IPv4Address]) -> str:
+def member_update(members: Iterable[IPAddr], family: int = 4) -> str:
     """Replace the member set atomically (one nft transaction)."""
-    elems = _elements(members)
-    add = f"add element ip {TABLE} members {{ {elems} }}\n" if elems else ""
-    return f"flush set ip {TABLE} members\n{add}"
+    elems = _elements(members, family)
+    tfam = _names(family)[0]
+    add = f"add element {tfam} {TABLE} members {{ {elems} }}\n" if elems else ""
+    return f"flush set {tfam} {TABLE} members\n{add}"
 
 
 class VxlanFilter:
@@ -83,29 +95,31 @@ class VxlanFilter:
     # it is rebuilt, like any other drifted state.
     VERIFY_INTERVAL = 2.0
 
-    def __init__(self, port: int, nft: Runner | None = None) -> None:
+    def __init__(self, port: int, nft: Runner | None = None, family: int = 4) -> None:
         self.nft = nft or NftCommand()
         self.port = port
-        self.members: frozenset[IPv4Address] | None = None
+        self.family = family  # the underlay's: the outer source addresses
+        self.table = f"{_names(family)[0]} {TABLE}"
+        self.members: frozenset[IPAddr] | None = None
         self._texts: frozenset[str] = frozenset()  # the members as nft lists them
         self._lock = asyncio.Lock()
 
-    async def sync(self, members: Iterable[IPv4Address]) -> None:
+    async def sync(self, members: Iterable[IPAddr]) -> None:
         """Make the accepted sources exactly `members`. Cheap when nothing changed."""
-        want = frozenset(members)
+        want = frozenset(m for m in members if m.version == self.family)
         async with self._lock:
             if want == self.members:
                 return
             if self.members is None:
-                await self.nft.run(ruleset(self.port, want))
+                await self.nft.run(ruleset(self.port, want, self.family))
                 log.info("VXLAN filter: UDP %d accepted only from %d member(s) "
-                         "(nftables table ip %s)", self.port, len(want), TABLE)
+                         "(nftables table %s)", self.port, len(want), self.table)
             else:
                 added, removed = want - self.members, self.members - want
-                await self.nft.run(member_update(want))
-                for ip in sorted(added):
+                await self.nft.run(member_update(want, self.family))
+                for ip in sorted(added, key=int):
                     log.info("VXLAN filter: accepting %s (new member)", ip)
-                for ip in sorted(removed):
+                for ip in sorted(removed, key=int):
                     log.info("VXLAN filter: no longer accepting %s (not a member)", ip)
             self.members = want
             self._texts = frozenset(str(ip) for ip in want)
@@ -119,18 +133,19 @@ class VxlanFilter:
                 return False
             if await self._kernel_state() == (self.port, self._texts):
                 return False
-            log.warning("VXLAN filter: table ip %s was changed outside overlayd; rebuilding "
-                        "it", TABLE)
+            log.warning("VXLAN filter: table %s was changed outside overlayd; rebuilding "
+                        "it", self.table)
             self.members = None
             return True
 
     async def _kernel_state(self) -> tuple[int | None, frozenset[str]] | None:
-        text = await self.nft.listing("table", "ip", TABLE)
+        text = await self.nft.listing("table", *self.table.split())
         return None if text is None else parse_table(text)
 
     async def dropped(self) -> int:
         """Packets dropped so far (from the rule's counter)."""
-        for line in (await self.nft.listing("chain", "ip", TABLE, "input") or "").splitlines():
+        text = await self.nft.listing("chain", *self.table.split(), "input")
+        for line in (text or "").splitlines():
             if "counter packets" in line:
                 return int(line.split("counter packets", 1)[1].split()[0])
         return 0
@@ -149,8 +164,8 @@ class VxlanFilter:
     async def remove(self) -> None:
         async with self._lock:
             try:
-                await self.nft.run(f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
-                log.info("VXLAN filter removed (nftables table ip %s)", TABLE)
+                await self.nft.run(f"table {self.table} {{}}\ndelete table {self.table}\n")
+                log.info("VXLAN filter removed (nftables table %s)", self.table)
             except TemporaryError as exc:
                 log.warning("could not remove the VXLAN filter: %s", exc)
             self.members = None

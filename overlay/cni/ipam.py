@@ -10,6 +10,10 @@ running pods, which do not outlive a reboot):
 Creating ip/<addr> with O_EXCL is the allocation, so two allocators can never
 hand out the same address; the lock makes the pair of files consistent for
 any other process that reads or changes them.
+
+One directory per address family: /run/overlay/ipam for IPv4 (as before
+IPv6 existed) and /run/overlay/ipam6 for IPv6, in the same format, so a
+dual-stack pod has an attachment record in each.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 
 
@@ -30,9 +34,14 @@ class AddressesExhausted(Exception):
 
 @dataclass(frozen=True)
 class Allocation:
-    ip: IPv4Address
+    ip: IPv4Address | IPv6Address
     container_id: str
     ifname: str
+
+
+def ipam_dirs(base: Path | str) -> tuple[Path, Path]:
+    """(the IPv4 IPAM dir, the IPv6 one) next to each other under `base`."""
+    return Path(base) / "ipam", Path(base) / "ipam6"
 
 
 def attachment_key(container_id: str, ifname: str) -> str:
@@ -65,25 +74,28 @@ class Ipam:
         if len(lines) < 3 or lines[1] != container_id or lines[2] != ifname:
             return None
         try:
-            return Allocation(IPv4Address(lines[0]), container_id, ifname)
+            return Allocation(ip_address(lines[0]), container_id, ifname)
         except ValueError:
             return None
 
-    def allocate(self, subnet: IPv4Network, container_id: str, ifname: str) -> Allocation:
+    def allocate(self, subnet: IPv4Network | IPv6Network, container_id: str,
+                 ifname: str) -> Allocation:
         """An address for the attachment: the one it already has, or the next free one."""
         with self.locked():
             have = self.find(container_id, ifname)
             if have is not None and have.ip in subnet:
                 return have
             first = int(subnet.network_address) + 2  # .0 VTEP, .1 gateway
-            last = int(subnet.broadcast_address) - 1
+            # IPv4 keeps its broadcast address out; IPv6 has none.
+            last = int(subnet.broadcast_address) - (1 if subnet.version == 4 else 0)
             if last < first:
                 raise AddressesExhausted(f"{subnet} has no room for pods")
             start = self._last_reserved(subnet)
             start = start + 1 if start is not None and first <= start < last else first
             size = last - first + 1
+            make = IPv4Address if subnet.version == 4 else IPv6Address
             for i in range(size):
-                ip = IPv4Address(first + (start - first + i) % size)
+                ip = make(first + (start - first + i) % size)
                 try:
                     fd = os.open(self.ip_dir / str(ip),
                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -97,9 +109,9 @@ class Ipam:
                 return Allocation(ip, container_id, ifname)
         raise AddressesExhausted(f"all {size} pod addresses of {subnet} are allocated")
 
-    def _last_reserved(self, subnet: IPv4Network) -> int | None:
+    def _last_reserved(self, subnet: IPv4Network | IPv6Network) -> int | None:
         try:
-            ip = IPv4Address((self.dir / "last_reserved").read_text().strip())
+            ip = ip_address((self.dir / "last_reserved").read_text().strip())
         except (OSError, ValueError):
             return None
         return int(ip) if ip in subnet else None
@@ -125,12 +137,12 @@ class Ipam:
         out = []
         for p in self.ip_dir.iterdir():
             try:
-                ip = IPv4Address(p.name)
+                ip = ip_address(p.name)
                 cid, ifname = p.read_text().split("\n")[:2]
             except (OSError, ValueError):
                 continue
             out.append(Allocation(ip, cid, ifname))
-        return sorted(out, key=lambda a: a.ip)
+        return sorted(out, key=lambda a: (a.ip.version, int(a.ip)))
 
     def gc(self, valid: Iterable[tuple[str, str]]) -> list[Allocation]:
         """Release every allocation whose attachment is not in `valid`."""
@@ -156,8 +168,7 @@ class Ipam:
             for p in self.att_dir.iterdir():
                 try:
                     ip_s, cid, ifname = p.read_text().split("\n")[:3]
-                    ok = allocs.get(IPv4Address(ip_s)) == Allocation(IPv4Address(ip_s), cid,
-                                                                         ifname)
+                    ok = allocs.get(ip_address(ip_s)) == Allocation(ip_address(ip_s), cid, ifname)
                 except (OSError, ValueError):
                     ok = False
                 if not ok:

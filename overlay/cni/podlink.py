@@ -17,7 +17,7 @@ import errno
 import os
 import socket
 import struct
-from ipaddress import IPv4Address, IPv4Interface
+from collections.abc import Sequence
 
 from overlay.dataplane.rtnl import (
     NLM_F_ACK,
@@ -36,6 +36,7 @@ from overlay.dataplane.rtnl import (
     parse_error,
     split,
 )
+from overlay.model import IPAddr, IPIface
 
 RTM_NEWLINK = 16
 RTM_GETLINK = 18
@@ -58,6 +59,9 @@ VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # the hairpin flag
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+# Our IPv6 pod addresses are unique by construction: no duplicate address detection,
+# which would leave them tentative (unusable) for the pod's first second or two.
+IFA_F_NODAD = 0x02
 RTPROT_BOOT = 3  # what `ip route add` sets
 AF_BRIDGE = 7
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -104,20 +108,41 @@ def hairpin(index: int, seq: int = 1) -> bytes:
     return _msg(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
-def configure(index: int, address: IPv4Interface, gateway: IPv4Address, seq: int = 1) -> bytes:
-    """`ip link set INDEX up`, `ip addr add ADDRESS dev INDEX`, `ip route add default via GW
-    dev INDEX`: one batch (seq, seq + 1, seq + 2), which the kernel runs in order, answering
-    an error for each failed request and an ack for the last one."""
-    up = _IFINFO.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)
-    ip = address.ip.packed
-    addr = _IFADDR.pack(socket.AF_INET, address.network.prefixlen, 0, 0, index)
-    addr += _attr(IFA_LOCAL, ip) + _attr(IFA_ADDRESS, ip)
-    route = _RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE,
-                        RTN_UNICAST, 0)
-    route += _attr(RTA_GATEWAY, gateway.packed) + _attr(RTA_OIF, _U32.pack(index))
-    return (_msg(RTM_SETLINK, NLM_F_REQUEST, seq, up)
-            + _msg(RTM_NEWADDR, _CREATE & ~NLM_F_ACK, seq + 1, addr)
-            + _msg(RTM_NEWROUTE, _CREATE, seq + 2, route))
+def configure(index: int, addresses: Sequence[tuple[IPIface, IPAddr]], seq: int = 1,
+              up: bool = True) -> bytes:
+    """`ip link set INDEX up`, then for each (address, gateway) of the pod's families
+    `ip addr add ADDRESS dev INDEX` (IPv6: nodad) and `ip route add default via GW dev
+    INDEX`: one batch (seq, seq + 1, ...: see `configure_steps`), which the kernel runs in
+    order, answering an error for each failed request and an ack for the last one."""
+    msgs: list[tuple[int, int, bytes]] = []
+    if up:
+        msgs.append((RTM_SETLINK, NLM_F_REQUEST,
+                     _IFINFO.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)))
+    for address, _gw in addresses:
+        fam = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        flags = IFA_F_NODAD if address.version == 6 else 0
+        ip = address.ip.packed
+        body = _IFADDR.pack(fam, address.network.prefixlen, flags, 0, index)
+        msgs.append((RTM_NEWADDR, _CREATE & ~NLM_F_ACK,
+                     body + _attr(IFA_LOCAL, ip) + _attr(IFA_ADDRESS, ip)))
+    for _address, gateway in addresses:
+        fam = socket.AF_INET if gateway.version == 4 else socket.AF_INET6
+        route = _RTMSG.pack(fam, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE,
+                            RTN_UNICAST, 0)
+        msgs.append((RTM_NEWROUTE, _CREATE & ~NLM_F_ACK,
+                     route + _attr(RTA_GATEWAY, gateway.packed) + _attr(RTA_OIF, _U32.pack(index))))
+    last = len(msgs) - 1
+    return b"".join(_msg(t, f | (NLM_F_ACK if i == last else 0), seq + i, body)
+                    for i, (t, f, body) in enumerate(msgs))
+
+
+def configure_steps(addresses: Sequence[tuple[IPIface, IPAddr]], seq: int = 1
+                    ) -> dict[int, str]:
+    """What each request of `configure(..., seq)` does, by sequence number (for errors)."""
+    steps = ["set the interface up"]
+    steps += [f"add address {a}" for a, _ in addresses]
+    steps += [f"add the default route via {g}" for _, g in addresses]
+    return {seq + i: what for i, what in enumerate(steps)}
 
 
 class RequestError(OSError):

@@ -11,7 +11,14 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv6Address,
+    IPv6Interface,
+    ip_address,
+    ip_interface,
+)
 from typing import Any
 
 from overlay.cni import wire
@@ -292,8 +299,8 @@ class Interface:
 
 @dataclass(frozen=True)
 class IPConfig:
-    address: IPv4Interface
-    gateway: IPv4Address | None = None
+    address: IPv4Interface | IPv6Interface
+    gateway: IPv4Address | IPv6Address | None = None
     interface: int | None = None
 
 
@@ -328,7 +335,7 @@ def result_doc(result: Result, version: str) -> dict[str, Any]:
     for ip in result.ips:
         d: dict[str, Any] = {}
         if legacy:
-            d["version"] = "4"
+            d["version"] = str(ip.address.version)
         d["address"] = str(ip.address)
         if ip.gateway is not None:
             d["gateway"] = str(ip.gateway)
@@ -395,12 +402,12 @@ def parse_result(doc: Mapping[str, Any]) -> Result:
         ips = []
         for ip in doc.get("ips") or []:
             addr = _address(ip["address"])
-            if not isinstance(addr, IPv4Interface):
-                continue
             gw = ip.get("gateway")
             idx = ip.get("interface")
-            ips.append(IPConfig(addr, IPv4Address(gw) if gw else None,
-                                idx if isinstance(idx, int) else None))
+            gateway = ip_address(gw) if gw else None
+            if gateway is not None and gateway.version != addr.version:
+                raise ValueError(f"gateway {gw} is not of the family of {addr}")
+            ips.append(IPConfig(addr, gateway, idx if isinstance(idx, int) else None))
         routes = tuple(RouteR(str(r["dst"]), str(r["gw"]) if r.get("gw") else None)
                        for r in doc.get("routes") or [])
         d = doc.get("dns") or {}

@@ -14,16 +14,18 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, ip_address, ip_interface
+from pathlib import Path
 from typing import Any
 
 from overlay.cni import podlink
 from overlay.devnames import HOST_VETH_RE, host_veth_name
-from overlay.netns import netlink_socket
+from overlay.model import IPAddr, IPIface
+from overlay.netns import netlink_socket, run_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,14 @@ class ContainerView:
     mac: str = ""
     up: bool = False
     mtu: int = 0
-    addresses: frozenset[IPv4Interface] = frozenset()
+    addresses: frozenset[IPIface] = frozenset()
     default_gw: IPv4Address | None = None
     peer_index: int | None = None  # the host end's index, for a veth
+    # The IPv6 default route's gateway, if any.
+    default_gw6: IPAddr | None = field(default=None)
+
+    def gateway(self, version: int) -> IPAddr | None:
+        return self.default_gw if version == 4 else self.default_gw6
 
 
 @asynccontextmanager
@@ -283,8 +290,7 @@ class PodWiring:
         ns_fd: int,
         container_id: str,
         ifname: str,
-        address: IPv4Interface,
-        gateway: IPv4Address,
+        addresses: Sequence[tuple[IPIface, IPAddr]],
         mtu: int,
         hairpin: bool = False,
     ) -> Attached:
@@ -334,13 +340,21 @@ class PodWiring:
                         raise WiringError(step, errno.ENODEV)
                     podlink.request(host_nl, podlink.hairpin(host_idx))
                 step = f"configure {ifname} in the container"
+                steps = podlink.configure_steps(addresses)
                 try:
-                    podlink.request(cnl, podlink.configure(cidx, address, gateway, seq=1))
+                    try:
+                        podlink.request(cnl, podlink.configure(cidx, addresses, seq=1))
+                    except podlink.RequestError as exc:
+                        v6 = [(a, g) for a, g in addresses if a.version == 6]
+                        if exc.errno != errno.EACCES or not v6:
+                            raise
+                        # IPv6 disabled on the interface (some runtimes set disable_ipv6
+                        # in the pod's namespace): the pod asked for IPv6, so enable it
+                        # there, as the bridge plugin does, and add the IPv6 part again.
+                        run_in_netns(ns_fd, lambda: _enable_ipv6(ifname))
+                        podlink.request(cnl, podlink.configure(cidx, v6, seq=1, up=False))
                 except podlink.RequestError as exc:
-                    step = {1: f"set {ifname} up in the container",
-                            2: f"add address {address} to {ifname} in the container",
-                            }.get(exc.seq, f"add the default route via {gateway} in the "
-                                           "container")
+                    step = f"{steps.get(exc.seq, 'configure')} ({ifname} in the container)"
                     raise
             except BaseException as exc:
                 try:
@@ -374,7 +388,7 @@ class PodWiring:
         return await self.deleter.delete(host)
 
     async def detach(self, container_id: str, ifname: str, ns_fd: int | None,
-                     address: IPv4Address | None = None) -> bool:
+                     address: IPAddr | None = None) -> bool:
         """Remove the pod's veth pair, wherever it still is. True if something was removed.
 
         The pair goes with its host end, found by name. Only if that end is gone
@@ -396,7 +410,7 @@ class PodWiring:
                 if li is None or li.get("IFLA_INFO_KIND") != "veth":
                     return False
                 ours = False
-                async for a in await cipr.addr("dump", family=socket.AF_INET, index=idx):
+                async for a in await cipr.addr("dump", index=idx):
                     ours = ours or (a["index"] == idx and a.get("IFA_ADDRESS") == str(address))
                 if not ours:
                     return False
@@ -441,15 +455,17 @@ class PodWiring:
                 return ContainerView(False)
             msg = await _first(await cipr.link("get", index=idx))
             li = msg.get("IFLA_LINKINFO")
-            addrs = set()
-            async for a in await cipr.addr("dump", family=socket.AF_INET, index=idx):
-                if a["index"] == idx:
-                    addrs.add(IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
-            gw = None
-            async for r in await cipr.route("dump", family=socket.AF_INET):
-                if r["dst_len"] == 0 and r["table"] == 254 and r.get("RTA_OIF") == idx:
-                    g = r.get("RTA_GATEWAY")
-                    gw = IPv4Address(g) if g else None
+            addrs: set[IPIface] = set()
+            async for a in await cipr.addr("dump", index=idx):
+                if a["index"] == idx and a["family"] in (socket.AF_INET, socket.AF_INET6):
+                    addrs.add(ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
+            gws: dict[int, IPAddr | None] = {4: None, 6: None}
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                async for r in await cipr.route("dump", family=fam):
+                    if r["dst_len"] == 0 and r["table"] == 254 and r.get("RTA_OIF") == idx:
+                        g = r.get("RTA_GATEWAY")
+                        gws[4 if fam == socket.AF_INET else 6] = ip_address(g) if g else None
+            gw = gws[4]
             peer = msg.get("IFLA_LINK")
             return ContainerView(
                 True,
@@ -458,6 +474,12 @@ class PodWiring:
                 bool(msg["flags"] & IFF_UP),
                 int(msg.get("IFLA_MTU") or 0),
                 frozenset(addrs),
-                gw,
+                gw if isinstance(gw, IPv4Address) else None,
                 int(peer) if peer is not None else None,
+                gws[6],
             )
+
+
+def _enable_ipv6(ifname: str) -> None:
+    """Runs inside the pod's namespace (the sysctl tree follows the thread's)."""
+    Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6").write_text("0\n")

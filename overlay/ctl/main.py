@@ -12,9 +12,9 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from overlay import __version__, cli, etcdstore
 from overlay.ctl import flags, render
@@ -48,8 +48,9 @@ writable, ...), 2 invalid flags or values, 130 interrupted.
 """
 
 # network init: the config key each flag sets, so an error names the flag the user typed.
-NETWORK_FLAGS = {"Network": "--cidr", "SubnetLen": "--subnet-len", "Backend.VNI": "--vni",
-                 "Backend.Port": "--port"}
+NETWORK_FLAGS = {"Network": "--cidr", "SubnetLen": "--subnet-len", "IPv6Network": "--ipv6-cidr",
+                 "IPv6SubnetLen": "--ipv6-subnet-len", "Backend.VNI": "--vni",
+                 "Backend.Port": "--port", "EnableIPv4": "--no-ipv4"}
 LOCAL_SOCKET = Path("/run/overlay/overlayd.sock")
 MAX_SANDBOX_NODES = 200  # node underlay addresses 172.30.1.11 .. 172.30.1.210
 MAX_SANDBOX_PODS = 250
@@ -72,10 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "(exit 0), so every node may run it.")
     etcdstore.add_arguments(init)
     init.add_argument("--cidr", default="10.244.0.0/16",
-                      help="the cluster (pod) network (default: %(default)s)")
-    init.add_argument("--subnet-len", type=cli.int_range(0, 32), default=24, metavar="LEN",
-                      help="prefix length of each node's subnet, between the --cidr length "
-                      "and 29 (default: %(default)s)")
+                      help="the IPv4 pod network (flannel's Network; default: %(default)s)")
+    init.add_argument("--subnet-len", type=cli.int_range(0, 32), default=None, metavar="LEN",
+                      help="prefix length of each node's IPv4 subnet, between the --cidr "
+                      "length and 29 (default: 24, or a quarter of a network smaller than a "
+                      "/22, as flannel)")
+    init.add_argument("--no-ipv4", action="store_true",
+                      help="an IPv6-only cluster (flannel's \"EnableIPv4\": false)")
+    init.add_argument("--ipv6-cidr", default=None,
+                      help="the IPv6 pod network, e.g. fd00:10:244::/56: dual-stack, or "
+                      "IPv6-only with --no-ipv4 (flannel's IPv6Network)")
+    init.add_argument("--ipv6-subnet-len", type=cli.int_range(0, 128), default=None,
+                      metavar="LEN",
+                      help="prefix length of each node's IPv6 subnet (default: 64)")
+    init.add_argument("--direct-routing", action="store_true",
+                      help="plain routes, without VXLAN, to nodes on the same underlay "
+                      "subnet (flannel's Backend.DirectRouting)")
     init.add_argument("--vni", type=cli.int_range(1, 16777215), default=1,
                       help="VXLAN network identifier, 1..16777215 (default: %(default)s)")
     init.add_argument("--port", type=cli.port, default=8472,
@@ -83,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true",
                       help="overwrite an existing, different config (running nodes break)")
     init.add_argument("--config-file", type=cli.path, metavar="FILE",
-                      help="read the config from this JSON file instead of the flags, e.g. "
-                      '{"Network": "10.244.0.0/16", "SubnetLen": 24, "Backend": {"Type": '
-                      '"vxlan", "VNI": 1, "Port": 8472}} (a Kubernetes ConfigMap)')
+                      help="read the config from this JSON file instead of the flags: "
+                      "flannel's net-conf.json as it is, e.g. "
+                      '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": '
+                      '"fd00:10:244::/56", "Backend": {"Type": "vxlan"}} (a Kubernetes '
+                      "ConfigMap)")
     show = nsub.add_parser("show", help="print the network config",
                            description="Print the network config stored in etcd (JSON).")
     etcdstore.add_arguments(show)
@@ -167,9 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--etcd-members", type=int, default=1, choices=(1, 3, 5),
                     help="members of the etcd cluster, each a namespace (default: %(default)s)")
     up.add_argument("--cidr", default="10.244.0.0/16",
-                    help="the cluster (pod) network (default: %(default)s)")
+                    help="the IPv4 pod network (default: %(default)s)")
     up.add_argument("--subnet-len", type=cli.int_range(0, 32), default=24, metavar="LEN",
-                    help="prefix length of each node's subnet (default: %(default)s)")
+                    help="prefix length of each node's IPv4 subnet (default: %(default)s)")
+    up.add_argument("--ip-family", choices=("ipv4", "ipv6", "dual"), default="ipv4",
+                    help="the pods' address families (default: %(default)s)")
+    up.add_argument("--ipv6-cidr", default="fd00:10:244::/56",
+                    help="the IPv6 pod network, for --ip-family ipv6 or dual "
+                    "(default: %(default)s)")
+    up.add_argument("--ipv6-subnet-len", type=cli.int_range(0, 128), default=64, metavar="LEN",
+                    help="prefix length of each node's IPv6 subnet (default: %(default)s)")
+    up.add_argument("--underlay-family", choices=("ipv4", "ipv6"), default="ipv4",
+                    help="the hosts' network, which VXLAN travels over: 172.30.0.0/16 or "
+                    "fd30::/64 (default: %(default)s)")
+    up.add_argument("--underlay-segments", type=cli.int_range(1, 8), default=1, metavar="N",
+                    help="N underlay bridges joined by a router namespace, nodes spread "
+                    "over them (default: 1, one flat segment)")
+    up.add_argument("--direct-routing", action="store_true",
+                    help="DirectRouting: plain routes to nodes on the same segment, VXLAN "
+                    "to the others")
     up.add_argument("--tls", action="store_true",
                     help="make a CA and a certificate per node; agents talk mutual TLS")
     up.add_argument("--etcd-tls", action="store_true",
@@ -242,7 +273,7 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
     """The config `network init` would write, checked against this host's own networks.
 
     Before the event loop: pyroute2's synchronous IPRoute does not work inside one."""
-    from overlay.model import NetworkConfig, parse_cidr, validate_network
+    from overlay.model import NetworkConfig, validate_network
 
     if args.config_file is not None:
         try:
@@ -255,10 +286,10 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
             raise ConfigError("--config-file", f"{args.config_file}: {exc}") from None
         fields: dict[str, str] = {}
     else:
-        with cli.flag_names(NETWORK_FLAGS):
-            cfg = NetworkConfig(network=parse_cidr(args.cidr, "--cidr"),
-                                subnet_len=args.subnet_len, vni=args.vni, port=args.port)
+        cfg = config_from_flags(args)
         fields = NETWORK_FLAGS
+    for note in cfg.notes:
+        print(f"overlayctl: note: {note} (as in flannel)", file=sys.stderr)
     with cli.flag_names(fields):
         validate_network(cfg, tuple(local_networks()))
     return cfg
@@ -273,7 +304,8 @@ async def network_cmd(args: argparse.Namespace, cfg: NetworkConfig | None) -> in
             return 0
         if await store.put_config(cfg, overwrite=args.force):
             print(f"network config written to {store.prefix}network/config: {cfg.to_json()}")
-            print(f"{cfg.subnet_count} node subnets of /{cfg.subnet_len} in {cfg.network}")
+            print(", ".join(f"{len(p.range_indexes)} node subnets of /{p.subnet_len} in "
+                            f"{p.network} ({p.first} to {p.last})" for p in cfg.pools()))
             return 0
         try:
             current = await store.get_config()
@@ -290,10 +322,34 @@ async def network_cmd(args: argparse.Namespace, cfg: NetworkConfig | None) -> in
         return 1
 
 
-def local_networks() -> list[IPv4Network]:
-    """IPv4 networks of this host's interfaces, which a cluster CIDR must not overlap
-    (our own bridge and VXLAN devices excepted: they hold cluster addresses)."""
-    import socket
+def config_from_flags(args: argparse.Namespace) -> NetworkConfig:
+    """The flags as a flannel net-conf document, read like one (same checks and
+    defaults); an error names the flag."""
+    from overlay.model import NetworkConfig
+
+    doc: dict[str, Any] = {"Backend": {"Type": "vxlan", "VNI": args.vni, "Port": args.port}}
+    if args.direct_routing:
+        doc["Backend"]["DirectRouting"] = True
+    if args.no_ipv4:
+        doc["EnableIPv4"] = False
+    else:
+        doc["Network"] = args.cidr
+        if args.subnet_len is not None:
+            doc["SubnetLen"] = args.subnet_len
+    if args.ipv6_cidr:
+        doc.update(EnableIPv6=True, IPv6Network=args.ipv6_cidr)
+        if args.ipv6_subnet_len is not None:
+            doc["IPv6SubnetLen"] = args.ipv6_subnet_len
+    elif args.ipv6_subnet_len is not None:
+        raise ConfigError("--ipv6-subnet-len", "needs --ipv6-cidr")
+    with cli.flag_names(NETWORK_FLAGS):
+        return NetworkConfig.from_dict(doc)
+
+
+def local_networks() -> list[IPv4Network | IPv6Network]:
+    """Networks of this host's interfaces (both families), which a pod network must not
+    overlap (our own bridge and VXLAN devices excepted: they hold cluster addresses)."""
+    from ipaddress import ip_interface
 
     from pyroute2 import IPRoute
 
@@ -302,17 +358,19 @@ def local_networks() -> list[IPv4Network]:
     out = []
     try:
         with IPRoute() as ipr:
-            addrs = list(ipr.addr("dump", family=socket.AF_INET))
+            names = {m["index"]: m.get("IFLA_IFNAME") or "" for m in ipr.link("dump")}
+            addrs = list(ipr.addr("dump"))
     except OSError as exc:
         # Not worth refusing to run over; worth saying the check did not happen.
         print(f"overlayctl: warning: cannot list this host's addresses to check --cidr "
               f"against them: {cli.os_error(exc)}", file=sys.stderr)
         return []
     for a in addrs:
-        iface = IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-        if is_node_device(a.get("IFA_LABEL") or "") or iface.ip.is_loopback:
+        iface = ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+        if is_node_device(names.get(a["index"], "")):
             continue
-        out.append(iface.network)
+        if not iface.ip.is_loopback and not iface.ip.is_link_local:
+            out.append(iface.network)
     return out
 
 
@@ -321,16 +379,19 @@ async def leases_cmd(args: argparse.Namespace) -> int:
 
     async with EtcdStore(etcdstore.options_from_args(args)) as store:
         snap = await store.list_leases()
-    rows = sorted(snap.entries.values(), key=lambda e: e.record.subnet)
+    rows = sorted(snap.entries.values(),
+                  key=lambda e: (e.record.key_subnet.version, e.record.key_subnet))
     if args.json:
-        print(json.dumps([{"subnet": str(e.record.subnet), "node": e.record.node,
+        print(json.dumps([{"subnet": str(e.record.key_subnet),
+                           "ipv6Subnet": str(e.record.subnet6) if e.record.subnet6 else None,
+                           "node": e.record.node,
                            "underlayIP": str(e.record.underlay_ip), "vtepMAC": e.record.vtep_mac,
                            "grpcAddr": e.record.grpc_addr, "etcdLease": e.lease_id,
                            "modRevision": e.mod_revision} for e in rows], indent=2))
         return 0
     table: list[tuple[str, ...]] = [("SUBNET", "NODE", "UNDERLAY", "VTEP MAC", "GRPC")]
-    table += [(str(e.record.subnet), e.record.node, str(e.record.underlay_ip), e.record.vtep_mac,
-               e.record.grpc_addr) for e in rows]
+    table += [(" ".join(map(str, e.record.subnets)), e.record.node, str(e.record.underlay_ip),
+               e.record.vtep_mac, e.record.grpc_addr) for e in rows]
     render.print_table(table)
     for key, why in snap.invalid:
         print(f"invalid: {key}: {why}", file=sys.stderr)
@@ -344,7 +405,8 @@ def status_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status_json(st), indent=2))
         return 0 if st.ready else 1
-    print(f"node {st.self.name}: subnet {st.self.subnet or '-'}, underlay "
+    subnets = render.subnets_text(st.self.subnet, st.self.subnet6, " and ")
+    print(f"node {st.self.name}: subnet {subnets}, underlay "
           f"{st.self.underlay_ip or '-'}, VTEP {st.self.vtep_mac or '-'}, MTU {st.mtu}, "
           f"{'ready' if st.ready else 'NOT READY'}"
           f"{', DEGRADED (started without etcd)' if st.degraded else ''}")

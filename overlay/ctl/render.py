@@ -47,6 +47,11 @@ def peer_rows(peers: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     return [PEER_HEADER, *(peer_row(p) for p in peers)]
 
 
+def subnets_text(subnet: str | None, subnet6: str | None, sep: str = " ") -> str:
+    """A node's subnets for a table: "10.244.7.0/24 fd00:10:244:7::/64", or one of them."""
+    return sep.join(dict.fromkeys(x for x in (subnet, subnet6) if x)) or "-"
+
+
 def peer_row(p: Mapping[str, Any]) -> tuple[str, ...]:
     """name, subnet, underlay, state, gRPC RTT, tunnel RTT, since, programmed."""
     state = p["state"]
@@ -55,7 +60,9 @@ def peer_row(p: Mapping[str, Any]) -> tuple[str, ...]:
     programmed = "yes" if p["programmed"] else "no"
     if p["programmed"] and p.get("source") == "gossip":
         programmed = "yes (gossip)"  # newer details than etcd holds (etcd unreachable?)
-    return (p["name"], p["subnet"], p["underlayIP"], state,
+    if p.get("direct"):
+        state += " (direct)"
+    return (p["name"], subnets_text(p["subnet"], p.get("ipv6Subnet")), p["underlayIP"], state,
             fmt_rtt(p["grpcRttUs"], p.get("grpcError")),
             fmt_rtt(p["tunnelRttUs"], p.get("tunnelError")), fmt_since(p["sinceUnixMs"]),
             programmed)

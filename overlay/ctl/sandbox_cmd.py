@@ -34,8 +34,14 @@ def _run(args: argparse.Namespace) -> int:
     sb = Sandbox(args.name, progress=progress)
     if args.sb_cmd == "up":
         check_up(sb, args)
+        extra = "" if args.ip_family == "ipv4" and args.underlay_family == "ipv4" else \
+            f", {args.ip_family} pods over an {args.underlay_family} underlay"
+        if args.underlay_segments > 1:
+            extra += f", {args.underlay_segments} routed underlay segments"
+        if args.direct_routing:
+            extra += ", DirectRouting"
         print(f"sandbox {args.name}: {args.nodes} nodes x {args.pods_per_node} pods, "
-              f"{args.etcd_members} etcd member(s)", flush=True)
+              f"{args.etcd_members} etcd member(s){extra}", flush=True)
         if args.dry_run:
             hosts = ["ul", *(f"etcd{i}" for i in range(1, args.etcd_members + 1)),
                      *(f"n{i}" for i in range(1, args.nodes + 1))]
@@ -47,7 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         try:
             sb.up(args.nodes, args.pods_per_node, etcd_members=args.etcd_members,
                   cidr=args.cidr, subnet_len=args.subnet_len, tls=args.tls,
-                  etcd_tls=args.etcd_tls)
+                  etcd_tls=args.etcd_tls, ip_family=args.ip_family,
+                  underlay_family=6 if args.underlay_family == "ipv6" else 4,
+                  segments=args.underlay_segments, cidr6=args.ipv6_cidr,
+                  subnet_len6=args.ipv6_subnet_len, direct_routing=args.direct_routing)
         except (SandboxError, KeyboardInterrupt):
             print(f"(the partial sandbox is left for inspection; remove it with "
                   f"`overlayctl sandbox down --name {args.name}`)", file=sys.stderr)
@@ -85,11 +94,23 @@ def check_up(sb: Sandbox, args: argparse.Namespace) -> None:
 
 
 def check(sb: Sandbox) -> int:
+    """One ping matrix per pod address family."""
     pods = sb.st.pods
     if len(pods) < 2:
         print("connectivity: fewer than two pods, nothing to check")
         return 1
-    results, ok, total = sb.check()
+    families = sb.st.pod_families
+    bad = 0
+    for fam in families:
+        if len(families) > 1:
+            print(f"IPv{fam}:")
+        bad += _matrix(sb, fam, "" if len(families) == 1 else f"IPv{fam} ")
+    return 1 if bad else 0
+
+
+def _matrix(sb: Sandbox, family: int, label: str) -> int:
+    pods = [p for p in sb.st.pods if p.address(family)]
+    results, ok, total = sb.check(family=family)
     matrix = {(a.name, b.name): good for a, b, good in results}
     names = [p.name for p in pods]
     w = max(len(n) for n in names)
@@ -101,9 +122,9 @@ def check(sb: Sandbox) -> int:
         print(a.ljust(w) + "  " + "  ".join(c.rjust(w) for c in cells))
     for pa, pb, good in results:
         if not good:
-            print(f"unreachable: {pa.name} ({pa.ip}, node {pa.node}) -> {pb.name} ({pb.ip}, "
-                  f"node {pb.node})")
-    print(f"connectivity: {ok}/{total} pod pairs reachable")
+            print(f"unreachable: {pa.name} ({pa.address(family)}, node {pa.node}) -> {pb.name} "
+                  f"({pb.address(family)}, node {pb.node})")
+    print(f"{label}connectivity: {ok}/{total} pod pairs reachable")
     return 0 if ok == total else 1
 
 
@@ -121,7 +142,8 @@ def status_doc(sb: Sandbox) -> dict[str, Any]:
         }
         try:
             s = status_json(sb.status(h.name))
-            d.update(subnet=s["node"]["subnet"], ready=s["ready"], vtepMAC=s["node"]["vtepMAC"],
+            d.update(subnet=s["node"]["subnet"], ipv6Subnet=s["node"]["ipv6Subnet"],
+                     ready=s["ready"], vtepMAC=s["node"]["vtepMAC"],
                      mtu=s["mtu"], peers=s["peers"], conditions=s["conditions"],
                      degraded=s["degraded"])
         except Exception as exc:
@@ -132,10 +154,14 @@ def status_doc(sb: Sandbox) -> dict[str, Any]:
         "etcd": [{"name": h.name, "namespace": h.netns, "endpoint": f"http://{h.underlay_ip}:2379",
                   "pid": h.pid} for h in st.etcd],
         "etcdEndpoints": sb.etcd_endpoints(),
-        "clusterCIDR": st.cidr,
+        "clusterCIDR": ",".join(([st.cidr] if 4 in st.pod_families else [])
+                                + ([st.cidr6] if 6 in st.pod_families else [])),
+        "ipFamily": st.ip_family, "underlayFamily": f"ipv{st.underlay_family}",
+        "underlaySegments": st.segments, "directRouting": st.direct_routing,
         "nodes": nodes,
         "pods": [{"name": p.name, "node": p.node, "namespace": p.netns, "ip": p.ip,
-                  "containerID": p.container_id, "ifname": p.ifname} for p in st.pods],
+                  "ipv6": p.ip6 or None, "containerID": p.container_id, "ifname": p.ifname}
+                 for p in st.pods],
     }
 
 
@@ -149,7 +175,8 @@ def status(sb: Sandbox, as_json: bool) -> int:
         ("NODE", "NAMESPACE", "UNDERLAY", "SUBNET", "READY", "PEERS (programmed)")]
     for n in doc["nodes"]:
         prog = sum(1 for p in n["peers"] if p["programmed"])
-        rows.append((n["name"], n["namespace"], n["underlayIP"], n["subnet"] or "-",
+        subnets = render.subnets_text(n["subnet"], n.get("ipv6Subnet"))
+        rows.append((n["name"], n["namespace"], n["underlayIP"], subnets,
                      "yes" if n["ready"] else "no", f"{len(n['peers'])} ({prog})"))
     render.print_table(rows)
     for n in doc["nodes"]:
@@ -164,6 +191,7 @@ def status(sb: Sandbox, as_json: bool) -> int:
     render.print_table(rows)
     print()
     rows = [("POD", "NODE", "IP", "NAMESPACE")]
-    rows += [(p["name"], p["node"], p["ip"], p["namespace"]) for p in doc["pods"]]
+    rows += [(p["name"], p["node"], " ".join(dict.fromkeys(x for x in (p["ip"], p["ipv6"]) if x)),
+              p["namespace"]) for p in doc["pods"]]
     render.print_table(rows)
     return 0

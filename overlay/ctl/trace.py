@@ -2,9 +2,10 @@
 
 Captures with scapy on an interface (the sandbox's underlay bridge, a node's
 underlay interface, a bridge or a veth), keeps the VXLAN packets whose inner
-IPv4 header is between the two pods (either direction) and the plain packets
-between them (on cni0 or a pod's veth), and prints the outer and the inner
-headers of each. Comparing the captures at two points shows where a packet
+IPv4 or IPv6 header is between the two pods (either direction, over an IPv4
+or an IPv6 underlay) and the plain packets between them (on cni0, a pod's
+veth, or the underlay with DirectRouting), and prints the outer and the
+inner headers of each. Comparing the captures at two points shows where a packet
 is lost: a request on the underlay with no reply means the far node dropped
 or misrouted it. Bounded by a packet count and a time limit.
 
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, TextIO
 
 from overlay import cli
@@ -29,13 +30,17 @@ from overlay.ctl import flags
 from overlay.errors import ConfigError, OverlayError
 
 ICMP_TYPES = {0: "echo-reply", 3: "dest-unreachable", 8: "echo-request", 11: "time-exceeded"}
+ICMP6_TYPES = {1: "dest-unreachable", 2: "packet-too-big", 3: "time-exceeded",
+               128: "echo-request", 129: "echo-reply", 135: "neighbor-solicit",
+               136: "neighbor-advert"}
 TCP_FLAGS = "FSRPAUEC"
 _INSIDE = "OVERLAYCTL_TRACE_NETNS"  # set once re-executed inside the namespace
 
 
 @dataclass(frozen=True)
 class Headers:
-    """One layer's Ethernet + IPv4 (+ UDP/TCP/ICMP) headers, as text fields."""
+    """One layer's Ethernet + IPv4/IPv6 (+ UDP/TCP/ICMP) headers, as text fields
+    (`ttl`: the hop limit for IPv6, `length`: the whole packet's)."""
 
     eth_src: str
     eth_dst: str
@@ -72,7 +77,16 @@ class Seen:
 
 def _l4(ip: Any) -> tuple[str, str]:
     from scapy.layers.inet import ICMP, TCP, UDP
+    from scapy.layers.inet6 import IPv6
 
+    if isinstance(ip, IPv6) and int(ip.nh) == 58:
+        raw = bytes(ip.payload)
+        kind = raw[0] if raw else -1
+        name = ICMP6_TYPES.get(kind, f"type {kind}")
+        if kind in (128, 129) and len(raw) >= 8:
+            return "icmp6", (f"{name} id {int.from_bytes(raw[4:6], 'big')} seq "
+                             f"{int.from_bytes(raw[6:8], 'big')}")
+        return "icmp6", name
     if ip.haslayer(ICMP) and ip[ICMP].underlayer is ip:
         ic = ip[ICMP]
         name = ICMP_TYPES.get(int(ic.type), f"type {ic.type}")
@@ -86,30 +100,42 @@ def _l4(ip: Any) -> tuple[str, str]:
     if ip.haslayer(UDP) and ip[UDP].underlayer is ip:
         u = ip[UDP]
         return "udp", f"{u.sport} > {u.dport}"
-    return f"proto {ip.proto}", ""
+    return f"proto {ip.nh if isinstance(ip, IPv6) else ip.proto}", ""
 
 
 def _headers(eth: Any, ip: Any, detail_override: str | None = None) -> Headers:
+    from scapy.layers.inet6 import IPv6
+
     proto, detail = _l4(ip)
     if detail_override is not None:
         proto, detail = "udp", detail_override
+    v6 = isinstance(ip, IPv6)
     return Headers(eth_src=eth.src if eth is not None else "-",
                    eth_dst=eth.dst if eth is not None else "-",
-                   ip_src=ip.src, ip_dst=ip.dst, ttl=int(ip.ttl), length=int(ip.len),
+                   ip_src=ip.src, ip_dst=ip.dst, ttl=int(ip.hlim if v6 else ip.ttl),
+                   length=int(ip.plen) + 40 if v6 else int(ip.len),
                    proto=proto, detail=detail)
 
 
-def describe(frame: bytes, a: IPv4Address, b: IPv4Address, port: int = 8472,
-             when: float = 0.0) -> Seen | None:
+def _ip(eth: Any) -> Any:
+    """The IPv4 or IPv6 header an Ethernet frame carries, or None."""
+    from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
+
+    return eth.payload if isinstance(eth.payload, IP | IPv6) else None
+
+
+def describe(frame: bytes, a: IPv4Address | IPv6Address, b: IPv4Address | IPv6Address,
+             port: int = 8472, when: float = 0.0) -> Seen | None:
     """The headers of `frame` if it carries a packet between pods `a` and `b`."""
-    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet import UDP
     from scapy.layers.l2 import Ether
     from scapy.layers.vxlan import VXLAN
 
     eth = Ether(frame)
-    if not eth.haslayer(IP):
+    outer_ip = _ip(eth)
+    if outer_ip is None:
         return None
-    outer_ip = eth[IP]
     pair = {str(a), str(b)}
 
     def direction(ip: Any) -> str | None:
@@ -122,9 +148,9 @@ def describe(frame: bytes, a: IPv4Address, b: IPv4Address, port: int = 8472,
         udp = outer_ip[UDP]
         vx = VXLAN(bytes(udp.payload))
         inner_eth = vx.payload
-        if not isinstance(inner_eth, Ether) or not inner_eth.haslayer(IP):
+        inner_ip = _ip(inner_eth) if isinstance(inner_eth, Ether) else None
+        if inner_ip is None:
             return None
-        inner_ip = inner_eth[IP]
         d = direction(inner_ip)
         if d is None:
             return None
@@ -136,7 +162,8 @@ def describe(frame: bytes, a: IPv4Address, b: IPv4Address, port: int = 8472,
     return Seen(when, d, _headers(eth, outer_ip))
 
 
-def summary(seen: list[Seen], a: IPv4Address, b: IPv4Address) -> list[str]:
+def summary(seen: list[Seen], a: IPv4Address | IPv6Address,
+            b: IPv4Address | IPv6Address) -> list[str]:
     ab = sum(1 for s in seen if s.direction == "a>b")
     ba = len(seen) - ab
     lines = [f"{len(seen)} packets: {a} > {b}: {ab}, {b} > {a}: {ba}"]
@@ -192,9 +219,11 @@ def where(args: argparse.Namespace) -> tuple[str | None, str | None]:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
-        a, b = IPv4Address(args.a), IPv4Address(args.b)
+        a, b = ip_address(args.a), ip_address(args.b)
     except ValueError as exc:
         raise ConfigError("POD_IP", str(exc)) from None
+    if a.version != b.version:
+        raise ConfigError("POD_IP", f"{a} and {b} are of different families")
     netns, iface = where(args)
     if netns:
         code = enter_netns(netns)
@@ -206,7 +235,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from scapy.sendrecv import sniff
 
     iface = iface or str(conf.iface)
-    bpf = f"(udp dst port {args.port}) or (ip host {a} and ip host {b})"
+    bpf = f"(udp dst port {args.port}) or (host {a} and host {b})"
     seen: list[Seen] = []
     t0 = time.time()
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
-from overlay.model import IPAddr, IPNet, NodeRecord, vtep_address
+from overlay.model import IPAddr, IPNet, NodeRecord, vtep_address, within
 
 
 @dataclass(frozen=True)
@@ -186,8 +186,7 @@ def _reject_why(rec: NodeRecord, clusters: tuple[IPNet, ...] | None,
             want = " and ".join(f"IPv{f}" for f in sorted(families))
             return f"it has no {want} subnet (subnets: {', '.join(map(str, rec.subnets))})"
         for s in mine:
-            if not any(s.version == c.version and s.subnet_of(c)  # type: ignore[arg-type]
-                       for c in clusters):
+            if not any(within(s, c) for c in clusters):
                 return f"subnet {s} is outside {' and '.join(map(str, clusters))}"
     if underlay is not None and rec.underlay_ip.version != underlay.family:
         return (f"its underlay address {rec.underlay_ip} is IPv{rec.underlay_ip.version}, "

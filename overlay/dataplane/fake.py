@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 from dataclasses import replace
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 
 from overlay.dataplane.desired import Entries, Fdb, Neigh, Op, Route, apply_ops
 from overlay.dataplane.devices import BridgeSpec, DeviceOp, LinkInfo, VxlanSpec
@@ -83,19 +83,20 @@ class FakeKernel:
         elif op.action == "up":
             link = replace(link, up=True)
         elif op.action == "add_addr":
-            assert isinstance(op.value, IPv4Interface)
+            assert isinstance(op.value, IPv4Interface | IPv6Interface)
             link = replace(link, addresses=link.addresses | {op.value})
         elif op.action == "del_addr":
-            assert isinstance(op.value, IPv4Interface)
+            assert isinstance(op.value, IPv4Interface | IPv6Interface)
             link = replace(link, addresses=link.addresses - {op.value})
         self.links[op.name] = link
 
-    async def observe(self, ifindex: int) -> Entries:
+    async def observe(self, ifindex: int, underlay: int | None = None) -> Entries:
         self.calls.append(f"observe {ifindex}")
         self._maybe_fail("observe")
         return self.entries.get(ifindex, Entries())
 
-    async def apply(self, ifindex: int, ops: Sequence[Op]) -> list[OpResult]:
+    async def apply(self, ifindex: int, ops: Sequence[Op],
+                    underlay: int | None = None) -> list[OpResult]:
         results = []
         for op in ops:
             self.calls.append(str(op))
@@ -104,6 +105,8 @@ class FakeKernel:
                 self._maybe_fail(str(op))
                 if ifindex not in {link.index for link in self.links.values()}:
                     raise KernelError(str(op), errno.ENODEV)
+                if isinstance(op.entry, Route) and op.entry.direct and underlay is None:
+                    raise KernelError(str(op), errno.EINVAL, "no underlay device")
             except KernelError as exc:
                 results.append(OpResult(op, exc))
                 continue

@@ -19,7 +19,7 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_interface
 from typing import Any, Protocol
 
 from overlay.dataplane import rtnl
@@ -27,6 +27,7 @@ from overlay.dataplane.desired import Entries, Fdb, Op
 from overlay.dataplane.devices import BridgeSpec, DeviceOp, LinkInfo, VxlanSpec
 from overlay.devnames import is_node_device
 from overlay.errors import ConfigError, TemporaryError
+from overlay.model import IPAddr, IPIface, IPNet
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ SO_RCVBUFFORCE = 33
 BATCH = 256
 RCVBUF = 4 << 20
 RECV_SIZE = 1 << 16
+# Our IPv6 addresses are unique by construction: no duplicate address detection,
+# which would keep them tentative (unusable) for a second or two.
+IFA_F_NODAD = 0x02
 
 
 class KernelError(TemporaryError):
@@ -58,9 +62,10 @@ class Kernel(Protocol):
 
     async def apply_device_ops(self, ops: Sequence[DeviceOp]) -> None: ...
 
-    async def observe(self, ifindex: int) -> Entries: ...
+    async def observe(self, ifindex: int, underlay: int | None = None) -> Entries: ...
 
-    async def apply(self, ifindex: int, ops: Sequence[Op]) -> list[OpResult]: ...
+    async def apply(self, ifindex: int, ops: Sequence[Op],
+                    underlay: int | None = None) -> list[OpResult]: ...
 
     def close(self) -> None: ...
 
@@ -69,9 +74,13 @@ class Kernel(Protocol):
 class Underlay:
     ifname: str
     ifindex: int
-    ip: IPv4Address
+    ip: IPAddr  # IPv4 or IPv6: the family VXLAN packets travel in
     mtu: int
-    network: IPv4Network
+    network: IPNet
+
+    @property
+    def family(self) -> int:
+        return self.ip.version
 
 
 def _nl_code(exc: BaseException) -> int:
@@ -101,7 +110,7 @@ async def collect(res: Any) -> list[Any]:
     return list(res)
 
 
-def link_info(msg: Any, addresses: frozenset[IPv4Interface] = frozenset()) -> LinkInfo:
+def link_info(msg: Any, addresses: frozenset[IPIface] = frozenset()) -> LinkInfo:
     """Decode an RTM_NEWLINK message into LinkInfo."""
     li = msg.get("IFLA_LINKINFO")
     kind = li.get("IFLA_INFO_KIND") if li else None
@@ -113,8 +122,8 @@ def link_info(msg: Any, addresses: frozenset[IPv4Interface] = frozenset()) -> Li
         if data is not None:
             vni = data.get("IFLA_VXLAN_ID")
             port = data.get("IFLA_VXLAN_PORT")
-            raw_local = data.get("IFLA_VXLAN_LOCAL")
-            local = IPv4Address(raw_local) if raw_local else None
+            raw_local = data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6")
+            local = ip_address(raw_local) if raw_local else None
             learning = bool(data.get("IFLA_VXLAN_LEARNING"))
             underlay = data.get("IFLA_VXLAN_LINK")
     return LinkInfo(
@@ -186,12 +195,14 @@ class NetlinkKernel:
         msg = msgs[0]
         return link_info(msg, await self._addresses(msg["index"]))
 
-    async def _addresses(self, index: int) -> frozenset[IPv4Interface]:
-        out = set()
-        async for a in await self._ipr.addr("dump", family=socket.AF_INET, index=index):
-            if a["index"] != index:
+    async def _addresses(self, index: int) -> frozenset[IPIface]:
+        """Both families' addresses (the IPv6 link-local one included: devices.managed
+        tells ours apart)."""
+        out: set[IPIface] = set()
+        async for a in await self._ipr.addr("dump", index=index):
+            if a["index"] != index or a["family"] not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            out.add(IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
+            out.add(ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
         return frozenset(out)
 
     async def _index(self, name: str) -> int:
@@ -219,11 +230,13 @@ class NetlinkKernel:
                     kind="vxlan",
                     vxlan_id=spec.vni,
                     vxlan_port=spec.port,
-                    vxlan_local=str(spec.local),
                     vxlan_learning=0,
                     mtu=spec.mtu,
                     address=spec.mac,
                 )
+                # The local address's family is the underlay's (one device, both pod
+                # families inside: see overlay.dataplane.desired).
+                kw["vxlan_local6" if spec.local.version == 6 else "vxlan_local"] = str(spec.local)
                 if spec.underlay_ifindex is not None:
                     kw["vxlan_link"] = spec.underlay_ifindex
                 await ipr.link("add", **kw)
@@ -250,11 +263,12 @@ class NetlinkKernel:
         elif op.action == "up":
             await ipr.link("set", index=index, state="up")
         elif op.action in ("add_addr", "del_addr"):
-            assert isinstance(op.value, IPv4Interface)
+            assert isinstance(op.value, IPv4Interface | IPv6Interface)
             cmd = "add" if op.action == "add_addr" else "del"
+            kw = {"flags": IFA_F_NODAD} if op.value.version == 6 and cmd == "add" else {}
             try:
                 await ipr.addr(cmd, index=index, address=str(op.value.ip),
-                               prefixlen=op.value.network.prefixlen)
+                               prefixlen=op.value.network.prefixlen, **kw)
             except Exception as exc:
                 code = _nl_code(exc)
                 if not (cmd == "add" and code == errno.EEXIST) and not (
@@ -264,18 +278,22 @@ class NetlinkKernel:
         else:  # pragma: no cover - exhaustive
             raise ValueError(op.action)
 
-    async def observe(self, ifindex: int) -> Entries:
-        """The entries on the device, from three dumps decoded by `rtnl` (no pyroute2 objects)."""
+    async def observe(self, ifindex: int, underlay: int | None = None) -> Entries:
+        """The entries on the device (and our direct routes on `underlay`), from dumps of
+        both families decoded by `rtnl` (no pyroute2 objects)."""
+        # With direct routes the route dumps filter on our protocol only, not the device.
+        rdev = 0 if underlay is not None else ifindex
         async with self._raw_lock:
-            routes = {r for p in await self._dump("route", ifindex)
-                      if (r := rtnl.decode_route(p, ifindex)) is not None}
-            neighs = {n for p in await self._dump("neigh", ifindex)
+            routes = {r for kind in ("route", "route6") for p in await self._dump(kind, rdev)
+                      if (r := rtnl.decode_route(p, ifindex, underlay)) is not None}
+            neighs = {n for kind in ("neigh", "neigh6") for p in await self._dump(kind, ifindex)
                       if (n := rtnl.decode_neigh(p, ifindex)) is not None}
             fdbs = {f for p in await self._dump("fdb", ifindex)
                     if (f := rtnl.decode_fdb(p, ifindex)) is not None}
         return Entries(frozenset(routes), frozenset(neighs), frozenset(fdbs))
 
-    async def apply(self, ifindex: int, ops: Sequence[Op]) -> list[OpResult]:
+    async def apply(self, ifindex: int, ops: Sequence[Op],
+                    underlay: int | None = None) -> list[OpResult]:
         """Apply `ops` in order, `BATCH` requests per sendmsg; one result per op.
 
         Only failures are answered (plus an ack for the last request of each
@@ -284,7 +302,8 @@ class NetlinkKernel:
         results: list[OpResult] = []
         async with self._raw_lock:
             for start in range(0, len(ops), BATCH):
-                results.extend(await self._apply_batch(ifindex, ops[start:start + BATCH]))
+                results.extend(await self._apply_batch(ifindex, ops[start:start + BATCH],
+                                                       underlay))
                 # Let the agent's other tasks (CNI, keep-alive, API) run between batches.
                 await asyncio.sleep(0)
         return results
@@ -299,10 +318,12 @@ class NetlinkKernel:
         self._seq += n
         return first
 
-    async def _apply_batch(self, ifindex: int, ops: Sequence[Op]) -> list[OpResult]:
+    async def _apply_batch(self, ifindex: int, ops: Sequence[Op],
+                           underlay: int | None = None) -> list[OpResult]:
         first = self._seqs(len(ops))
         last = first + len(ops) - 1
-        buf = b"".join(rtnl.encode_op(op, ifindex, first + i, ack=(first + i == last))
+        buf = b"".join(rtnl.encode_op(op, ifindex, first + i, ack=(first + i == last),
+                                      underlay=underlay)
                        for i, op in enumerate(ops))
         replies = rtnl.BatchReplies(first, last, {})
         lost = 0
@@ -370,6 +391,8 @@ class NetlinkKernel:
                 # A kernel that refuses our dump filters: filter on our side only.
                 self._set_strict(False)
                 continue
+            if code in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP) and kind.endswith("6"):
+                return []  # a kernel without IPv6 (ipv6.disable=1) has no IPv6 entries
             if code:
                 raise KernelError(f"read {kind} entries", code, text)
             if not interrupted:
@@ -410,7 +433,7 @@ class ChangeMonitor:
     """
 
     GROUPS = (rtnl.RTMGRP_LINK | rtnl.RTMGRP_NEIGH | rtnl.RTMGRP_IPV4_IFADDR
-              | rtnl.RTMGRP_IPV4_ROUTE)
+              | rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV6_IFADDR | rtnl.RTMGRP_IPV6_ROUTE)
 
     def __init__(self) -> None:
         # (its RCVBUF holds the 15,000 notifications of a first pass at 5,000 peers)
@@ -463,26 +486,34 @@ async def find_underlay(
     iface: str | None = None,
     iface_regex: str | None = None,
     public_ip: str | None = None,
+    family: int | None = None,
 ) -> Underlay:
     """The interface and address VXLAN packets leave from.
 
     Order: --iface, then --iface-regex, then the interface holding --public-ip,
     then the interface of the default route, then the only interface with an
-    IPv4 address. Every failure names what was looked for.
+    address. The address is of `family` (4 or 6) when given (--underlay-family),
+    else IPv4 when the interface has one and IPv6 otherwise; never loopback or
+    link-local. Every failure names what was looked for.
     """
     links = {m["index"]: m async for m in await ipr.link("dump")}
-    addrs: dict[int, list[IPv4Interface]] = {}
-    async for a in await ipr.addr("dump", family=socket.AF_INET):
-        addrs.setdefault(a["index"], []).append(
-            IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-        )
+    addrs: dict[int, list[IPIface]] = {}
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        async for a in await ipr.addr("dump", family=fam):
+            addrs.setdefault(a["index"], []).append(
+                ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"))
     names = {i: m.get("IFLA_IFNAME") for i, m in links.items()}
+    what = f"an IPv{family}" if family else "an IP"
+
+    def good(a: IPIface) -> bool:
+        return (not a.ip.is_loopback and not a.ip.is_link_local
+                and (family is None or a.version == family))
 
     def usable(i: int) -> bool:
         """Not loopback and not one of our own devices (they carry pod addresses)."""
         n = names.get(i) or ""
         return (not is_node_device(n)
-                and any(not a.ip.is_loopback for a in addrs.get(i, [])))
+                and any(good(a) for a in addrs.get(i, [])))
 
     candidates: list[int]
     if iface:
@@ -499,32 +530,47 @@ async def find_underlay(
             raise ConfigError("--iface-regex", f"invalid regular expression: {exc}") from None
         candidates = [i for i, n in sorted(names.items()) if rx.fullmatch(n) and usable(i)]
         if not candidates:
-            raise ConfigError("--iface-regex", f"no interface with an IPv4 address matches "
+            raise ConfigError("--iface-regex", f"no interface with {what} address matches "
                               f"{iface_regex!r}")
     elif public_ip:
-        candidates = [i for i, lst in addrs.items() if any(str(a.ip) == public_ip for a in lst)]
+        try:
+            wanted = ip_address(public_ip)
+        except ValueError:
+            raise ConfigError("--public-ip", f"{public_ip!r} is not an IP address") from None
+        if family is not None and wanted.version != family:
+            raise ConfigError("--public-ip", f"{public_ip} is not IPv{family} "
+                              "(--underlay-family)")
+        candidates = [i for i, lst in addrs.items() if any(a.ip == wanted for a in lst)]
         if not candidates:
             raise ConfigError("--public-ip", f"{public_ip} is not an address of this host")
     else:
         candidates = []
-        async for r in await ipr.route("dump", family=socket.AF_INET):
-            if r["dst_len"] == 0 and r["table"] == 254 and r.get("RTA_OIF"):
-                candidates.append(r.get("RTA_OIF"))
+        for fam in ((socket.AF_INET, socket.AF_INET6) if family is None else
+                    ((socket.AF_INET,) if family == 4 else (socket.AF_INET6,))):
+            async for r in await ipr.route("dump", family=fam):
+                if r["dst_len"] == 0 and r["table"] == 254 and r.get("RTA_OIF"):
+                    candidates.append(r.get("RTA_OIF"))
+        candidates = [i for i in candidates if usable(i)] or candidates
         if not candidates:
             candidates = [i for i in sorted(addrs) if usable(i)]
         if not candidates:
-            raise ConfigError("--iface", "no default route and no interface with an IPv4 "
+            raise ConfigError("--iface", f"no default route and no interface with {what} "
                               "address: say which interface to use with --iface")
     index = candidates[0]
     lst = addrs.get(index, [])
     if public_ip:
-        chosen = [a for a in lst if str(a.ip) == public_ip]
+        chosen = [a for a in lst if a.ip == ip_address(public_ip)]
     else:
-        chosen = [a for a in lst if not a.ip.is_loopback and not a.ip.is_link_local] or lst
+        chosen = [a for a in lst if good(a)]
+        if family is None:
+            # IPv4 first (the addresses came in that order): the common underlay.
+            chosen = [a for a in chosen if a.version == 4] or chosen
     if not chosen and public_ip:
         raise ConfigError("--public-ip", f"{public_ip} is not an address of {names[index]}")
     if not chosen:
-        raise ConfigError("--iface", f"{names[index]} has no IPv4 address")
+        kind = f"IPv{family}" if family else "IP"
+        raise ConfigError("--iface", f"{names[index]} has no {kind} address (loopback and "
+                          "link-local ones do not count)")
     link = links[index]
     return Underlay(
         ifname=names[index],

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 from typing import Protocol
 
 from overlay import metrics
@@ -24,19 +23,19 @@ from overlay.dataplane import rtnl
 from overlay.dataplane.desired import (
     Desired,
     Entries,
-    Fdb,
     Neigh,
-    Route,
+    UnderlayView,
     apply_ops,
     desired,
     explain,
+    peer_entries,
     plan,
 )
 from overlay.dataplane.devices import BridgeSpec, VxlanSpec, bridge_ops, vxlan_ops
 from overlay.dataplane.kernel import Kernel, KernelError
 from overlay.errors import OverlayError, TemporaryError
 from overlay.log import change_fields
-from overlay.model import NodeRecord
+from overlay.model import IPNet, NodeRecord
 from overlay.retry import Backoff, Once, wait
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,12 @@ class Specs:
     me: str
     vxlan: VxlanSpec
     bridge: BridgeSpec
-    cluster: IPv4Network
+    cluster: IPNet | tuple[IPNet, ...]  # the pod network of each family
+    underlay: UnderlayView | None = None  # the VXLAN device's family, DirectRouting
+
+    @property
+    def clusters(self) -> tuple[IPNet, ...]:
+        return self.cluster if isinstance(self.cluster, tuple) else (self.cluster,)
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Reconciler:
         self.interval = interval
         self.specs: Specs | None = None
         self.programmed = Entries()
+        self.want = Desired()  # the desired state of the last pass
+        self._neigh6: frozenset[bytes] = frozenset()  # its IPv6 neighbours, for `watched`
         self.vxlan_index: int | None = None
         self.bridge_index: int | None = None
         self.monitor = monitor
@@ -152,14 +158,20 @@ class Reconciler:
             raise KernelError(f"{specs.vxlan.name} missing right after creating it", 0)
         self.vxlan_index = vx.index
 
-        observed = await self.kernel.observe(vx.index)
-        want = desired(self.peers(), specs.me, specs.cluster)
+        # Direct routes (DirectRouting) live on the underlay device: always looked at, so
+        # that turning the option off removes them.
+        under = specs.vxlan.underlay_ifindex
+        observed = await self.kernel.observe(vx.index, under)
+        want = desired(self.peers(), specs.me, specs.clusters, specs.underlay)
+        if want.neighs != self.want.neighs:
+            self._neigh6 = frozenset(n.ip.packed for n in want.neighs if n.ip.version == 6)
+        self.want = want
         for node, why in want.rejected:
             log.warning("not programming node %s: %s", node, why)
         ops = plan(want, observed)
         if ops:
             reasons = [explain(op, want, self.programmed) for op in ops]
-            results = await self.kernel.apply(vx.index, ops)
+            results = await self.kernel.apply(vx.index, ops, under)
             done = []
             for r, why in zip(results, reasons, strict=True):
                 if r.error is None:
@@ -212,17 +224,25 @@ class Reconciler:
 
     def is_programmed(self, rec: NodeRecord) -> bool:
         # Set lookups, not scans: the status RPC asks this for every peer.
+        if self.specs is None:
+            return False
         p = self.programmed
-        return (Route(rec.subnet, rec.vtep_ip) in p.routes
-                and (Neigh(rec.vtep_ip, rec.vtep_mac) in p.neighs
-                     or Neigh(rec.vtep_ip, rec.vtep_mac, permanent=False) in p.neighs)
-                and Fdb(rec.vtep_mac, rec.underlay_ip) in p.fdbs)
+        families = {c.version for c in self.specs.clusters}
+        entries = peer_entries(rec, families, self.specs.underlay)
+        return bool(entries) and all(
+            e in p or (isinstance(e, Neigh) and Neigh(e.ip, e.mac, permanent=False) in p)
+            for e in entries)
+
+    def is_direct(self, node: str) -> bool:
+        """Peer `node` is reached by a direct route (DirectRouting)."""
+        return node in self.want.direct
 
     def watched(self) -> rtnl.Watched:
         assert self.specs is not None
         sp = self.specs
         return rtnl.Watched(self.vxlan_index, self.bridge_index, sp.vxlan.mtu, sp.bridge.mtu,
-                            sp.vxlan.mac, sp.bridge.mac, sp.cluster)
+                            sp.vxlan.mac, sp.bridge.mac, sp.clusters,
+                            sp.vxlan.underlay_ifindex, self._neigh6)
 
     async def _follow_kernel(self, monitor: Monitor) -> None:
         while True:

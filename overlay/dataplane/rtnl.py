@@ -22,9 +22,10 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from overlay.dataplane.desired import Fdb, Neigh, Op, Route
+from overlay.model import IPAddr, IPNet, within
 
 # linux/netlink.h
 NLMSG_NOOP = 1
@@ -94,13 +95,20 @@ def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def encode_op(op: Op, ifindex: int, seq: int, ack: bool = False) -> bytes:
+def _family(addr: IPAddr | IPNet) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def encode_op(op: Op, ifindex: int, seq: int, ack: bool = False,
+              underlay: int | None = None) -> bytes:
     """One request for `op` on the device `ifindex`, the same request `ip`/`bridge` would send.
 
     add fdb    = bridge fdb append MAC dev DEV dst IP self permanent
-    add neigh  = ip neigh replace IP lladdr MAC dev DEV nud permanent
-    add route  = ip route replace NET via GW dev DEV onlink proto 0x9f
-    and the matching deletes.
+    add neigh  = ip [-6] neigh replace IP lladdr MAC dev DEV nud permanent
+    add route  = ip [-6] route replace NET via GW dev DEV onlink proto 0x9f
+    a direct route (DirectRouting) goes on the underlay device `underlay`:
+                 ip route replace NET via PEER dev UNDERLAY proto 0x9f
+    and the matching deletes. IPv4 or IPv6 follows the entry's addresses.
     """
     e = op.entry
     add = op.action == "add"
@@ -112,43 +120,57 @@ def encode_op(op: Op, ifindex: int, seq: int, ack: bool = False) -> bytes:
             return _msg(RTM_NEWNEIGH, flags | NLM_F_CREATE | NLM_F_APPEND, seq, body)
         return _msg(RTM_DELNEIGH, flags, seq, body)
     if isinstance(e, Neigh):
+        fam = _family(e.ip)
         if add:
-            body = (_NDMSG.pack(socket.AF_INET, 0, 0, ifindex, NUD_PERMANENT, 0, 0)
+            body = (_NDMSG.pack(fam, 0, 0, ifindex, NUD_PERMANENT, 0, 0)
                     + _attr(NDA_DST, e.ip.packed) + _attr(NDA_LLADDR, _mac(e.mac)))
             return _msg(RTM_NEWNEIGH, flags | NLM_F_CREATE | NLM_F_REPLACE, seq, body)
-        body = _NDMSG.pack(socket.AF_INET, 0, 0, ifindex, 0, 0, 0) + _attr(NDA_DST, e.ip.packed)
+        body = _NDMSG.pack(fam, 0, 0, ifindex, 0, 0, 0) + _attr(NDA_DST, e.ip.packed)
         return _msg(RTM_DELNEIGH, flags, seq, body)
     assert isinstance(e, Route)
-    oif = _attr(RTA_OIF, struct.pack("=I", ifindex))
+    fam = _family(e.dst)
+    if e.direct:
+        if underlay is None:
+            raise ValueError(f"{e}: no underlay device for a direct route")
+        dev, rtflags = underlay, 0
+    else:
+        dev, rtflags = ifindex, RTNH_F_ONLINK
+    oif = _attr(RTA_OIF, struct.pack("=I", dev))
     dst = _attr(RTA_DST, e.dst.network_address.packed)
     if add:
-        body = (_RTMSG.pack(socket.AF_INET, e.dst.prefixlen, 0, 0, RT_TABLE_MAIN,
-                            RTPROT_OVERLAY, RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK)
+        body = (_RTMSG.pack(fam, e.dst.prefixlen, 0, 0, RT_TABLE_MAIN,
+                            RTPROT_OVERLAY, RT_SCOPE_UNIVERSE, RTN_UNICAST, rtflags)
                 + dst + _attr(RTA_GATEWAY, e.via.packed) + oif)
         return _msg(RTM_NEWROUTE, flags | NLM_F_CREATE | NLM_F_REPLACE, seq, body)
     # As `ip route del`: scope NOWHERE and type 0 match any; the protocol and
     # the device restrict the delete to our route.
-    body = (_RTMSG.pack(socket.AF_INET, e.dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_OVERLAY,
+    body = (_RTMSG.pack(fam, e.dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_OVERLAY,
                         RT_SCOPE_NOWHERE, 0, 0) + dst + oif)
     return _msg(RTM_DELROUTE, flags, seq, body)
 
 
-DumpKind = str  # "route" | "neigh" | "fdb"
+DumpKind = str  # "route" | "route6" | "neigh" | "neigh6" | "fdb"
+DUMPS = ("route", "route6", "neigh", "neigh6", "fdb")
 
 
 def encode_dump(kind: DumpKind, ifindex: int, seq: int) -> bytes:
     """A dump request, with the filters a kernel in strict-check mode applies itself.
 
     Without strict checking the kernel ignores them and dumps everything; the
-    decoders below filter again either way.
+    decoders below filter again either way. A route dump with `ifindex` 0
+    filters on our protocol only: our routes on the VXLAN and the underlay
+    device (DirectRouting).
     """
     flags = NLM_F_REQUEST | NLM_F_DUMP
-    if kind == "route":
-        body = (_RTMSG.pack(socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_OVERLAY, 0, 0, 0)
-                + _attr(RTA_OIF, struct.pack("=I", ifindex)))
+    if kind in ("route", "route6"):
+        fam = socket.AF_INET if kind == "route" else socket.AF_INET6
+        body = _RTMSG.pack(fam, 0, 0, 0, RT_TABLE_MAIN, RTPROT_OVERLAY, 0, 0, 0)
+        if ifindex:
+            body += _attr(RTA_OIF, struct.pack("=I", ifindex))
         return _msg(RTM_GETROUTE, flags, seq, body)
-    if kind == "neigh":
-        body = (_NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0)
+    if kind in ("neigh", "neigh6"):
+        fam = socket.AF_INET if kind == "neigh" else socket.AF_INET6
+        body = (_NDMSG.pack(fam, 0, 0, 0, 0, 0, 0)
                 + _attr(NDA_IFINDEX, struct.pack("=I", ifindex)))
         return _msg(RTM_GETNEIGH, flags, seq, body)
     if kind == "fdb":
@@ -208,47 +230,76 @@ def done_error(msg: Message) -> int:
     return -int(_ERR.unpack_from(msg.payload, 0)[0])
 
 
-def decode_route(payload: bytes, ifindex: int) -> Route | None:
-    """Our route on `ifindex` (main table, our protocol, with a gateway), else None."""
+def _ip(raw: bytes) -> IPAddr | None:
+    if len(raw) == 4:
+        return IPv4Address(raw)
+    if len(raw) == 16:
+        return IPv6Address(raw)
+    return None
+
+
+def decode_route(payload: bytes, ifindex: int, underlay: int | None = None) -> Route | None:
+    """Our route (main table, our protocol, with a gateway) on the VXLAN device
+    `ifindex`, or a direct one on the underlay device `underlay`; else None."""
     family, dst_len, _s, _t, table, proto, _sc, _ty, _fl = _RTMSG.unpack_from(payload, 0)
-    if family != socket.AF_INET or proto != RTPROT_OVERLAY:
+    if family not in (socket.AF_INET, socket.AF_INET6) or proto != RTPROT_OVERLAY:
         return None
     a = attrs(payload, _RTMSG.size)
     raw_table = a.get(RTA_TABLE)
     if raw_table is not None:
         (table,) = struct.unpack("=I", raw_table)
     oif = a.get(RTA_OIF)
+    if table != RT_TABLE_MAIN or oif is None:
+        return None
+    (dev,) = struct.unpack("=I", oif)
+    if dev == ifindex:
+        direct = False
+    elif underlay is not None and dev == underlay:
+        direct = True
+    else:
+        return None
+    width = 4 if family == socket.AF_INET else 16
     gw = a.get(RTA_GATEWAY)
-    if table != RT_TABLE_MAIN or oif is None or struct.unpack("=I", oif)[0] != ifindex:
+    if gw is None or len(gw) != width:
         return None
-    if gw is None or len(gw) != 4:
+    dst = a.get(RTA_DST, bytes(width))
+    if len(dst) != width:
         return None
-    dst = a.get(RTA_DST, b"\0\0\0\0")
-    return Route(IPv4Network((int.from_bytes(dst, "big"), dst_len)), IPv4Address(gw))
+    via = _ip(gw)
+    assert via is not None
+    net: IPNet = (IPv4Network((int.from_bytes(dst, "big"), dst_len)) if width == 4
+                  else IPv6Network((int.from_bytes(dst, "big"), dst_len)))
+    return Route(net, via, direct)
 
 
 def decode_neigh(payload: bytes, ifindex: int) -> Neigh | None:
-    """An IPv4 neighbour with a link-layer address on `ifindex`, else None."""
+    """An IPv4 or IPv6 neighbour with a link-layer address on `ifindex`, else None."""
     family, _p1, _p2, index, state, _f, _t = _NDMSG.unpack_from(payload, 0)
-    if family != socket.AF_INET or index != ifindex:
+    if family not in (socket.AF_INET, socket.AF_INET6) or index != ifindex:
         return None
     a = attrs(payload, _NDMSG.size)
     dst, ll = a.get(NDA_DST), a.get(NDA_LLADDR)
-    if not dst or len(dst) != 4 or not ll or len(ll) != 6:
+    if not dst or len(dst) != (4 if family == socket.AF_INET else 16) or not ll \
+            or len(ll) != 6:
         return None
-    return Neigh(IPv4Address(dst), ll.hex(":"), bool(state & NUD_PERMANENT))
+    ip = _ip(dst)
+    assert ip is not None
+    if ip.is_multicast or ip.is_link_local:
+        return None  # the kernel's own (MLD groups, neighbour discovery): never ours
+    return Neigh(ip, ll.hex(":"), bool(state & NUD_PERMANENT))
 
 
 def decode_fdb(payload: bytes, ifindex: int) -> Fdb | None:
-    """A forwarding entry with an IPv4 remote on `ifindex`, else None."""
+    """A forwarding entry with an IPv4 or IPv6 remote on `ifindex`, else None."""
     family, _p1, _p2, index, _state, _f, _t = _NDMSG.unpack_from(payload, 0)
     if family != AF_BRIDGE or index != ifindex:
         return None
     a = attrs(payload, _NDMSG.size)
     dst, ll = a.get(NDA_DST), a.get(NDA_LLADDR)
-    if not dst or len(dst) != 4 or not ll or len(ll) != 6:
-        return None  # an IPv6 remote is not ours
-    return Fdb(ll.hex(":"), IPv4Address(dst))
+    if not dst or not ll or len(ll) != 6:
+        return None
+    ip = _ip(dst)
+    return None if ip is None else Fdb(ll.hex(":"), ip)
 
 
 @dataclass
@@ -282,6 +333,8 @@ RTMGRP_LINK = 0x1
 RTMGRP_NEIGH = 0x4
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
 IFLA_ADDRESS = 1
 IFLA_MTU = 4
 IFF_UP = 0x1
@@ -299,7 +352,14 @@ class Watched:
     bridge_mtu: int
     vxlan_mac: str
     bridge_mac: str
-    cluster: IPv4Network
+    cluster: IPNet | tuple[IPNet, ...]  # the pod network(s)
+    underlay: int | None = None  # ifindex, when DirectRouting puts routes on it
+    # Our permanent IPv6 neighbours (packed): NDP changes other entries all the time.
+    neigh6: frozenset[bytes] = frozenset()
+
+    @property
+    def clusters(self) -> tuple[IPNet, ...]:
+        return self.cluster if isinstance(self.cluster, tuple) else (self.cluster,)
 
 
 def drift(msg: Message, w: Watched) -> str:
@@ -336,22 +396,36 @@ def _drift(msg: Message, w: Watched) -> str:
         family, _l, _f, _s, index = _IFADDR.unpack_from(p, 0)
         return f"address changed on device {index}" if index in ours else ""
     if t in (RTM_NEWNEIGH, RTM_DELNEIGH):
-        fam, _p1, _p2, index, _st, _f, _t = _NDMSG.unpack_from(p, 0)
-        # (IPv6 neighbour discovery on the device is not ours and would only add passes)
-        ours_family = fam in (socket.AF_INET, AF_BRIDGE)
-        return "neighbour or FDB entry changed" if index == w.vxlan and ours_family else ""
+        fam, _p1, _p2, index, state, _f, _t = _NDMSG.unpack_from(p, 0)
+        if index != w.vxlan:
+            return ""
+        if fam in (socket.AF_INET, AF_BRIDGE):
+            return "neighbour or FDB entry changed"
+        if fam == socket.AF_INET6:
+            # Neighbour discovery on the device is not ours and would only add passes:
+            # only a permanent entry (a DEL carries the state it had) or one of ours.
+            dst = attrs(p, _NDMSG.size).get(NDA_DST)
+            if state & NUD_PERMANENT or (dst is not None and dst in w.neigh6):
+                return "IPv6 neighbour entry changed"
+        return ""
     if t in (RTM_NEWROUTE, RTM_DELROUTE):
-        family, dst_len, *_ = _RTMSG.unpack_from(p, 0)
-        if family != socket.AF_INET:
+        family, dst_len, _s, _tos, _tb, proto, *_ = _RTMSG.unpack_from(p, 0)
+        if family not in (socket.AF_INET, socket.AF_INET6):
             return ""
         a = attrs(p, _RTMSG.size)
         oif = a.get(RTA_OIF)
-        if oif is not None and struct.unpack("=I", oif)[0] == w.vxlan:
+        dev = struct.unpack("=I", oif)[0] if oif is not None else None
+        if dev is not None and dev == w.vxlan:
             return "route changed"
+        if dev is not None and dev == w.underlay and proto == RTPROT_OVERLAY:
+            return "direct route changed"
         dst = a.get(RTA_DST)
-        if dst is not None and len(dst) == 4:
-            net = IPv4Network((int.from_bytes(dst, "big"), dst_len), strict=False)
-            if net.subnet_of(w.cluster) and dst_len > w.cluster.prefixlen:
+        width = 4 if family == socket.AF_INET else 16
+        if dst is not None and len(dst) == width:
+            net: IPNet = (IPv4Network((int.from_bytes(dst, "big"), dst_len), strict=False)
+                          if width == 4 else
+                          IPv6Network((int.from_bytes(dst, "big"), dst_len), strict=False))
+            if any(within(net, c) and dst_len > c.prefixlen for c in w.clusters):
                 return f"route to {net} changed"
         return ""
     return ""

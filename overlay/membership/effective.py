@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 from typing import Literal
 
 from overlay.membership.swim import Member, State
-from overlay.model import LeaseEntry, NodeRecord
+from overlay.model import IPNet, LeaseEntry, NodeRecord
 
 Source = Literal["etcd", "gossip", "left"]
 
@@ -43,18 +42,19 @@ def effective_peer(entry: LeaseEntry, member: Member | None) -> Peer:
         return Peer(entry, rec, "etcd")  # not signed with the key etcd binds to the node
     if member.state == State.LEFT:
         return Peer(entry, rec, "left")
-    if said.node.subnet != rec.subnet:
+    if said.node.subnets != rec.subnets:
         return Peer(entry, rec, "etcd")  # etcd wins on ownership
     merged = rec.with_(underlay_ip=said.node.underlay_ip, vtep_mac=said.node.vtep_mac,
                        grpc_addr=said.node.grpc_addr)
     return Peer(entry, merged, "gossip" if merged != rec else "etcd")
 
 
-def effective_peers(entries: Mapping[IPv4Network, LeaseEntry], members: Mapping[str, Member],
+def effective_peers(entries: Mapping[IPNet, LeaseEntry], members: Mapping[str, Member],
                     me: str) -> list[Peer]:
-    """Every other node holding a lease in etcd, in subnet order."""
+    """Every other node holding a lease in etcd, in subnet order (IPv4 first)."""
     return [effective_peer(e, members.get(e.record.node))
-            for _, e in sorted(entries.items()) if e.record.node != me]
+            for _, e in sorted(entries.items(), key=lambda kv: (kv[0].version, kv[0]))
+            if e.record.node != me]
 
 
 def programmable(peers: Iterable[Peer]) -> list[NodeRecord]:

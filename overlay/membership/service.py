@@ -21,7 +21,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
 from typing import Any
 
 import grpc
@@ -34,7 +33,7 @@ from overlay.membership.effective import Peer, Source, effective_peers, programm
 from overlay.membership.signing import NodeKey, gate
 from overlay.membership.swim import Change, Member, Proof, Record, State, Swim, SwimConfig, Update
 from overlay.membership.wire import claim_from_pb, claims_from_pb, update_pb
-from overlay.model import LeaseEntry, NodeRecord
+from overlay.model import IPNet, LeaseEntry, NodeRecord, hostport
 from overlay.retry import Once
 from overlay.v1 import overlay_pb2 as pb
 from overlay.v1 import overlay_pb2_grpc as pb_grpc
@@ -149,7 +148,7 @@ class Membership:
         cfg: SwimConfig,
         listen: str,
         tls: tlsmod.TlsMaterial | None,
-        etcd_entries: Callable[[], Mapping[IPv4Network, LeaseEntry]],
+        etcd_entries: Callable[[], Mapping[IPNet, LeaseEntry]],
         on_change: Callable[[], None],
         key: NodeKey,
         rng: random.Random | None = None,
@@ -448,7 +447,7 @@ class Membership:
         req = pb.ProbeRequest(sender=self.name, seq=next(self._seq), target=m.name, tunnel=True)
         t0 = time.perf_counter()
         try:
-            reply = await self._call("tunnel-probe", f"{node.vtep_ip}:{port}", m.name, "Probe",
+            reply = await self._call("tunnel-probe", hostport(node.vtep_ip, port), m.name, "Probe",
                                      req, timeout)
         except RpcFailed as exc:
             h.tunnel_error = str(exc)
@@ -625,7 +624,7 @@ class Membership:
         wanted = {(m.addr, n) for n, m in self.swim.members.items()}
         for rec, _ in self._programmed:
             port = rec.grpc_addr.rpartition(":")[2]
-            wanted.add((f"{rec.vtep_ip}:{port}", rec.node))
+            wanted.add((hostport(rec.vtep_ip, port), rec.node))
         for key in list(self._channels):
             if key not in wanted:
                 self._spawn(self._channels.pop(key).close())

@@ -9,13 +9,19 @@ core. Updates arrive as `Claim`s: what the sender says, not yet admitted;
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv4Address, ip_address
 from typing import Any
 
 from overlay.errors import ConfigError
 from overlay.membership.admission import Claim, Statement
 from overlay.membership.swim import Record, State, Update
-from overlay.model import NodeRecord, check_node_name, parse_cidr, parse_mac
+from overlay.model import (
+    NodeRecord,
+    check_node_name,
+    parse_cidr,
+    parse_cidr6,
+    parse_mac,
+    parse_underlay_ip,
+)
 from overlay.v1 import overlay_pb2 as pb
 
 # Beyond any record we make (about 120 bytes): a bigger statement is refused unread.
@@ -25,9 +31,10 @@ SIGNATURE_SIZE = 64
 
 def record_pb(rec: NodeRecord, lease_revision: int = 0, incarnation: int = 0) -> Any:
     return pb.NodeRecord(
-        name=rec.node, subnet=str(rec.subnet), underlay_ip=str(rec.underlay_ip),
-        vtep_mac=rec.vtep_mac, grpc_addr=rec.grpc_addr, backend=rec.backend,
-        incarnation=incarnation, lease_revision=lease_revision,
+        name=rec.node, subnet=str(rec.subnet) if rec.subnet is not None else "",
+        underlay_ip=str(rec.underlay_ip), vtep_mac=rec.vtep_mac, grpc_addr=rec.grpc_addr,
+        backend=rec.backend, incarnation=incarnation, lease_revision=lease_revision,
+        subnet6=str(rec.subnet6) if rec.subnet6 is not None else "",
     )
 
 
@@ -79,18 +86,17 @@ def pb_state(state: State | None) -> Any:
 
 def node_record(m: Any) -> NodeRecord:
     """A NodeRecord message as a validated NodeRecord; ConfigError names the bad field."""
-    try:
-        ip = ip_address(m.underlay_ip)
-    except ValueError:
-        raise ConfigError("underlay_ip", f"{m.underlay_ip!r} is not an IP address") from None
-    if not isinstance(ip, IPv4Address):
-        raise ConfigError("underlay_ip", f"{ip} is not IPv4")
+    ip = parse_underlay_ip(m.underlay_ip, "underlay_ip")
     if m.backend not in ("", "vxlan"):
         raise ConfigError("backend", f"{m.backend!r} is not supported")
     if m.grpc_addr and not m.grpc_addr.rpartition(":")[2].isdigit():
         raise ConfigError("grpc_addr", f"{m.grpc_addr!r} is not host:port")
-    return NodeRecord(check_node_name(m.name, "name"), parse_cidr(m.subnet, "subnet"), ip,
-                      parse_mac(m.vtep_mac, "vtep_mac"), m.grpc_addr)
+    subnet = parse_cidr(m.subnet, "subnet") if m.subnet else None
+    subnet6 = parse_cidr6(m.subnet6, "subnet6") if m.subnet6 else None
+    if subnet is None and subnet6 is None:
+        raise ConfigError("subnet", "missing (and no subnet6)")
+    return NodeRecord(check_node_name(m.name, "name"), subnet, ip,
+                      parse_mac(m.vtep_mac, "vtep_mac"), m.grpc_addr, subnet6=subnet6)
 
 
 _STATES = {int(s): s for s in State}

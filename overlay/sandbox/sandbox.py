@@ -5,6 +5,13 @@
   nodes      ovs-<name>-n1..    a real overlayd each
   pods       ovs-<name>-n1-p1.. attached by running the CNI conflist, like a runtime
 
+Pods get IPv4, IPv6 or both (`ip_family`); the underlay is IPv4 (172.30.0.0/16)
+or IPv6 (fd30::/64) (`underlay_family`). With `segments` > 1 the underlay is
+routed: one bridge per segment (br0, br1..., in ovs-<name>-ul; segment k is
+172.(29+k).0.0/16 or fd(2f+k)::/64) joined by a router namespace ovs-<name>-rt,
+and node n<i> sits on segment ((i-1) mod segments) + 1: DirectRouting then
+has both kinds of peers.
+
 Nothing is created in the root namespace: every device lives in a namespace
 this module made, every process it starts is recorded by PID in
 /run/overlay-sandbox/<name>/state.json, and `down` removes all of it.
@@ -13,6 +20,7 @@ this module made, every process it starts is recorded by PID in
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -29,6 +37,7 @@ from typing import Any
 
 from overlay.cni.install import InstallOptions, install
 from overlay.devnames import vxlan_name
+from overlay.model import hostport
 from overlay.sandbox.runtime import NetworkList
 
 BASE = Path("/run/overlay-sandbox")
@@ -37,6 +46,9 @@ BASE = Path("/run/overlay-sandbox")
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 UNDERLAY_NET = "172.30.0.0/16"
 NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
+IP_FAMILIES = ("ipv4", "ipv6", "dual")
+DEFAULT_CIDR6 = "fd00:10:244::/56"
+MAX_SEGMENTS = 4
 
 
 class SandboxError(Exception):
@@ -82,8 +94,14 @@ class Pod:
     netns: str
     container_id: str
     ifname: str = "eth0"
-    ip: str = ""
+    ip: str = ""  # its IPv4 address, or its IPv6 one on an IPv6-only cluster
     result: Any = None
+    ip6: str = ""  # its IPv6 address (dual-stack and IPv6-only)
+
+    def address(self, family: int) -> str:
+        if family == 6:
+            return self.ip6
+        return self.ip if ":" not in self.ip else ""
 
 
 @dataclass
@@ -95,6 +113,7 @@ class Host:
     pid: int = 0
     log: str = ""
     dir: str = ""
+    segment: int = 1  # which underlay segment (bridge br<segment-1>) it is plugged into
 
 
 @dataclass
@@ -114,6 +133,16 @@ class State:
     etcd_tls: bool = False
     underlay_mtu: int = 1500
     tls: bool = False  # agents talk mutual TLS with certificates from <dir>/pki
+    ip_family: str = "ipv4"  # pods: ipv4, ipv6 or dual
+    underlay_family: int = 4
+    segments: int = 1
+    cidr6: str = DEFAULT_CIDR6
+    subnet_len6: int = 64
+    direct_routing: bool = False
+
+    @property
+    def pod_families(self) -> tuple[int, ...]:
+        return {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}[self.ip_family]
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -199,28 +228,92 @@ class Sandbox:
         sh("ip", "netns", "add", ns)
         sh("ip", "-n", ns, "link", "set", "lo", "up")
 
-    def _plug(self, host: str, ns: str, ip: str, mtu: int = 1500) -> None:
-        """Connect host namespace `ns` to the underlay bridge as eth0 with `ip`."""
+    def _plug(self, host: str, ns: str, ip: str, mtu: int = 1500, segment: int = 1) -> None:
+        """Connect host namespace `ns` to the bridge of underlay `segment` as eth0 with `ip`
+        (and a default route through the router when the underlay has segments)."""
         ul = self.st.underlay
         from overlay.sandbox.faults import port_name
 
         port = port_name(host)
         sh("ip", "-n", ul, "link", "add", port, "mtu", str(mtu), "type", "veth", "peer", "name",
            "eth0", "netns", ns, "mtu", str(mtu))
-        sh("ip", "-n", ul, "link", "set", port, "master", "br0", "up")
-        sh("ip", "-n", ns, "addr", "add", f"{ip}/16", "dev", "eth0")
+        sh("ip", "-n", ul, "link", "set", port, "master", f"br{segment - 1}", "up")
+        self._address(ns, "eth0", ip)
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        if self.st.segments > 1:
+            sh("ip", "-n", ns, "route", "add", "default", "via", self.router_ip(segment),
+               "dev", "eth0")
 
-    def underlay_ip(self, role: str, index: int) -> str:
+    def _address(self, ns: str, dev: str, ip: str) -> None:
+        if ":" in ip:
+            # nodad: usable at once, not after a second of duplicate address detection
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/64", "dev", dev, "nodad")
+        else:
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/16", "dev", dev)
+
+    def underlay_ip(self, role: str, index: int, segment: int = 1) -> str:
         third = {"etcd": 0, "node": 1, "outside": 2}[role]
-        return f"172.30.{third}.{10 + index}"
+        if self.st.underlay_family == 6:
+            return str(ipaddress.ip_address(f"fd{0x2f + segment:x}::{third}:{10 + index}"))
+        return f"172.{29 + segment}.{third}.{10 + index}"
+
+    def router_ip(self, segment: int) -> str:
+        if self.st.underlay_family == 6:
+            return f"fd{0x2f + segment:x}::ffff"
+        return f"172.{29 + segment}.255.254"
+
+    def node_segment(self, index: int) -> int:
+        return (index - 1) % self.st.segments + 1
+
+    def _router(self) -> None:
+        """The router namespace joining the segments' bridges (forwarding on there only)."""
+        st = self.st
+        rt = self.ns("rt")
+        self._new_ns(rt)
+        knob = ("net.ipv6.conf.all.forwarding" if st.underlay_family == 6
+                else "net.ipv4.ip_forward")
+        self.run_in(rt, "sysctl", "-q", "-w", f"{knob}=1")
+        for seg in range(1, st.segments + 1):
+            sh("ip", "-n", st.underlay, "link", "add", "br" + str(seg - 1), "type", "bridge")
+            sh("ip", "-n", st.underlay, "link", "set", "br" + str(seg - 1), "up")
+            port = f"r-{seg}"
+            sh("ip", "-n", st.underlay, "link", "add", port, "type", "veth", "peer", "name",
+               f"seg{seg}", "netns", rt)
+            sh("ip", "-n", st.underlay, "link", "set", port, "master", f"br{seg - 1}", "up")
+            self._address(rt, f"seg{seg}", self.router_ip(seg))
+            sh("ip", "-n", rt, "link", "set", f"seg{seg}", "up")
 
     # --- up -------------------------------------------------------------------
 
     def up(self, nodes: int = 3, pods_per_node: int = 2, *, etcd_members: int = 1,
            cidr: str = "10.244.0.0/16", subnet_len: int = 24, vni: int = 1,
            port: int = 8472, agent_args: Sequence[str] = (), wait: float = 60,
-           underlay_mtu: int = 1500, tls: bool = False, etcd_tls: bool = False) -> State:
+           underlay_mtu: int = 1500, tls: bool = False, etcd_tls: bool = False,
+           ip_family: str = "ipv4", underlay_family: int = 4, segments: int = 1,
+           cidr6: str = DEFAULT_CIDR6, subnet_len6: int = 64,
+           direct_routing: bool = False, net_conf: str | None = None) -> State:
+        """`net_conf`: a network config (flannel's net-conf.json) written as it is with
+        `overlayctl network init --config-file`, instead of the one the other
+        arguments describe (its families, networks and DirectRouting win)."""
+        if net_conf is not None:
+            from overlay.errors import ConfigError
+            from overlay.model import NetworkConfig
+
+            try:
+                conf = NetworkConfig.from_json(net_conf)
+            except ConfigError as exc:
+                raise SandboxError("up", f"network config: {exc}") from None
+            ip_family = {(4,): "ipv4", (6,): "ipv6", (4, 6): "dual"}[conf.families]
+            cidr, subnet_len = str(conf.network or cidr), conf.subnet_len
+            cidr6, subnet_len6 = str(conf.ipv6_network or cidr6), conf.ipv6_subnet_len
+            vni, port, direct_routing = conf.vni, conf.port, conf.direct_routing
+        if ip_family not in IP_FAMILIES:
+            raise SandboxError("up", f"ip family {ip_family!r} is not one of "
+                               f"{', '.join(IP_FAMILIES)}")
+        if underlay_family not in (4, 6):
+            raise SandboxError("up", f"underlay family {underlay_family} is not 4 or 6")
+        if not 1 <= segments <= MAX_SEGMENTS:
+            raise SandboxError("up", f"underlay segments {segments} is not in 1..{MAX_SEGMENTS}")
         if self.state is not None:
             raise SandboxError("up", f"sandbox {self.name!r} already exists; run "
                                f"`overlayctl sandbox down --name {self.name}` first")
@@ -238,17 +331,27 @@ class Sandbox:
         self.state = State(name=self.name, dir=str(self.dir), underlay=self.ns("ul"),
                            cidr=cidr, subnet_len=subnet_len, vni=vni, port=port,
                            agent_args=list(agent_args), underlay_mtu=underlay_mtu,
-                           tls=tls, etcd_tls=etcd_tls)
+                           tls=tls, etcd_tls=etcd_tls, ip_family=ip_family,
+                           underlay_family=underlay_family, segments=segments, cidr6=cidr6,
+                           subnet_len6=subnet_len6, direct_routing=direct_routing)
         self.save()
         t0 = time.monotonic()
-        with self.step("underlay network"):
+        with self.step("underlay network" + (f" ({segments} routed segments)"
+                                             if segments > 1 else "")):
             self._new_ns(self.st.underlay)
-            sh("ip", "-n", self.st.underlay, "link", "add", "br0", "type", "bridge")
-            sh("ip", "-n", self.st.underlay, "link", "set", "br0", "up")
+            if segments > 1:
+                self._router()
+            else:
+                sh("ip", "-n", self.st.underlay, "link", "add", "br0", "type", "bridge")
+                sh("ip", "-n", self.st.underlay, "link", "set", "br0", "up")
         self.start_etcd(etcd_members)
         with self.step("network config in etcd"):
-            self.etcdctl_overlay("network", "init", "--cidr", cidr, "--subnet-len",
-                                 str(subnet_len), "--vni", str(vni), "--port", str(port))
+            if net_conf is not None:
+                conf_file = self.dir / "net-conf.json"
+                conf_file.write_text(net_conf)
+                self.etcdctl_overlay("network", "init", "--config-file", str(conf_file))
+            else:
+                self.etcdctl_overlay("network", "init", *self.network_flags())
         with self.step("CNI plugin"):
             install(InstallOptions(bin_dir=self.dir / "cni" / "bin",
                                    conf_dir=self.dir / "cni" / "unused"))
@@ -271,12 +374,27 @@ class Sandbox:
                       f"{nodes} nodes, {nodes * pods_per_node} pods")
         return self.st
 
+    def network_flags(self) -> list[str]:
+        """`overlayctl network init` flags for this sandbox's cluster."""
+        st = self.st
+        flags = ["--vni", str(st.vni), "--port", str(st.port)]
+        if 4 in st.pod_families:
+            flags += ["--cidr", st.cidr, "--subnet-len", str(st.subnet_len)]
+        else:
+            flags += ["--no-ipv4"]
+        if 6 in st.pod_families:
+            flags += ["--ipv6-cidr", st.cidr6, "--ipv6-subnet-len", str(st.subnet_len6)]
+        if st.direct_routing:
+            flags += ["--direct-routing"]
+        return flags
+
     @property
     def etcd_scheme(self) -> str:
         return "https" if self.st.etcd_tls else "http"
 
     def etcd_endpoints(self) -> str:
-        return ",".join(f"{self.etcd_scheme}://{h.underlay_ip}:2379" for h in self.st.etcd)
+        return ",".join(f"{self.etcd_scheme}://{hostport(h.underlay_ip, 2379)}"
+                        for h in self.st.etcd)
 
     # --- etcd with client-certificate authentication -------------------------------
 
@@ -316,7 +434,7 @@ class Sandbox:
             hosts.append(Host(name, self.ns(name), self.underlay_ip("etcd", i), "etcd",
                               log=str(self.dir / "logs" / f"{name}.log"),
                               dir=str(self.dir / name)))
-        cluster = ",".join(f"{h.name}=http://{h.underlay_ip}:2380" for h in hosts)
+        cluster = ",".join(f"{h.name}=http://{hostport(h.underlay_ip, 2380)}" for h in hosts)
         for h in hosts:
             with self.step(f"etcd host {h.name} ({h.underlay_ip})", Path(h.log)):
                 self._new_ns(h.netns)
@@ -331,12 +449,13 @@ class Sandbox:
     def _spawn_etcd(self, h: Host, cluster: str, cluster_state: str) -> None:
         Path(h.dir).mkdir(parents=True, exist_ok=True)
         scheme = self.etcd_scheme
+        client, peer = hostport(h.underlay_ip, 2379), hostport(h.underlay_ip, 2380)
         cmd = [
             "etcd", "--name", h.name, "--data-dir", h.dir,
-            "--listen-client-urls", f"{scheme}://{h.underlay_ip}:2379,{scheme}://127.0.0.1:2379",
-            "--advertise-client-urls", f"{scheme}://{h.underlay_ip}:2379",
-            "--listen-peer-urls", f"http://{h.underlay_ip}:2380",
-            "--initial-advertise-peer-urls", f"http://{h.underlay_ip}:2380",
+            "--listen-client-urls", f"{scheme}://{client},{scheme}://127.0.0.1:2379",
+            "--advertise-client-urls", f"{scheme}://{client}",
+            "--listen-peer-urls", f"http://{peer}",
+            "--initial-advertise-peer-urls", f"http://{peer}",
             "--initial-cluster", cluster, "--initial-cluster-state", cluster_state,
             "--initial-cluster-token", f"ovs-{self.name}",
             "--heartbeat-interval", "100", "--election-timeout", "1000",
@@ -377,7 +496,8 @@ class Sandbox:
     def restart_etcd(self, name: str, wait: bool = True) -> None:
         """Start a killed member again, rejoining the existing cluster with its data."""
         h = self.etcd_host(name)
-        cluster = ",".join(f"{m.name}=http://{m.underlay_ip}:2380" for m in self.st.etcd)
+        cluster = ",".join(f"{m.name}=http://{hostport(m.underlay_ip, 2380)}"
+                           for m in self.st.etcd)
         self._spawn_etcd(h, cluster, "existing")
         if wait:
             self.wait_etcd(h)
@@ -469,11 +589,14 @@ class Sandbox:
             used = {h.name for h in st.nodes}
             name = next(f"n{i}" for i in range(1, 10_000) if f"n{i}" not in used)
         index = int(name[1:]) if name[1:].isdigit() else len(st.nodes) + 100
-        h = Host(name, self.ns(name), self.underlay_ip("node", index), "node",
-                 log=str(self.dir / "logs" / f"{name}.log"), dir=str(self.node_dir(name)))
-        with self.step(f"node {name} ({h.underlay_ip})"):
+        seg = self.node_segment(index)
+        h = Host(name, self.ns(name), self.underlay_ip("node", index, seg), "node",
+                 log=str(self.dir / "logs" / f"{name}.log"), dir=str(self.node_dir(name)),
+                 segment=seg)
+        where = f", segment {seg}" if st.segments > 1 else ""
+        with self.step(f"node {name} ({h.underlay_ip}{where})"):
             self._new_ns(h.netns)
-            self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu)
+            self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu, seg)
             d = self.node_dir(name)
             (d / "run").mkdir(parents=True, exist_ok=True)
             (d / "state").mkdir(parents=True, exist_ok=True)
@@ -597,7 +720,9 @@ class Sandbox:
             self.save()
             pod.result = self.network(node).add(pod.container_id, f"/run/netns/{pod.netns}",
                                                 pod.ifname)
-            pod.ip = pod.result["ips"][0]["address"].split("/")[0]
+            addrs = [ip["address"].split("/")[0] for ip in pod.result["ips"]]
+            pod.ip = addrs[0]
+            pod.ip6 = next((a for a in addrs if ":" in a), "")
             self.save()
         return pod
 
@@ -627,14 +752,18 @@ class Sandbox:
         p = self.run_in(src_ns, *args, dst, check=False, timeout=timeout * count + 10)
         return p.returncode == 0
 
-    def check(self, workers: int = 8) -> tuple[list[tuple[Pod, Pod, bool]], int, int]:
-        pods = self.st.pods
+    def check(self, workers: int = 8, family: int | None = None
+              ) -> tuple[list[tuple[Pod, Pod, bool]], int, int]:
+        """Ping every pod from every pod, over `family` (default: the first the pods have)."""
+        fam = family or self.st.pod_families[0]
+        pods = [p for p in self.st.pods if p.address(fam)]
         pairs = [(a, b) for a in pods for b in pods if a is not b]
 
         def probe(pair: tuple[Pod, Pod]) -> bool:
             a, b = pair
-            # One retry: the very first packet may wait on ARP inside a pod.
-            return self.ping(a.netns, b.ip) or self.ping(a.netns, b.ip, timeout=2)
+            dst = b.address(fam)
+            # One retry: the very first packet may wait on ARP/NDP inside a pod.
+            return self.ping(a.netns, dst) or self.ping(a.netns, dst, timeout=2)
 
         with ThreadPoolExecutor(max_workers=workers) as ex:
             oks = list(ex.map(probe, pairs))
@@ -680,6 +809,26 @@ class Sandbox:
         raise SandboxError("host", f"no host {name!r} in sandbox {self.name}")
 
     # --- other hosts ----------------------------------------------------------
+
+    def move_node(self, name: str, segment: int) -> Host:
+        """Re-plug node `name` into underlay `segment` with that segment's address, its agent
+        restarted (a host moved to another rack). Its pods stay as they are."""
+        st = self.st
+        h = self.node(name)
+        if not 1 <= segment <= st.segments:
+            raise SandboxError("move", f"segment {segment} is not in 1..{st.segments}")
+        index = int(name[1:]) if name[1:].isdigit() else 100
+        with self.step(f"move node {name} to segment {segment}"):
+            self.stop_agent(name)
+            from overlay.sandbox.faults import port_name
+
+            sh("ip", "-n", st.underlay, "link", "del", port_name(name), check=False)
+            h.segment, h.underlay_ip = segment, self.underlay_ip("node", index, segment)
+            self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu, segment)
+            self.save()
+            self.start_agent(name)
+        self.wait_ready(name)
+        return h
 
     def add_outside_host(self, name: str = "outside") -> Host:
         st = self.st

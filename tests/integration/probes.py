@@ -6,16 +6,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-# Listen on UDP `port` for up to `seconds`; print "<source ip> <payload>" per datagram.
-# With a third argument, stop 0.5 s after a datagram with that payload arrived (the last
-# one a test sends), so a busy machine gets all the time it needs and an idle one no wait.
+# Listen on UDP `port` for up to `seconds` (argv[3] "6": over IPv6); print "<source ip>
+# <payload>" per datagram. With argv[4], stop 0.5 s after a datagram with that payload
+# arrived (the last one a test sends), so a busy machine gets all the time it needs and an
+# idle one no wait.
 UDP_LISTENER = """
 import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+v6 = sys.argv[3] == "6"
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("::" if v6 else "0.0.0.0", int(sys.argv[1])))
 s.settimeout(0.1)
 end = time.monotonic() + float(sys.argv[2])
-until = sys.argv[3] if len(sys.argv) > 3 else None
+until = sys.argv[4] if len(sys.argv) > 4 else None
 print("ready", flush=True)
 while time.monotonic() < end:
     try:
@@ -28,10 +30,10 @@ while time.monotonic() < end:
         end = min(end, time.monotonic() + 0.5)
 """
 
-# Send one UDP datagram: argv = dst ip, port, payload.
+# Send one UDP datagram: argv = dst ip (IPv4 or IPv6), port, payload.
 UDP_SEND = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
 """
 
@@ -50,18 +52,32 @@ send(pkt, count=int(count), inter=0.05)
 """
 
 
+# The same over IPv6, outer and inner: argv as VXLAN_SPOOF.
+VXLAN_SPOOF6 = """
+import sys
+from scapy.all import IPv6, UDP, Ether, Raw, conf, send
+from scapy.layers.vxlan import VXLAN
+conf.verb = 0
+odst, port, vni, dmac, isrc, idst, iport, payload, count = sys.argv[1:10]
+pkt = (IPv6(dst=odst) / UDP(sport=40000, dport=int(port)) / VXLAN(vni=int(vni), flags=0x08)
+       / Ether(dst=dmac, src="02:de:ad:be:ef:01") / IPv6(src=isrc, dst=idst)
+       / UDP(sport=5555, dport=int(iport)) / Raw(payload.encode()))
+send(pkt, count=int(count), inter=0.05)
+"""
+
+
 def python_in(prefix: Sequence[str], code: str, *args: str, timeout: float = 30
               ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*prefix, sys.executable, "-c", code, *args], capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 
-def start_listener(prefix: Sequence[str], port: int, seconds: float, until: str | None = None
-                   ) -> subprocess.Popen[str]:
+def start_listener(prefix: Sequence[str], port: int, seconds: float, family: int = 4,
+                   until: str | None = None) -> subprocess.Popen[str]:
     """A UDP listener in a namespace, ready when this returns (see UDP_LISTENER)."""
     extra = [until] if until is not None else []
     p = subprocess.Popen([*prefix, sys.executable, "-c", UDP_LISTENER, str(port), str(seconds),
-                          *extra],
+                          str(family), *extra],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None
     line = p.stdout.readline()

@@ -66,7 +66,7 @@ def test_mtu_flag_overrides_the_derived_mtu(jumbo):
 
 @pytest.mark.parametrize("flag, value, says", [
     ("--iface", "nope0", "no interface named 'nope0' here (have: cni0, eth0, lo, "),
-    ("--iface-regex", "^wlan", "no interface with an IPv4 address matches '^wlan'"),
+    ("--iface-regex", "^wlan", "no interface with an IP address matches '^wlan'"),
     ("--public-ip", "192.0.2.1", "192.0.2.1 is not an address of this host"),
 ])
 def test_a_wrong_underlay_is_a_one_line_error_and_exit_2(jumbo, tmp_path, flag, value, says):

@@ -27,7 +27,7 @@ from overlay.membership.service import PeerHealth, PeerView
 from overlay.membership.signing import NodeKey
 from overlay.membership.swim import State, SwimConfig
 from overlay.membership.tls import TlsMaterial
-from overlay.model import LeaseEntry, LeaseEvent, LeaseSnapshot, NetworkConfig, NodeRecord
+from overlay.model import IPNet, LeaseEntry, LeaseEvent, LeaseSnapshot, NetworkConfig, NodeRecord
 
 CFG = NetworkConfig(network=IPv4Network("10.244.0.0/16"), subnet_len=24)
 UNDERLAY = Underlay("eth0", 2, IPv4Address("172.30.1.11"), 1500, IPv4Network("172.30.0.0/16"))
@@ -44,7 +44,7 @@ class MemoryEtcd:
 
     def __init__(self) -> None:
         self.cfg: NetworkConfig | None = CFG
-        self.keys: dict[IPv4Network, LeaseEntry] = {}
+        self.keys: dict[IPNet, LeaseEntry] = {}
         self.events: list[LeaseEvent] = []
         self.rev = 10
         self.leases: set[int] = set()
@@ -54,7 +54,7 @@ class MemoryEtcd:
         if self.down:
             raise TemporaryError("etcd unreachable")
 
-    def _put(self, subnet: IPv4Network, entry: LeaseEntry | None) -> int:
+    def _put(self, subnet: IPNet, entry: LeaseEntry | None) -> int:
         self.rev += 1
         if entry is None:
             self.keys.pop(subnet, None)
@@ -109,22 +109,31 @@ class MemoryEtcd:
 
     async def create_lease(self, record: NodeRecord, lease_id: int) -> int | None:
         self._check()
-        if record.subnet in self.keys:
+        if record.key_subnet in self.keys:
             return None
-        return self._put(record.subnet, LeaseEntry(record, 0, lease_id))
+        return self._put(record.key_subnet, LeaseEntry(record, 0, lease_id))
 
-    async def replace_lease(self, record: NodeRecord, lease_id: int, expect_mod: int
-                            ) -> int | None:
+    async def replace_lease(self, record: NodeRecord, lease_id: int,
+                            expect_mod: int | Mapping[IPNet, int],
+                            drop: Mapping[IPNet, int] | None = None) -> int | None:
+        """IPv4 leases only (one key each): `expect_mod` 0 means the key must not exist."""
         self._check()
-        cur = self.keys.get(record.subnet)
-        if cur is None or cur.mod_revision != expect_mod:
+        key = record.key_subnet
+        want = expect_mod if isinstance(expect_mod, int) else expect_mod.get(key, 0)
+        cur = self.keys.get(key)
+        if (cur.mod_revision if cur is not None else 0) != want:
             return None
-        return self._put(record.subnet, LeaseEntry(record, 0, lease_id))
+        for old in drop or {}:
+            if old != key:
+                self._put(old, None)
+        return self._put(key, LeaseEntry(record, 0, lease_id))
 
-    async def delete_lease(self, subnet: IPv4Network, expect_mod: int | None = None) -> bool:
+    async def delete_lease(self, subnet: IPNet | NodeRecord,
+                           expect_mod: int | None = None) -> bool:
         self._check()
-        had = subnet in self.keys
-        self._put(subnet, None)
+        key = subnet.key_subnet if isinstance(subnet, NodeRecord) else subnet
+        had = key in self.keys
+        self._put(key, None)
         return had
 
     async def revoke(self, lease_id: int) -> None:
@@ -196,10 +205,10 @@ class FakeNode:
         return None  # the periodic pass (0.1 s here) finds drift
 
     async def find_underlay(self, iface: str | None, iface_regex: str | None,
-                            public_ip: str | None) -> Underlay:
+                            public_ip: str | None, family: int | None = None) -> Underlay:
         return UNDERLAY
 
-    def enable_forwarding(self) -> None:
+    def enable_forwarding(self, ipv6: bool = False) -> None:
         self.forwarding = True
 
     def pod_wiring(self, bridge: str) -> PodWiring:

@@ -1,5 +1,5 @@
 import json
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 import pytest
 
@@ -121,6 +121,32 @@ def test_current_results_have_no_ip_version(version):
 def test_result_round_trips_through_prev_result():
     for v in spec.SUPPORTED_VERSIONS:
         assert spec.parse_result(json.loads(spec.render(RESULT, v))) == RESULT
+
+
+DUAL = spec.Result(
+    interfaces=RESULT.interfaces,
+    ips=(spec.IPConfig(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"), 2),
+         spec.IPConfig(IPv6Interface("fd00:0:0:1::5/64"), IPv6Address("fd00:0:0:1::1"), 2)),
+    routes=(spec.RouteR("0.0.0.0/0", "10.244.1.1"), spec.RouteR("::/0", "fd00:0:0:1::1")),
+)
+
+
+@pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
+def test_dual_stack_results_in_every_version(version):
+    doc = json.loads(spec.render(DUAL, version))
+    legacy = version < "1.0.0"
+    assert [ip.get("version") for ip in doc["ips"]] == (["4", "6"] if legacy else [None, None])
+    assert [ip["interface"] for ip in doc["ips"]] == [2, 2]
+    assert doc["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.244.1.1"},
+                             {"dst": "::/0", "gw": "fd00:0:0:1::1"}]
+    assert spec.parse_result(doc) == DUAL
+
+
+def test_prev_result_with_a_gateway_of_the_other_family_is_refused():
+    doc = json.loads(spec.render(DUAL, "1.0.0"))
+    doc["ips"][1]["gateway"] = "10.244.1.1"
+    with pytest.raises(spec.CniError, match="not of the family"):
+        spec.parse_result(doc)
 
 
 def test_error_document_shape():

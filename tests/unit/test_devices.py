@@ -86,3 +86,25 @@ def test_underlay_family_change_recreates_the_device():
 
 def test_vxlan_overhead_is_50_over_ipv4_and_70_over_ipv6():
     assert (vxlan_overhead(4), vxlan_overhead(6)) == (50, 70)
+
+
+def test_overlay_mtu_follows_the_underlay_family_and_flannels_backend_mtu():
+    from ipaddress import IPv4Network, IPv6Network
+
+    import pytest
+
+    from overlay.agent.agent import overlay_mtu
+    from overlay.dataplane.kernel import Underlay
+    from overlay.errors import ConfigError
+    from overlay.model import NetworkConfig
+
+    v4 = Underlay("eth0", 2, IPv4Address("172.30.1.11"), 1500, IPv4Network("172.30.0.0/16"))
+    v6 = Underlay("eth0", 2, IPv6Address("fd30::1:11"), 1500, IPv6Network("fd30::/64"))
+    cfg = NetworkConfig(IPv4Network("10.244.0.0/16"))
+    assert (overlay_mtu(cfg, v4, None), overlay_mtu(cfg, v6, None)) == (1450, 1430)
+    assert overlay_mtu(NetworkConfig(IPv4Network("10.244.0.0/16"), mtu=9000), v4, None) == 8950
+    assert overlay_mtu(cfg, v4, 1400) == 1400
+    dual = NetworkConfig(IPv4Network("10.244.0.0/16"), ipv6_network=IPv6Network("fd00::/48"),
+                         mtu=1300)
+    with pytest.raises(ConfigError, match="below 1280"):
+        overlay_mtu(dual, v4, None)

@@ -1,5 +1,5 @@
 import threading
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -78,3 +78,21 @@ def test_repair_after_crash_between_writes(tmp_path):
     (tmp_path / "att" / "stale").write_text("10.244.1.6\nghost\neth0\n")
     assert ipam.repair() == 2
     assert ipam.find("c1", "eth0") == a
+
+
+def test_ipv6_allocation_uses_every_address_after_the_gateway(tmp_path):
+    ipam = Ipam(tmp_path / "ipam6")
+    sub = IPv6Network("fd00:0:0:7::/125")  # ::0 VTEP, ::1 gateway, ::2-::7 pods (no broadcast)
+    got = [ipam.allocate(sub, f"c{i}", "eth0").ip for i in range(6)]
+    assert got == [IPv6Address(f"fd00:0:0:7::{i}") for i in range(2, 8)]
+    with pytest.raises(AddressesExhausted):
+        ipam.allocate(sub, "c9", "eth0")
+    assert Ipam(tmp_path / "ipam6").find("c3", "eth0").ip == IPv6Address("fd00:0:0:7::5")
+    assert [a.ip for a in ipam.gc([("c0", "eth0")])] == got[1:]
+
+
+def test_a_64_is_not_walked(tmp_path):
+    ipam = Ipam(tmp_path)
+    a = ipam.allocate(IPv6Network("fd00:0:0:7::/64"), "c1", "eth0")
+    assert a.ip == IPv6Address("fd00:0:0:7::2")
+    assert ipam.repair() == 0 and ipam.all() == [a]

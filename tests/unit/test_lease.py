@@ -1,24 +1,29 @@
 import asyncio
 import random
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
 from overlay.agent.lease import LeaseManager, SubnetsExhausted, Template
 from overlay.errors import TemporaryError
-from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig
+from overlay.model import LeaseEntry, LeaseSnapshot, NetworkConfig, key_role
 
 
 class FakeStore:
-    """An etcd of leases in memory; can make others win the race or fail."""
+    """An etcd of lease keys in memory (a dual-stack lease is two keys, see
+    overlay.model); can make others win the race or fail."""
 
     def __init__(self):
-        self.keys: dict[IPv4Network, LeaseEntry] = {}
+        self.kv: dict = {}  # subnet -> LeaseEntry (the record's key and its IPv6 claim)
         self.rev = 0
         self.next_lease = 100
         self.alive: set[int] = set()
-        self.steal_next = 0  # another node takes the subnet we try, just before us
+        self.steal_next = 0  # another node takes the subnets we try, just before us
         self.down = False
+
+    @property
+    def keys(self):
+        return {k: e for k, e in self.kv.items() if key_role(k, e.record) == "record"}
 
     def _check(self):
         if self.down:
@@ -26,7 +31,8 @@ class FakeStore:
 
     async def list_leases(self):
         self._check()
-        return LeaseSnapshot(self.rev, dict(self.keys))
+        claims = {k: e for k, e in self.kv.items() if key_role(k, e.record) == "claim"}
+        return LeaseSnapshot(self.rev, dict(self.keys), [], claims)
 
     async def grant(self, ttl):
         self._check()
@@ -38,42 +44,46 @@ class FakeStore:
         self._check()
         return 30 if lease_id in self.alive else 0
 
-    async def create_lease(self, record, lease_id):
-        self._check()
-        if self.steal_next:
-            self.steal_next -= 1
-            self.rev += 1
-            other = Template("thief", "172.30.9.9", "02:00:00:00:99:99", "").record(record.subnet)
-            self.keys[record.subnet] = LeaseEntry(other, self.rev, 1)
-        if record.subnet in self.keys:
-            return None
+    def _put(self, record, lease_id):
         self.rev += 1
-        self.keys[record.subnet] = LeaseEntry(record, self.rev, lease_id)
+        for k in record.lease_keys:
+            self.kv[k] = LeaseEntry(record, self.rev, lease_id)
         return self.rev
 
-    async def replace_lease(self, record, lease_id, expect_mod):
+    async def create_lease(self, record, lease_id):
+        return await self.replace_lease(record, lease_id, dict.fromkeys(record.lease_keys, 0))
+
+    async def replace_lease(self, record, lease_id, expect_mod, drop=None):
         self._check()
-        cur = self.keys.get(record.subnet)
-        if cur is None or cur.mod_revision != expect_mod:
-            return None
-        self.rev += 1
-        self.keys[record.subnet] = LeaseEntry(record, self.rev, lease_id)
-        return self.rev
+        expect = {record.key_subnet: expect_mod} if isinstance(expect_mod, int) \
+            else dict(expect_mod)
+        if self.steal_next and all(m == 0 for m in expect.values()):
+            self.steal_next -= 1
+            self._put(Template("thief", "172.30.9.9", "02:00:00:00:99:99", "").record(
+                *record.subnets), 1)
+        for k in record.lease_keys:
+            cur = self.kv.get(k)
+            if (cur.mod_revision if cur else 0) != expect.get(k, 0):
+                return None
+        for k, m in (drop or {}).items():
+            if m and (k not in self.kv or self.kv[k].mod_revision != m):
+                return None
+        for k in drop or {}:
+            self.kv.pop(k, None)
+        return self._put(record, lease_id)
 
     async def delete_lease(self, subnet, expect_mod=None):
-        return self.keys.pop(subnet, None) is not None
+        keys = subnet.lease_keys if hasattr(subnet, "lease_keys") else (subnet,)
+        return any([self.kv.pop(k, None) is not None for k in keys])
 
     async def revoke(self, lease_id):
-        self.alive.discard(lease_id)
-        for s, e in list(self.keys.items()):
-            if e.lease_id == lease_id:
-                del self.keys[s]
+        self.expire(lease_id)
 
     def expire(self, lease_id):
         self.alive.discard(lease_id)
-        for s, e in list(self.keys.items()):
+        for s, e in list(self.kv.items()):
             if e.lease_id == lease_id:
-                del self.keys[s]
+                del self.kv[s]
 
 
 CFG = NetworkConfig(network=IPv4Network("10.244.0.0/22"), subnet_len=24)  # 3 subnets (1-3)
@@ -193,3 +203,81 @@ def test_etcd_down_keeps_the_lease_object_and_marks_unhealthy():
         await asyncio.gather(task, return_exceptions=True)
 
     run(go())
+
+
+# --- dual-stack and IPv6-only leases -------------------------------------------------
+
+DUAL = NetworkConfig(network=IPv4Network("10.244.0.0/22"), subnet_len=24,
+                     ipv6_network=IPv6Network("fd00::/62"), ipv6_subnet_len=64)
+V6 = NetworkConfig(network=None, ipv6_network=IPv6Network("fd00::/62"), ipv6_subnet_len=64)
+
+
+def mgr_for(cfg, store, name="n1", **kw):
+    return LeaseManager(store, cfg, tpl(name), ttl=30, rng=random.Random(1), retry_max=0.01,
+                        **kw)
+
+
+def test_dual_stack_lease_is_two_keys_written_at_once_and_taken_over_whole():
+    store = FakeStore()
+    e = run(mgr_for(DUAL, store).acquire())
+    v4, v6 = e.record.subnet, e.record.subnet6
+    assert v4 is not None and v6 is not None
+    assert DUAL.pool(4).index(v4) == DUAL.pool(6).index(v6)  # paired by index
+    assert set(store.kv) == {v4, v6} and set(store.keys) == {v4}
+    again = run(LeaseManager(store, DUAL, tpl(mac="02:00:00:00:00:42"), ttl=30).acquire())
+    assert (again.record.subnet, again.record.subnet6) == (v4, v6)
+    assert set(store.kv) == {v4, v6} and store.kv[v6].record.vtep_mac == "02:00:00:00:00:42"
+
+
+def test_dual_stack_nodes_never_share_an_ipv6_subnet():
+    store = FakeStore()
+    got = [run(mgr_for(DUAL, store, name=f"n{i}").acquire()).record for i in range(1, 4)]
+    assert len({r.subnet6 for r in got}) == 3 and len({r.subnet for r in got}) == 3
+    with pytest.raises(SubnetsExhausted, match="all 3 /24 subnets"):
+        run(mgr_for(DUAL, store, name="n9")._try_acquire())
+
+
+def test_a_taken_ipv6_claim_moves_the_pair_on():
+    store = FakeStore()
+    # another node holds fd00:0:0:1::/64 with an IPv4 subnet this node would pair it with
+    other = Template("other", "172.30.1.99", "02:00:00:00:00:99", "").record(
+        IPv4Network("10.244.3.0/24"), IPv6Network("fd00:0:0:1::/64"))
+    run(store.create_lease(other, 7))
+    e = run(mgr_for(DUAL, store, preferred=[IPv4Network("10.244.1.0/24")]).acquire())
+    assert e.record.subnet == IPv4Network("10.244.1.0/24")
+    assert e.record.subnet6 in (IPv6Network("fd00:0:0:2::/64"), IPv6Network("fd00:0:0:3::/64"))
+
+
+def test_lost_dual_stack_race_moves_on():
+    store = FakeStore()
+    store.steal_next = 1
+    e = run(mgr_for(DUAL, store).acquire())
+    thief = next(x.record for x in store.keys.values() if x.record.node == "thief")
+    assert e.record.subnet != thief.subnet and e.record.subnet6 != thief.subnet6
+
+
+def test_enabling_ipv6_keeps_the_ipv4_subnet_and_adds_one():
+    store = FakeStore()
+    old = run(mgr(store).acquire())  # an IPv4-only lease from before
+    e = run(mgr_for(DUAL, store).acquire())
+    assert e.record.subnet == old.record.subnet and e.record.subnet6 is not None
+    assert set(store.kv) == {old.record.subnet, e.record.subnet6}
+
+
+def test_ipv6_only_lease_lives_under_its_ipv6_key_and_comes_back():
+    store = FakeStore()
+    m = mgr_for(V6, store)
+    e = run(m.acquire())
+    assert e.record.subnet is None and set(store.keys) == {e.record.subnet6}
+    store.expire(e.lease_id)
+    again = run(mgr_for(V6, store, preferred=e.record.subnets).acquire())
+    assert again.record.subnet6 == e.record.subnet6
+    run(m.release())
+
+
+def test_release_removes_every_key():
+    store = FakeStore()
+    m = mgr_for(DUAL, store)
+    run(m.acquire())
+    run(m.release())
+    assert store.kv == {}

@@ -45,6 +45,7 @@ def test_unsigned_update_is_an_opinion_about_a_name():
 
 @pytest.mark.parametrize("field,value", [
     ("name", "bad name!"), ("subnet", "10.244.2.1/24"), ("underlay_ip", "fe80::1"),
+    ("underlay_ip", "127.0.0.1"), ("subnet6", "fd00::1/64"), ("subnet6", "10.1.0.0/24"),
     ("vtep_mac", "01:00:5e:00:00:01"), ("grpc_addr", "nohostport"), ("backend", "gre"),
 ])
 def test_invalid_statements_are_refused_with_a_reason(field, value):
@@ -55,6 +56,37 @@ def test_invalid_statements_are_refused_with_a_reason(field, value):
     with pytest.raises(ConfigError) as e:
         parse_statement(st.SerializeToString())
     assert e.value.field == field
+
+
+def test_dual_stack_and_ipv6_records_round_trip_through_signed_statements():
+    from ipaddress import IPv6Address, IPv6Network
+
+    from overlay.v1 import overlay_pb2 as pb
+
+    dual = REC.with_(subnet6=IPv6Network("fd00:0:0:2::/64"))
+    v6only = REC.with_(subnet=None, subnet6=IPv6Network("fd00:0:0:2::/64"),
+                       underlay_ip=IPv6Address("fd30::1:12"), grpc_addr="[fd30::1:12]:7946")
+    for rec in (dual, v6only):
+        st = parse_statement(signed(rec=rec).proof.statement)
+        assert st.record == Record(rec, 17)  # the IPv6 subnet is part of what is signed
+    m = pb.Statement.FromString(signed(rec=v6only).proof.statement)
+    m.record.subnet6 = ""
+    with pytest.raises(ConfigError, match="subnet"):
+        parse_statement(m.SerializeToString())
+
+
+def test_dual_stack_identity_and_peers_are_saved(tmp_path):
+    from ipaddress import IPv6Network
+
+    dual = REC.with_(subnet6=IPv6Network("fd00:0:0:2::/64"))
+    state.save(tmp_path, state.Identity("n2", "02:00:00:00:00:02", dual.subnet, 7, 8,
+                                        dual.subnet6))
+    ident = state.load(tmp_path)
+    assert ident is not None and ident.subnets == dual.subnets
+    snap = LeaseSnapshot(9, {dual.subnet: LeaseEntry(dual, 4, 1)}, [],
+                         {dual.subnet6: LeaseEntry(dual, 4, 1)})
+    state.save_peers(tmp_path, snap)
+    assert state.load_peers(tmp_path) == snap
 
 
 def test_unknown_state_and_short_signatures_are_dropped():

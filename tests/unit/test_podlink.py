@@ -36,7 +36,7 @@ def test_new_veth_is_what_ip_link_add_sends():
 
 
 def test_configure_is_link_up_address_and_default_route_in_one_batch():
-    data = podlink.configure(3, IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"),
+    data = podlink.configure(3, [(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1"))],
                              seq=1)
     up, addr, route = (bytes(data[off:off + n]) for off, n in _offsets(data))
     m = parse(ifinfmsg, up)
@@ -50,6 +50,26 @@ def test_configure_is_link_up_address_and_default_route_in_one_batch():
     # Only the last asks for an ack: errors are answered anyway, by sequence number.
     assert [(m.seq, bool(m.flags & 4)) for m in split(data)] == [(1, False), (2, False),
                                                                   (3, True)]
+
+
+def test_dual_stack_configure_adds_both_addresses_then_both_routes():
+    from ipaddress import IPv6Address, IPv6Interface
+
+    pairs = [(IPv4Interface("10.244.1.5/24"), IPv4Address("10.244.1.1")),
+             (IPv6Interface("fd00:0:0:1::5/64"), IPv6Address("fd00:0:0:1::1"))]
+    data = podlink.configure(3, pairs, seq=7)
+    parts = [bytes(data[off:off + n]) for off, n in _offsets(data)]
+    assert len(parts) == 5
+    a6 = parse(ifaddrmsg, parts[2])
+    assert (a6["family"], a6["prefixlen"], a6["flags"] & podlink.IFA_F_NODAD,
+            a6.get("IFA_LOCAL")) == (10, 64, podlink.IFA_F_NODAD, "fd00:0:0:1::5")
+    r6 = parse(rtmsg, parts[4])
+    assert (r6["family"], r6["dst_len"], r6.get("RTA_GATEWAY")) == (10, 0, "fd00:0:0:1::1")
+    assert [(m.seq, bool(m.flags & 4)) for m in split(data)] == [
+        (7, False), (8, False), (9, False), (10, False), (11, True)]
+    assert podlink.configure_steps(pairs, 7)[9] == "add address fd00:0:0:1::5/64"
+    # the retry after lifting disable_ipv6: the IPv6 part alone, the link already up
+    assert len(list(split(podlink.configure(3, pairs[1:], seq=1, up=False)))) == 2
 
 
 def test_hairpin_sets_the_bridge_port_mode():

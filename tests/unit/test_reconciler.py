@@ -154,7 +154,7 @@ def test_a_kernel_notification_wakes_a_pass_long_before_the_timer():
     assert Route(peer.subnet, peer.vtep_ip) in k.entries[idx].routes
     w = mon.seen[0]
     assert w.vxlan == idx and w.bridge is not None and w.vxlan_mtu == 1450
-    assert w.cluster == SPECS.cluster
+    assert w.clusters == (SPECS.cluster,)
 
 
 def test_a_broken_notification_socket_is_not_fatal_and_still_wakes_a_pass():
@@ -187,3 +187,52 @@ def test_a_broken_notification_socket_is_not_fatal_and_still_wakes_a_pass():
 
     run(go())
     assert r.passes >= 2 and Broken.calls >= 2
+
+
+# --- IPv6 and DirectRouting ------------------------------------------------------------
+
+
+def test_dual_stack_specs_program_both_families_and_report_them_programmed():
+    from ipaddress import IPv6Interface, IPv6Network
+
+    from overlay.dataplane.desired import UnderlayView
+
+    specs = Specs(
+        "n1",
+        VxlanSpec("overlay.1", 1, 8472, IPv4Address("172.30.1.11"), 1450, "02:00:00:00:00:01",
+                  (IPv4Interface("10.244.1.0/32"), IPv6Interface("fd00:0:0:1::/128")), 2),
+        BridgeSpec("cni0", "02:00:00:00:00:aa", 1450,
+                   (IPv4Interface("10.244.1.1/24"), IPv6Interface("fd00:0:0:1::1/64"))),
+        (IPv4Network("10.244.0.0/16"), IPv6Network("fd00::/48")),
+        UnderlayView(4, IPv4Network("172.30.0.0/16"), direct_routing=True),
+    )
+    near = rec("n2", 2, 2).with_(subnet6=IPv6Network("fd00:0:0:2::/64"))
+    far = rec("n3", 3, 3).with_(subnet6=IPv6Network("fd00:0:0:3::/64"),
+                                underlay_ip=IPv4Address("172.31.1.13"))
+    k = FakeKernel()
+    r = Reconciler(k, lambda: [near, far])
+    r.set_specs(specs)
+    res = run(r.reconcile_once())
+    assert res.ok, res.errors
+    vx = k.links["overlay.1"]
+    assert IPv6Interface("fd00:0:0:1::/128") in vx.addresses
+    assert IPv6Interface("fd00:0:0:1::1/64") in k.links["cni0"].addresses
+    routes = {(str(e.dst), e.direct) for e in k.entries[vx.index].routes}
+    assert routes == {("10.244.2.0/24", True), ("fd00:0:0:2::/64", False),
+                      ("10.244.3.0/24", False), ("fd00:0:0:3::/64", False)}
+    assert r.is_programmed(near) and r.is_programmed(far)
+    assert r.is_direct("n2") and not r.is_direct("n3")
+    w = r.watched()
+    assert w.underlay == 2 and len(w.neigh6) == 2 and len(w.clusters) == 2
+
+
+def test_a_direct_route_without_an_underlay_device_fails_the_op_not_the_pass():
+    from overlay.dataplane.desired import UnderlayView
+
+    specs = Specs("n1", SPECS.vxlan, SPECS.bridge, SPECS.cluster,
+                  UnderlayView(4, IPv4Network("172.30.0.0/16"), direct_routing=True))
+    k = FakeKernel()
+    r = Reconciler(k, lambda: [rec("n2", 2, 2)])
+    r.set_specs(specs)  # the VXLAN spec names no underlay device
+    res = run(r.reconcile_once())
+    assert res.failed == 1 and "no underlay device" in res.errors[0]

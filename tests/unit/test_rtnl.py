@@ -2,7 +2,7 @@
 
 import socket
 import struct
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 from hypothesis import given
@@ -135,6 +135,15 @@ def kernel_neigh(family=socket.AF_INET, state=0x80, dst="10.244.9.0",
     return bytes(m.data[16:])
 
 
+def test_the_kernels_own_ipv6_neighbours_are_not_ours():
+    for dst in ("ff02::16", "fe80::1"):
+        nd = kernel_neigh(family=socket.AF_INET6, state=0x40, dst=dst, lladdr="33:33:00:00:00:16")
+        assert rtnl.decode_neigh(nd, IFINDEX) is None
+    ours = kernel_neigh(family=socket.AF_INET6, dst="fd00:0:0:9::")
+    assert rtnl.decode_neigh(ours, IFINDEX) == Neigh(IPv6Address("fd00:0:0:9::"),
+                                                     "02:aa:bb:cc:dd:ee")
+
+
 def test_neigh_decoder():
     assert rtnl.decode_neigh(kernel_neigh(), IFINDEX) == NEIGH
     stale = rtnl.decode_neigh(kernel_neigh(state=0x04), IFINDEX)
@@ -144,10 +153,11 @@ def test_neigh_decoder():
     assert rtnl.decode_neigh(kernel_neigh(family=rtnl.AF_BRIDGE), IFINDEX) is None
 
 
-def test_fdb_decoder_skips_ipv6_remotes_and_other_devices():
+def test_fdb_decoder_reads_both_underlay_families_and_skips_other_devices():
     fdb = kernel_neigh(family=rtnl.AF_BRIDGE, dst="172.30.1.12")
     assert rtnl.decode_fdb(fdb, IFINDEX) == FDB
-    assert rtnl.decode_fdb(kernel_neigh(family=rtnl.AF_BRIDGE, dst="fd00::1"), IFINDEX) is None
+    assert rtnl.decode_fdb(kernel_neigh(family=rtnl.AF_BRIDGE, dst="fd30::1"), IFINDEX) == \
+        Fdb(FDB.mac, IPv6Address("fd30::1"))
     assert rtnl.decode_fdb(kernel_neigh(family=rtnl.AF_BRIDGE, dst=None), IFINDEX) is None
     assert rtnl.decode_fdb(kernel_neigh(family=rtnl.AF_BRIDGE, ifindex=3), IFINDEX) is None
 
@@ -282,8 +292,97 @@ def test_what_changes_all_the_time_and_is_not_ours_is_not_drift():
     # IPv6 neighbour discovery on our device when it comes up.
     nd = struct.pack("=BBHiHBB", socket.AF_INET6, 0, 0, IFINDEX, 0x2, 0, 1)
     assert not rtnl.drift(notification(rtnl.RTM_NEWNEIGH, nd), WATCHED)
+    nd = kernel_neigh(family=socket.AF_INET6, state=0x02, dst="fe80::1")
+    assert not rtnl.drift(notification(rtnl.RTM_NEWNEIGH, nd), WATCHED)
 
 
 @given(st.binary(max_size=64), st.sampled_from([16, 17, 20, 21, 24, 25, 28, 29]))
 def test_garbage_notifications_never_raise(body, mtype):
     rtnl.drift(rtnl.Message(mtype, 0, 0, body), WATCHED)
+
+
+# --- IPv6 and direct routes ----------------------------------------------------------------
+
+ROUTE6 = Route(IPv6Network("fd00:0:0:9::/64"), IPv6Address("fd00:0:0:9::"))
+NEIGH6 = Neigh(IPv6Address("fd00:0:0:9::"), "02:aa:bb:cc:dd:ee")
+FDB6 = Fdb("02:aa:bb:cc:dd:ee", IPv6Address("fd30::1:12"))
+DIRECT = Route(IPv4Network("10.244.9.0/24"), IPv4Address("172.30.1.12"), direct=True)
+UNDERLAY = 2
+
+
+def test_ipv6_route_and_neighbour_are_the_ip_minus_6_requests():
+    m = decoded(rtmsg, rtnl.encode_op(Op("add", ROUTE6), IFINDEX, seq=1))
+    assert (m["family"], m["dst_len"], m["proto"], m["flags"]) == (
+        socket.AF_INET6, 64, 0x9F, rtnl.RTNH_F_ONLINK)
+    assert (m.get_attr("RTA_DST"), m.get_attr("RTA_GATEWAY")) == ("fd00:0:0:9::", "fd00:0:0:9::")
+    n = decoded(ndmsg, rtnl.encode_op(Op("add", NEIGH6), IFINDEX, seq=2))
+    assert (n["family"], n["state"], n.get_attr("NDA_DST")) == (socket.AF_INET6, 0x80,
+                                                                "fd00:0:0:9::")
+    f = decoded(ndmsg, rtnl.encode_op(Op("add", FDB6), IFINDEX, seq=3))
+    assert (f["family"], f.get_attr("NDA_DST")) == (rtnl.AF_BRIDGE, "fd30::1:12")
+    d = decoded(rtmsg, rtnl.encode_op(Op("del", ROUTE6), IFINDEX, seq=4))
+    assert d["family"] == socket.AF_INET6 and d.get_attr("RTA_OIF") == IFINDEX
+
+
+def test_direct_route_goes_on_the_underlay_device_without_onlink():
+    m = decoded(rtmsg, rtnl.encode_op(Op("add", DIRECT), IFINDEX, seq=1, underlay=UNDERLAY))
+    assert m.get_attr("RTA_OIF") == UNDERLAY and m["flags"] == 0
+    assert m.get_attr("RTA_GATEWAY") == "172.30.1.12"
+    d = decoded(rtmsg, rtnl.encode_op(Op("del", DIRECT), IFINDEX, seq=2, underlay=UNDERLAY))
+    assert d.get_attr("RTA_OIF") == UNDERLAY
+    with pytest.raises(ValueError, match="no underlay device"):
+        rtnl.encode_op(Op("add", DIRECT), IFINDEX, seq=3)
+
+
+nets6 = st.tuples(st.integers(0, 2**128 - 1), st.integers(16, 128)).map(
+    lambda t: IPv6Network(t, strict=False))
+addrs6 = st.integers(0, 2**128 - 1).map(IPv6Address)
+# Neighbours of ours: never multicast or link-local (the kernel's own, which decode skips)
+unicast6 = addrs6.filter(lambda a: not (a.is_multicast or a.is_link_local))
+
+
+@given(nets6, addrs6, addrs6, macs, st.booleans(), unicast6)
+def test_ipv6_and_direct_entries_decode_back(net, via, dst, mac, direct, vtep):
+    for entry, decode in ((Route(net, via, direct), rtnl.decode_route),
+                          (Neigh(vtep, mac), rtnl.decode_neigh),
+                          (Fdb(mac, dst), rtnl.decode_fdb)):
+        [msg] = rtnl.split(rtnl.encode_op(Op("add", entry), IFINDEX, seq=9, underlay=UNDERLAY))
+        if decode is rtnl.decode_route:
+            assert decode(msg.payload, IFINDEX, UNDERLAY) == entry
+            assert decode(msg.payload, IFINDEX) == (None if direct else entry)
+        else:
+            assert decode(msg.payload, IFINDEX) == entry
+
+
+def test_route_dumps_of_both_families_can_cover_every_device():
+    r6 = decoded(rtmsg, rtnl.encode_dump("route6", 0, seq=1))
+    assert (r6["family"], r6["proto"], r6.get_attr("RTA_OIF")) == (socket.AF_INET6, 0x9F, None)
+    n6 = decoded(ndmsg, rtnl.encode_dump("neigh6", IFINDEX, seq=2))
+    assert (n6["family"], n6.get_attr("NDA_IFINDEX")) == (socket.AF_INET6, IFINDEX)
+
+
+WATCHED6 = rtnl.Watched(vxlan=IFINDEX, bridge=8, vxlan_mtu=1430, bridge_mtu=1430,
+                        vxlan_mac="02:00:00:00:00:01", bridge_mac="02:00:00:00:00:aa",
+                        cluster=(IPv4Network("10.244.0.0/16"), IPv6Network("fd00::/48")),
+                        underlay=UNDERLAY, neigh6=frozenset({NEIGH6.ip.packed}))
+
+
+def test_ipv6_entries_and_direct_routes_are_drift():
+    for op in (Op("del", ROUTE6), Op("del", NEIGH6), Op("add", NEIGH6), Op("del", FDB6)):
+        assert rtnl.drift(as_notification(op), WATCHED6), op
+    # our neighbour changed to a learned (non-permanent) state by someone
+    learned = kernel_neigh(family=socket.AF_INET6, state=0x02, dst=str(NEIGH6.ip))
+    assert rtnl.drift(notification(rtnl.RTM_NEWNEIGH, learned), WATCHED6)
+    buf = rtnl.encode_op(Op("del", DIRECT), IFINDEX, 1, underlay=UNDERLAY)
+    assert rtnl.drift(notification(header(buf)[1], buf[16:]), WATCHED6)
+    moved = rtnl.encode_op(Op("add", ROUTE6), 99, 1)
+    assert "fd00:0:0:9::/64" in rtnl.drift(notification(header(moved)[1], moved[16:]), WATCHED6)
+    addr6 = struct.pack("=BBBBi", socket.AF_INET6, 64, 0, 0, 8)
+    assert rtnl.drift(notification(rtnl.RTM_DELADDR, addr6), WATCHED6)
+
+
+def test_ipv6_groups_are_subscribed():
+    from overlay.dataplane.kernel import ChangeMonitor
+
+    assert ChangeMonitor.GROUPS & rtnl.RTMGRP_IPV6_ROUTE
+    assert ChangeMonitor.GROUPS & rtnl.RTMGRP_IPV6_IFADDR

@@ -66,3 +66,23 @@ def test_summary_says_where_it_stops():
     assert lines[0] == f"2 packets: {A} > {B}: 2, {B} > {A}: 0"
     assert lines[1].startswith(f"nothing came back from {B}")
     assert summary([], A, B) == [f"0 packets: {A} > {B}: 0, {B} > {A}: 0"]
+
+
+def test_ipv6_pods_over_ipv4_and_over_ipv6_underlays():
+    from ipaddress import IPv6Address
+
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+    a6, b6 = IPv6Address("fd00:0:0:1::2"), IPv6Address("fd00:0:0:2::2")
+    inner = (Ether(src="02:00:00:00:01:01", dst="02:00:00:00:02:02")
+             / IPv6(src=str(a6), dst=str(b6), hlim=63) / ICMPv6EchoRequest(id=5, seq=2))
+    for outer in (IP(src="172.30.1.11", dst="172.30.1.12"),
+                  IPv6(src="fd30::1:11", dst="fd30::1:12")):
+        frame = bytes(Ether() / outer / UDP(sport=4000, dport=8472) / VXLAN(vni=1) / inner)
+        s = describe(frame, a6, b6)
+        assert s is not None and s.outer is not None and s.direction == "a>b"
+        assert s.outer.ip_src == outer.src
+        assert (s.inner.proto, s.inner.detail, s.inner.ttl, s.inner.length) == (
+            "icmp6", "echo-request id 5 seq 2", 63, 48)
+    plain = describe(bytes(inner), a6, b6)  # on cni0, or direct-routed on the underlay
+    assert plain is not None and plain.outer is None

@@ -58,3 +58,23 @@ def test_parse_table_reads_back_what_the_kernel_shows():
     flushed = listing.replace("udp dport 8472 ip saddr != @members counter packets 5 bytes "
                               "400 drop", "")
     assert parse_table(flushed)[0] is None
+
+
+def test_ipv6_underlay_filter_is_an_ip6_table():
+    from ipaddress import IPv6Address
+
+    from overlay.agent.vxlanfilter import parse_table
+
+    text = ruleset(8472, [IPv6Address("fd30::1:12"), IPv4Address("172.30.1.11")], family=6)
+    assert "table ip6 overlay_vxlan {\n  set members { type ipv6_addr; elements = " \
+           "{ fd30::1:12 }; }" in text
+    assert "udp dport 8472 ip6 saddr != @members counter drop" in text
+    # the IPv4 table of an earlier run over an IPv4 underlay goes away
+    assert "delete table ip overlay_vxlan" in text
+    assert member_update([IPv6Address("fd30::1:12")], 6) == (
+        "flush set ip6 overlay_vxlan members\n"
+        "add element ip6 overlay_vxlan members { fd30::1:12 }\n")
+    assert parse_table("table ip6 overlay_vxlan {\n set members {\n type ipv6_addr\n "
+                       "elements = { fd30::1:12 }\n }\n chain input {\n udp dport 8472 ip6 "
+                       "saddr != @members counter packets 0 bytes 0 drop\n }\n}") == (
+        8472, frozenset({"fd30::1:12"}))
