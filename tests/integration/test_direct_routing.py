@@ -16,25 +16,18 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import _require_environment, dump_logs, new_name, wait_until
+from conftest import dump_logs, sandbox_up, wait_until
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.utils import rdpcap
 
-from overlay.sandbox.sandbox import Sandbox, SandboxError, sh, tool
+from overlay.sandbox.sandbox import Sandbox, sh, tool
 
 
 @pytest.fixture(scope="module")
 def routed() -> Iterator[Sandbox]:
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(3, 2, segments=2, direct_routing=True)
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+    with sandbox_up(3, 2, segments=2, direct_routing=True) as sb:
+        yield sb
 
 
 @pytest.fixture(autouse=True)

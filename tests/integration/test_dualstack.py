@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import _require_environment, dump_logs, new_name, wait_until
+from conftest import dump_logs, sandbox_up, wait_until
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.vxlan import VXLAN
 from scapy.utils import rdpcap
 
 from overlay.sandbox.runtime import NetworkList, exec_plugin
-from overlay.sandbox.sandbox import Sandbox, SandboxError, sh, tool
+from overlay.sandbox.sandbox import Sandbox, sh, tool
 
 FLANNEL_DUAL_STACK = """{
   "EnableIPv4": true,
@@ -48,15 +48,8 @@ FLANNEL_DUAL_STACK = """{
 
 @pytest.fixture(scope="module")
 def dual() -> Iterator[Sandbox]:
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(3, 2, net_conf=FLANNEL_DUAL_STACK)
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+    with sandbox_up(3, 2, net_conf=FLANNEL_DUAL_STACK) as sb:
+        yield sb
 
 
 @pytest.fixture(autouse=True)

@@ -17,14 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _require_environment, dump_logs, new_name, wait_until
+from conftest import dump_logs, sandbox_up, wait_until
 from probes import UDP_SEND, VXLAN_SPOOF6, python_in, start_listener
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.vxlan import VXLAN
 from scapy.utils import rdpcap
 
-from overlay.sandbox.sandbox import Sandbox, SandboxError, sh, tool
+from overlay.sandbox.sandbox import Sandbox, sh, tool
 
 ECHO = str(Path(__file__).with_name("udp_echo.py"))
 PORT = 5598
@@ -32,16 +32,9 @@ PORT = 5598
 
 @pytest.fixture(scope="module")
 def v6() -> Iterator[Sandbox]:
-    _require_environment()
-    sb = Sandbox(new_name())
-    try:
-        sb.up(3, 2, ip_family="ipv6", underlay_family=6)
+    with sandbox_up(3, 2, ip_family="ipv6", underlay_family=6) as sb:
         sb.add_outside_host("outside")
-    except SandboxError as exc:
-        sb.down()
-        pytest.fail(f"sandbox up failed at {exc.step}: {exc.message}\n{exc.log}", pytrace=False)
-    yield sb
-    sb.down()
+        yield sb
 
 
 @pytest.fixture(autouse=True)
