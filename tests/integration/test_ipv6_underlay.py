@@ -114,14 +114,15 @@ def test_a_strangers_ipv6_vxlan_is_dropped_and_members_pass(v6):
     src = next(p for p in v6.st.pods if p.node == "n2")
     node = v6.node("n1")
     mac = v6.status("n1").self.vtep_mac
-    listener = start_listener(v6.exec_prefix(target.netns), 9997, 4, family=6)
+    listener = start_listener(v6.exec_prefix(target.netns), 9997, 30, family=6,
+                              until="member")
     try:
         spoof = python_in(v6.exec_prefix(stranger.netns), VXLAN_SPOOF6, node.underlay_ip, "8472",
                           "1", mac, src.ip6, target.ip6, "9997", "spoofed", "5")
         assert spoof.returncode == 0, spoof.stderr
         member = python_in(v6.exec_prefix(src.netns), UDP_SEND, target.ip6, "9997", "member")
         assert member.returncode == 0, member.stderr
-        out, _ = listener.communicate(timeout=20)
+        out, _ = listener.communicate(timeout=40)
     finally:
         if listener.poll() is None:
             listener.kill()
