@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import sys
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 
 from overlay import __version__, cli, etcdstore
@@ -160,14 +160,18 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
             raise ConfigError("--iface-regex", f"{args.iface_regex!r}: {exc}") from None
     if args.public_ip is not None:
         try:
-            IPv4Address(args.public_ip)
+            public = ip_address(args.public_ip)
         except ValueError:
-            raise ConfigError("--public-ip", f"{args.public_ip!r} is not an IPv4 address") \
-                from None
+            raise ConfigError("--public-ip", f"{args.public_ip!r} is not an IPv4 or IPv6 "
+                              "address") from None
+        if args.underlay_family and public.version != int(args.underlay_family[-1]):
+            raise ConfigError("--public-ip", f"{public} is not an {args.underlay_family} "
+                              "address, as --underlay-family says")
+        if public.is_loopback or public.is_multicast or public.is_unspecified:
+            raise ConfigError("--public-ip", f"{public} cannot carry VXLAN to other hosts")
     if args.vtep_mac is not None:
         parse_mac(args.vtep_mac, "--vtep-mac")
-    split_hostport(args.grpc_listen, "--grpc-listen")
-    for flag in ("--grpc-advertise", "--health-addr", "--metrics-addr"):
+    for flag in ("--grpc-listen", "--grpc-advertise", "--health-addr", "--metrics-addr"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             split_hostport(value, flag)

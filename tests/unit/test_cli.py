@@ -95,9 +95,9 @@ def test_network_init_refuses_bad_numbers_as_usage_errors(argv, capsys):
 
 
 def test_etcd_endpoints_in_words_that_fit():
-    with pytest.raises(ConfigError, match="IPv6 address; the etcd client reaches etcd over "
-                       "IPv4 only"):
-        parse_endpoints("http://[::1]:2379")
+    assert parse_endpoints("http://[::1]:2379") == (("[::1]:2379",), False)
+    with pytest.raises(ConfigError, match="mixes IPv4 and IPv6"):
+        parse_endpoints("http://[::1]:2379,127.0.0.1:2379")
     for bad, words in (("127.0.0.1:0", "port 0"), ("127.0.0.1:99999", "between 1 and 65535"),
                        ("foo://x", "unsupported scheme"), ("unix:///run/etcd.sock",
                                                            "unsupported scheme"),
@@ -207,6 +207,8 @@ def test_overlayd_refuses_flags_that_cannot_work_before_starting(capsys):
     for argv, flag in ((["--grpc-listen", "7946"], "--grpc-listen"),
                        (["--health-addr", "x:0"], "--health-addr"),
                        (["--public-ip", "::1"], "--public-ip"),
+                       (["--public-ip", "10.0.0"], "--public-ip"),
+                       (["--public-ip", "fd30::11", "--underlay-family", "ipv4"], "--public-ip"),
                        (["--vtep-mac", "01:00:00:00:00:01"], "--vtep-mac"),
                        (["--node-name", "a b"], "--node-name"),
                        (["--iface", "a" * 16], "--iface"),
