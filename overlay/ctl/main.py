@@ -327,6 +327,9 @@ def config_from_flags(args: argparse.Namespace) -> NetworkConfig:
     defaults); an error names the flag."""
     from overlay.model import NetworkConfig
 
+    if ":" in args.cidr and not args.no_ipv4:
+        raise ConfigError("--cidr", f"{args.cidr} is IPv6; give an IPv6 pod network with "
+                          "--ipv6-cidr (and --no-ipv4 for an IPv6-only cluster)")
     doc: dict[str, Any] = {"Backend": {"Type": "vxlan", "VNI": args.vni, "Port": args.port}}
     if args.direct_routing:
         doc["Backend"]["DirectRouting"] = True

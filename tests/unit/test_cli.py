@@ -222,3 +222,21 @@ def test_overlayd_refuses_flags_that_cannot_work_before_starting(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert f"argument {argv[0]}:" in capsys.readouterr().err
+
+
+def test_network_init_flags_name_the_flag_for_each_family():
+    from overlay.ctl.main import config_from_flags
+
+    def cfg(*argv: str):
+        return config_from_flags(overlayctl_parser().parse_args(["network", "init", *argv]))
+
+    with pytest.raises(ConfigError, match="give an IPv6 pod network with --ipv6-cidr") as e:
+        cfg("--cidr", "fd00:1::/64")
+    assert e.value.field == "--cidr"
+    with pytest.raises(ConfigError) as e:
+        cfg("--ipv6-subnet-len", "64")
+    assert e.value.field == "--ipv6-subnet-len"
+    dual = cfg("--ipv6-cidr", "fd00:10:244::/56")
+    assert str(dual.network) == "10.244.0.0/16" and str(dual.ipv6_network) == "fd00:10:244::/56"
+    v6only = cfg("--no-ipv4", "--ipv6-cidr", "fd00:10:244::/56")
+    assert v6only.network is None and v6only.ipv6_subnet_len == 64
