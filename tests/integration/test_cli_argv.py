@@ -71,13 +71,21 @@ threading.Thread(target=http.serve_forever, daemon=True).start()
 g = grpc.server(futures.ThreadPoolExecutor(2))
 gport = g.add_insecure_port("127.0.0.1:0")
 g.start()
+# An etcd that hangs: it speaks HTTP/2 (server SETTINGS, and the ack of the client's), so
+# gRPC's 20 s handshake deadline does not end the request, and then never answers.
 silent = socket.socket()
 silent.bind(("127.0.0.1", 0))
 silent.listen(64)
 held = []
+SETTINGS, SETTINGS_ACK = bytes(9)[:3] + b"\x04" + bytes(5), bytes(3) + b"\x04\x01" + bytes(4)
 def hold():
     while True:
-        held.append(silent.accept()[0])
+        conn = silent.accept()[0]
+        try:
+            conn.sendall(SETTINGS + SETTINGS_ACK)
+        except OSError:
+            pass
+        held.append(conn)
 threading.Thread(target=hold, daemon=True).start()
 print(json.dumps({"http": http.server_address[1], "grpc": gport,
                   "silent": silent.getsockname()[1]}), flush=True)
@@ -543,7 +551,9 @@ def _interrupt(e: Env, argv: list[str], started: str) -> subprocess.CompletedPro
         else:  # wait until it is inside the etcd request: connected to the silent server
             wait_until(lambda: _connections(e, e.silent) > 0, 30, 0.1)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        # Generous: one run on a loaded machine took over 30 s to end; the point is the
+        # status and the words, not the speed.
+        out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
