@@ -80,3 +80,8 @@ SIGNATURE_OPS = Counter(
 )
 READY = Gauge("overlay_ready", "1 when the lease is held, the devices are up and the first "
               "reconcile is done", registry=REGISTRY)
+MEMBERSHIP_HEALTH = Gauge(
+    "overlay_membership_local_health",
+    "Local Health Awareness score (0: healthy); probe interval and timeouts scale with 1 + it",
+    registry=REGISTRY,
+)

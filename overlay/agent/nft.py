@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 from typing import Protocol
 
 from overlay.errors import TemporaryError
@@ -42,3 +43,55 @@ class NftCommand:
             return None
         out, _ = await proc.communicate()
         return out.decode(errors="replace") if proc.returncode == 0 else None
+
+
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7
+
+
+class Monitor:
+    """Change notifications of nftables in this network namespace: the kernel's
+    NFNLGRP_NFTABLES multicast group, which `nft monitor` reads. Any change to any
+    table, ours included, wakes `changed()`; the messages are not parsed (the caller
+    lists what it cares about)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK,
+                                   socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                   NETLINK_NETFILTER)
+        try:
+            self._sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        except OSError:
+            self._sock.close()
+            raise
+
+    async def changed(self, settle: float = 0.05) -> None:
+        """Until something changed; then `settle` s more, to take a burst as one."""
+        loop = asyncio.get_running_loop()
+        fd = self._sock.fileno()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        await asyncio.sleep(settle)
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                if not self._sock.recv(65536):
+                    return
+            except BlockingIOError:
+                return
+            except OSError:  # ENOBUFS: notifications were lost; what we do next covers them
+                continue
+
+    def close(self) -> None:
+        self._sock.close()

@@ -22,11 +22,12 @@ on a graceful leave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable
 
-from overlay.agent.nft import NftCommand, Runner
+from overlay.agent.nft import Monitor, NftCommand, Runner
 from overlay.dataplane.desired import Desired
 from overlay.errors import TemporaryError
 from overlay.model import IPAddr
@@ -74,7 +75,7 @@ _ELEMENTS = re.compile(r"elements = \{([^}]*)\}")
 
 def parse_table(text: str) -> tuple[int | None, frozenset[str]]:
     """(the port the drop rule guards or None, the member set as nft prints it) from
-    `nft list table`. Text, not addresses: this runs every 2 s over every member."""
+    `nft list table`. Text, not addresses: this runs over every member."""
     m = _RULE.search(text)
     port = int(m.group(1)) if m else None
     e = _ELEMENTS.search(text)
@@ -91,8 +92,10 @@ def member_update(members: Iterable[IPAddr], family: int = 4) -> str:
 
 
 class VxlanFilter:
-    # The agent checks the table against the kernel this often: deleted or edited by hand,
-    # it is rebuilt, like any other drifted state.
+    # The agent checks the table against the kernel whenever nftables notifies a change
+    # (deleted or edited by hand, it is rebuilt like any other drifted state), and this
+    # often in any case; every VERIFY_INTERVAL where notifications are not available.
+    SAFETY_INTERVAL = 60.0
     VERIFY_INTERVAL = 2.0
 
     def __init__(self, port: int, nft: Runner | None = None, family: int = 4) -> None:
@@ -127,7 +130,8 @@ class VxlanFilter:
     async def verify(self) -> bool:
         """True if the table in the kernel is no longer what we installed (deleted or edited
         by hand); the next `sync` then rebuilds it whole. nftables changes raise no
-        rtnetlink notification, so the agent calls this on a timer."""
+        rtnetlink notification: the agent calls this on nftables' own notifications
+        (`nft.Monitor`) and on a timer."""
         async with self._lock:
             if self.members is None:
                 return False
@@ -155,11 +159,26 @@ class VxlanFilter:
         await self.sync(f.dst for f in want.fdbs)
 
     async def watch(self, changed: Callable[[], None]) -> None:
-        """Check the table every VERIFY_INTERVAL; `changed()` when it must be rebuilt."""
-        while True:
-            await asyncio.sleep(self.VERIFY_INTERVAL)
-            if await self.verify():
-                changed()
+        """Check the table when nftables notifies a change (and every SAFETY_INTERVAL), or
+        every VERIFY_INTERVAL without notifications; `changed()` when it must be rebuilt."""
+        try:
+            monitor: Monitor | None = Monitor()
+        except OSError as exc:
+            log.warning("no nftables notifications (%s): checking the VXLAN filter every "
+                        "%.0fs instead", exc, self.VERIFY_INTERVAL)
+            monitor = None
+        try:
+            while True:
+                if monitor is None:
+                    await asyncio.sleep(self.VERIFY_INTERVAL)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(monitor.changed(), self.SAFETY_INTERVAL)
+                if await self.verify():
+                    changed()
+        finally:
+            if monitor is not None:
+                monitor.close()
 
     async def remove(self) -> None:
         async with self._lock:

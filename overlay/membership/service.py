@@ -1,14 +1,17 @@
-"""The membership shell: the Membership gRPC service, its clients, and the timers.
+"""The membership shell: the Membership gRPC service, its clients, and one timer.
 
-All decisions are the pure core's (`swim.Swim`); this module only moves
-messages, measures round trips, keeps one channel per peer address and
-turns what the core changed into logs, metrics and a reconcile wake-up.
+All decisions, the timers' included, are the pure core's (`swim.Swim`): this
+module sleeps until the core's next wake-up, does what `on_timer` says,
+moves messages, measures round trips, keeps one channel per peer address,
+and turns what the core changed into logs, metrics and a reconcile wake-up.
 
-Per probe interval one peer is probed directly and, concurrently, through
-the VXLAN tunnel (its gRPC port on its VTEP address, which routes through
-our VXLAN device): the tunnel round trip is shown in status but never used
-for liveness, so that a broken tunnel is visible as such and not mistaken
-for a dead node.
+Every few probe rounds (and on the first round with each peer) the target
+is also probed through the VXLAN tunnel (its gRPC port on its VTEP address,
+which routes through our VXLAN device): the tunnel round trip is shown in
+status but never used for liveness, so that a broken tunnel is visible as
+such and not mistaken for a dead node. Not every round: every gRPC call
+costs about a millisecond of CPU on each side, the bulk of an idle agent's
+work.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,7 +35,18 @@ from overlay.membership import tls as tlsmod
 from overlay.membership.admission import Claim, Reason, Refusal, RefusalLog
 from overlay.membership.effective import Peer, Source, effective_peers, programmable
 from overlay.membership.signing import NodeKey, gate
-from overlay.membership.swim import Change, Member, Proof, Record, State, Swim, SwimConfig, Update
+from overlay.membership.swim import (
+    Change,
+    Due,
+    Member,
+    Probe,
+    Proof,
+    Record,
+    State,
+    Swim,
+    SwimConfig,
+    Update,
+)
 from overlay.membership.wire import claim_from_pb, claims_from_pb, update_pb
 from overlay.model import IPNet, LeaseEntry, NodeRecord, hostport
 from overlay.retry import Once
@@ -58,6 +73,14 @@ MAX_IN_FLIGHT = 64
 MAX_INDIRECT_TIMEOUT = 2.0
 # At most one warning per reason for refused updates per this many seconds (with a count).
 REFUSAL_LOG_INTERVAL = 10.0
+# At most one warning about our own timers running late per this many seconds.
+STALL_LOG_INTERVAL = 30.0
+# One probe round in this many also measures the round trip through the tunnel.
+TUNNEL_PROBE_EVERY = 8
+_MSG_OUT = {k: metrics.GOSSIP_MESSAGES.labels(type=k, direction="out")
+            for k in ("probe", "tunnel-probe", "indirect-probe", "gossip", "push-pull", "leave")}
+_BYTES_OUT = metrics.GOSSIP_BYTES.labels(direction="out")
+_BYTES_IN = metrics.GOSSIP_BYTES.labels(direction="in")
 _MALFORMED = object()
 
 
@@ -166,6 +189,7 @@ class Membership:
         self.on_change = on_change
         self.health: dict[str, PeerHealth] = {}
         self._channels: dict[tuple[str, str], Any] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}
         self._creds = tlsmod.channel_credentials(tls) if tls is not None else None
         self._seq = itertools.count(1)
         self._server: Any = None
@@ -174,7 +198,10 @@ class Membership:
         self._updates_in = {r: metrics.GOSSIP_UPDATES.labels(result=r)
                             for r in ("admitted", "ignored", "refused")}
         self._programmed: list[tuple[NodeRecord, Source]] = []
-        self._pull_soon: set[str] = set()
+        self._rounds = 0
+        self._wake = asyncio.Event()
+        self._sleeping_until = math.inf
+        self._stall_logged_at = -STALL_LOG_INTERVAL
         self.bytes_out = 0
         self.bytes_in = 0
 
@@ -221,32 +248,76 @@ class Membership:
             with contextlib.suppress(Exception):
                 await ch.close()
         self._channels.clear()
+        self._stubs.clear()
 
     async def run(self) -> None:
-        """Join (full exchange with the known peers), then probe, gossip and
-        push-pull forever."""
+        """Join (full exchange with the known peers), then do what the core's timers say,
+        forever: one loop sleeping until the next thing is due."""
         await self.join()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._loop("probe", self.cfg.probe_interval, self._probe_once))
-            tg.create_task(self._loop("gossip", self.cfg.gossip_interval, self._gossip_once))
-            tg.create_task(self._loop("push-pull", self.cfg.push_pull_interval,
-                                      self._push_pull_once, jitter=0.2))
-            tg.create_task(self._loop("tick", 0.1, self._tick_once))
-
-    async def _loop(self, what: str, interval: float, step: Callable[[], Awaitable[None]],
-                    jitter: float = 0.0) -> None:
         loop = asyncio.get_running_loop()
+        swim = self.swim
+        swim.start(time.monotonic())
         said = Once()
         while True:
-            t0 = loop.time()
+            wake = swim.next_wake()
+            if wake > time.monotonic():
+                self._wake.clear()
+                self._sleeping_until = wake
+                handle = loop.call_at(wake, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    handle.cancel()
+                    self._sleeping_until = math.inf
+                continue  # woken early by news, or on time: look again
             try:
-                await step()
+                self._act(swim.on_timer(time.monotonic()))
                 said.reset()
             except Exception as exc:  # a membership bug must not take the node agent down
                 if said.changed(str(exc)):
-                    log.warning("membership %s step failed: %s", what, exc, exc_info=exc)
-            wait = interval * (1 + jitter * (2 * self.swim.rng.random() - 1))
-            await asyncio.sleep(max(0.0, wait - (loop.time() - t0)))
+                    log.warning("membership step failed: %s", exc, exc_info=exc)
+                await asyncio.sleep(self.cfg.probe_interval)
+
+    def _poke(self) -> None:
+        """The core may want to run earlier than the driver sleeps (news to gossip, a
+        new suspicion): wake it to look again."""
+        if self.swim.next_wake() < self._sleeping_until:
+            self._wake.set()
+
+    def _act(self, due: Due) -> None:
+        if due.stalled:
+            self._log_stall(due.stalled)
+        if due.changes:
+            self._handle(due.changes)
+        p = due.probe
+        if p is not None:
+            self._rounds += 1
+            self._spawn(self._direct(p))
+            h = self.health.get(p.target)
+            if self._rounds % TUNNEL_PROBE_EVERY == 0 or h is None or (
+                    h.tunnel_rtt_us is None and h.tunnel_error is None):
+                self._spawn(self._tunnel_probe(p.target, p.time_left(p.started)))
+        if due.round is not None:
+            for helper in due.indirect:
+                self._spawn(self._indirect(helper, due.round))
+        for m in due.gossip:
+            self._spawn(self._gossip_to(m))
+        if due.push_pull is not None:
+            self._spawn(self._push_pull(due.push_pull))
+        metrics.MEMBERSHIP_HEALTH.set(self.swim.health)
+        for line in self.refusals.flush(time.monotonic()):
+            log.warning("%s", line)
+
+    def _log_stall(self, late: float) -> None:
+        now = time.monotonic()
+        if now - self._stall_logged_at < STALL_LOG_INTERVAL:
+            return
+        self._stall_logged_at = now
+        timeout, interval = self.swim.probe_timing()
+        log.warning("membership: our timers ran %.1fs late (this node is short of CPU or was "
+                    "stopped); local health %d/%d: probing every %.1fs with a %.2fs timeout, "
+                    "and not declaring peers dead on our own meanwhile", late,
+                    self.swim.health, self.cfg.health_max, interval, timeout)
 
     async def join(self) -> None:
         targets = self.swim.join_targets()
@@ -268,12 +339,14 @@ class Membership:
         keys[self.name] = self.key.public  # ours, even before etcd has it
         self.gate.set_keys(keys)
         self._handle(self.swim.sync_etcd(leases, time.monotonic()), etcd_changed=True)
+        self._poke()
 
     def set_self(self, rec: NodeRecord, lease_revision: int) -> None:
         """Our lease changed (re-taken, moved, or new details): announce it."""
         if self.swim.set_self(Record(rec, lease_revision)):
             log.info("membership: announcing our record at incarnation %d (lease revision %d)",
                      self.swim.incarnation, lease_revision)
+            self._poke()
 
     def peers(self) -> list[Peer]:
         return effective_peers(self.etcd_entries(), self.swim.members, self.name)
@@ -285,6 +358,9 @@ class Membership:
     def condition(self) -> tuple[bool, str]:
         c = self.swim.counts()
         parts = [f"{c[s]} {s.label}" for s in State if c[s]]
+        if self.swim.health:
+            parts.append(f"local health {self.swim.health}/{self.cfg.health_max} (slowed "
+                         "down: our own probes or timers were late)")
         return c[State.SUSPECT] + c[State.DEAD] == 0, ", ".join(parts) or "no peers"
 
     def views(self) -> list[PeerView]:
@@ -333,10 +409,10 @@ class Membership:
 
     # --- outgoing messages ----------------------------------------------------
 
-    def _channel(self, addr: str, name: str) -> Any:
+    def _stub(self, addr: str, name: str) -> Any:
         key = (addr, name)
-        ch = self._channels.get(key)
-        if ch is None:
+        stub = self._stubs.get(key)
+        if stub is None:
             if self._creds is not None:
                 # Verify the peer's certificate against its node name, whatever the address.
                 opts = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
@@ -344,32 +420,27 @@ class Membership:
             else:
                 ch = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
             self._channels[key] = ch
-        return ch
+            stub = self._stubs[key] = pb_grpc.MembershipStub(ch)
+        return stub
 
     async def _call(self, kind: str, addr: str, name: str, method: str, req: Any,
                     timeout: float) -> Any:
-        stub = pb_grpc.MembershipStub(self._channel(addr, name))
+        stub = self._stub(addr, name)
         size = req.ByteSize()
-        metrics.GOSSIP_MESSAGES.labels(type=kind, direction="out").inc()
-        metrics.GOSSIP_BYTES.labels(direction="out").inc(size)
+        _MSG_OUT[kind].inc()
+        _BYTES_OUT.inc(size)
         self.bytes_out += size
         try:
             reply = await getattr(stub, method)(req, timeout=max(timeout, 0.01))
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             raise RpcFailed(_rpc_error(exc)) from None
         size = reply.ByteSize()
-        metrics.GOSSIP_BYTES.labels(direction="in").inc(size)
+        _BYTES_IN.inc(size)
         self.bytes_in += size
         return reply
 
     def _piggyback(self, about: str) -> list[Any]:
-        updates = self.swim.piggyback(about=about)
-        m = self.swim.members.get(about)
-        if m is not None and m.state in (State.SUSPECT, State.DEAD) and \
-                not any(u.name == about for u in updates):
-            # It must learn what we believe about it, to refute if it is alive.
-            updates.append(Update(m.record, m.state, m.incarnation, self.name))
-        return [update_pb(u) for u in updates]
+        return [update_pb(u) for u in self.swim.news_for(about)]
 
     def _merge(self, items: Any, sender: str, peer: str = "") -> None:
         """Admit what `sender` (at `peer`) says (admission.Gate), then merge it."""
@@ -392,6 +463,7 @@ class Membership:
             self._refused(refused, peer, now)
         if updates:
             self._handle(self.swim.merge(updates, now))
+            self._poke()
 
     def _sign(self, rec: Record, incarnation: int, state: State) -> Proof:
         metrics.SIGNATURE_OPS.labels(op="sign").inc()
@@ -417,8 +489,8 @@ class Membership:
         if not task.cancelled() and task.exception() is not None:
             log.warning("membership: background message failed: %s", task.exception())
 
-    async def _probe(self, name: str, addr: str, timeout: float) -> bool:
-        """A direct probe; True if `name` itself answered at `addr`."""
+    async def _probe(self, name: str, addr: str, timeout: float) -> Any:
+        """A direct probe: the reply if `name` itself answered at `addr`, else None."""
         h = self.health.setdefault(name, PeerHealth())
         req = pb.ProbeRequest(sender=self.name, seq=next(self._seq), target=name,
                               updates=self._piggyback(name))
@@ -427,32 +499,35 @@ class Membership:
             reply = await self._call("probe", addr, name, "Probe", req, timeout)
         except RpcFailed as exc:
             h.grpc_error = str(exc)
-            return False
+            return None
         if reply.responder != name:
             h.grpc_error = f"{addr} answered as {reply.responder or 'nobody'}"
-            return False
+            return None
         h.grpc_rtt_us, h.grpc_error = int((time.perf_counter() - t0) * 1e6), None
         self._merge(reply.updates, name, addr)
-        cur = self.swim.members.get(name)
-        if cur is not None and reply.incarnation > cur.incarnation:
-            self._pull_soon.add(name)  # it has news we missed: fetch its record
-        return True
+        return reply
 
-    async def _tunnel_probe(self, m: Member, timeout: float) -> None:
-        h = self.health.setdefault(m.name, PeerHealth())
-        node = self._programmed_record(m.name)
+    async def _direct(self, p: Probe) -> None:
+        """The direct probe of a round: an answer before the round ends is an ack."""
+        reply = await self._probe(p.target, p.addr, p.time_left(time.monotonic()))
+        if reply is not None:
+            self.swim.probe_ack(p.seq, time.monotonic(), True, int(reply.incarnation))
+
+    async def _tunnel_probe(self, name: str, timeout: float) -> None:
+        h = self.health.setdefault(name, PeerHealth())
+        node = self._programmed_record(name)
         port = node.grpc_addr.rpartition(":")[2] if node is not None else ""
         if node is None or not port:
             return
-        req = pb.ProbeRequest(sender=self.name, seq=next(self._seq), target=m.name, tunnel=True)
+        req = pb.ProbeRequest(sender=self.name, seq=next(self._seq), target=name, tunnel=True)
         t0 = time.perf_counter()
         try:
-            reply = await self._call("tunnel-probe", hostport(node.vtep_ip, port), m.name, "Probe",
+            reply = await self._call("tunnel-probe", hostport(node.vtep_ip, port), name, "Probe",
                                      req, timeout)
         except RpcFailed as exc:
             h.tunnel_error = str(exc)
             return
-        if reply.responder != m.name:
+        if reply.responder != name:
             h.tunnel_error = f"{node.vtep_ip} answered as {reply.responder or 'nobody'}"
             return
         h.tunnel_rtt_us, h.tunnel_error = int((time.perf_counter() - t0) * 1e6), None
@@ -463,64 +538,22 @@ class Membership:
                 return rec
         return None
 
-    async def _indirect(self, helper: Member, target: Member, timeout: float) -> bool:
-        req = pb.IndirectProbeRequest(sender=self.name, seq=next(self._seq), target=target.name,
-                                      target_addr=target.addr,
-                                      timeout_ms=max(1, int(timeout * 800)))
+    async def _indirect(self, helper: Member, p: Probe) -> None:
+        """Ask `helper` to probe the round's target; its answer is an ack or a nack."""
+        left = p.time_left(time.monotonic())
+        # The helper gives up a little before our round ends, so that its nack arrives.
+        req = pb.IndirectProbeRequest(sender=self.name, seq=next(self._seq), target=p.target,
+                                      target_addr=p.addr, timeout_ms=max(1, int(left * 800)))
         try:
-            reply = await self._call("indirect-probe", helper.addr, helper.name, "IndirectProbe",
-                                     req, timeout)
+            reply = await self._call("indirect-probe", helper.addr, helper.name,
+                                     "IndirectProbe", req, left)
         except RpcFailed:
-            return False
+            return
         self._merge(reply.updates, helper.name, helper.addr)
-        return bool(reply.ack)
-
-    async def _probe_once(self) -> None:
-        m = self.swim.next_probe()
-        if m is not None:
-            await self._probe_member(m)
-
-    async def _probe_member(self, m: Member) -> None:
-        """One probe round: direct, then indirect through helpers, within an interval;
-        no answer makes it suspect (or confirms that it is)."""
-        cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        end = loop.time() + cfg.probe_interval
-        self._spawn(self._tunnel_probe(m, cfg.probe_interval))
-        direct = asyncio.ensure_future(self._probe(m.name, m.addr, cfg.probe_interval))
-        try:
-            done, _ = await asyncio.wait({direct}, timeout=cfg.probe_timeout)
-            if direct in done and direct.result():
-                return
-            if m.state == State.DEAD or self.swim.members.get(m.name) is not m:
-                await asyncio.wait({direct}, timeout=max(0.0, end - loop.time()))
-                return
-            # No answer yet: ask helpers, and keep waiting for the direct answer too.
-            waiting: set[asyncio.Future[bool]] = set() if direct.done() else {direct}
-            for h in self.swim.helpers(m.name):
-                waiting.add(asyncio.ensure_future(
-                    self._indirect(h, m, max(0.01, end - loop.time()))))
-            ok = False
-            while waiting and not ok:
-                finished, waiting = await asyncio.wait(
-                    waiting, timeout=max(0.0, end - loop.time()),
-                    return_when=asyncio.FIRST_COMPLETED)
-                if not finished:
-                    break
-                ok = any(not t.cancelled() and t.exception() is None and t.result()
-                         for t in finished)
-            for t in waiting:
-                t.cancel()
-            if ok:
-                return
-            changes = self.swim.probe_failed(m.name, time.monotonic())
-            self._handle(changes)
-            if any(c.new == State.SUSPECT and c.old != State.SUSPECT for c in changes):
-                # Tell the suspect at once: if it is alive it refutes in its answer.
-                self._spawn(self._gossip_to(m, timeout=1.0))
-        finally:
-            if not direct.done():
-                direct.cancel()
+        if reply.ack:
+            self.swim.probe_ack(p.seq, time.monotonic(), direct=False)
+        else:
+            self.swim.probe_nack(p.seq)
 
     async def _gossip_to(self, m: Member, timeout: float = 1.0) -> None:
         updates = self._piggyback(m.name)
@@ -533,12 +566,6 @@ class Membership:
             return
         self._merge(reply.updates, m.name, m.addr)
 
-    async def _gossip_once(self) -> None:
-        if not self.swim.pending():
-            return
-        for m in self.swim.gossip_targets():
-            self._spawn(self._gossip_to(m))
-
     async def _push_pull(self, m: Member, timeout: float = 2.0) -> bool:
         req = pb.PushPullRequest(sender=self.name,
                                  members=[update_pb(u) for u in self.swim.full_state()])
@@ -550,22 +577,6 @@ class Membership:
         self._merge(reply.members, m.name, m.addr)
         return True
 
-    async def _push_pull_once(self) -> None:
-        m = self.swim.push_pull_target()
-        if m is not None:
-            await self._push_pull(m)
-
-    async def _tick_once(self) -> None:
-        now = time.monotonic()
-        self._handle(self.swim.tick(now))
-        for line in self.refusals.flush(now):
-            log.warning("%s", line)
-        while self._pull_soon:
-            name = self._pull_soon.pop()
-            m = self.swim.members.get(name)
-            if m is not None and m.addr:
-                self._spawn(self._push_pull(m))
-
     # --- what changed ---------------------------------------------------------
 
     def _handle(self, changes: list[Change], etcd_changed: bool = False) -> None:
@@ -573,21 +584,13 @@ class Membership:
             self._log(c)
             if c.new is None:
                 self.health.pop(c.name, None)
-            if c.new == State.SUSPECT and c.old != State.SUSPECT and c.reporter != self.name \
-                    and self.swim.should_probe_suspect():
-                # Heard of a suspicion: check for ourselves now. A crash is confirmed
-                # within an interval; a live suspect learns it is suspected and refutes.
-                m = self.swim.members.get(c.name)
-                if m is not None and m.addr:
-                    self._spawn(self._probe_member(m))
-        if not changes and not etcd_changed:
-            return  # nothing the data plane sees can differ (O(peers) to find out)
+        if not etcd_changed and not any(c.data_plane for c in changes):
+            return  # alive/suspect/dead: nothing the data plane sees (O(peers) to find out)
         programmed = [(p.record, p.source) for p in self.peers()]
         if programmed != self._programmed:
             self._programmed = programmed
             self.on_change()
-        if changes:
-            self._drop_unused_channels()
+        self._drop_unused_channels()
 
     def _log(self, c: Change) -> None:
         m = self.swim.members.get(c.name)
@@ -683,7 +686,7 @@ class _Servicer(pb_grpc.MembershipServicer):  # type: ignore[misc,unused-ignore]
             ok = True
         elif target is not None and target.probeable:
             # Only members, at the address we know: nobody can make us probe anything else.
-            ok = await ms._probe(request.target, target.addr, timeout)
+            ok = await ms._probe(request.target, target.addr, timeout) is not None
         else:
             ok = False
         return self._count_out(pb.IndirectProbeReply(ack=ok, seq=request.seq,
@@ -725,4 +728,5 @@ class _Servicer(pb_grpc.MembershipServicer):  # type: ignore[misc,unused-ignore]
             ms._refused([refusal], context.peer(), now)
         elif u is not None:
             ms._handle(ms.swim.merge([u], now))
+            ms._poke()
         return self._count_out(pb.LeaveReply())

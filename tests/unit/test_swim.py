@@ -304,8 +304,10 @@ def test_suspicion_timeout_shrinks_with_confirmations_and_grows_with_the_cluster
     assert CFG.suspicion_timeout(3, 1) == CFG.suspect_timeout
     assert CFG.suspect_timeout < CFG.suspicion_timeout(4, 1) < CFG.suspect_timeout_max
     assert CFG.suspicion_timeout(2, 0) == CFG.suspect_timeout
+    # Unconfirmed: log10(N), as memberlist; confirmed by three: half as fast.
     assert CFG.suspicion_timeout(100, 0) == pytest.approx(2 * CFG.suspect_timeout_max)
-    assert CFG.suspicion_timeout(100, 9) == pytest.approx(2 * CFG.suspect_timeout)
+    assert CFG.suspicion_timeout(100, 9) == pytest.approx(CFG.suspect_timeout)
+    assert CFG.suspicion_timeout(10_000, 9) == pytest.approx(2 * CFG.suspect_timeout)
     fixed = SwimConfig(confirmations=0)
     assert fixed.suspicion_timeout(10, 0) == fixed.suspect_timeout
 
@@ -344,11 +346,15 @@ def test_a_stale_suspicion_of_an_older_incarnation_does_not_confirm():
     assert s.members["n2"].state == State.ALIVE and not s.members["n2"].suspecters
 
 
-def test_about_eager_probers_members_probe_a_new_suspect():
-    for n_peers, expect in ((3, 1.0), (60, CFG.eager_probers / 59)):
-        s = swim(n_peers, seed=7)
-        share = sum(s.should_probe_suspect() for _ in range(4000)) / 4000
-        assert share == pytest.approx(expect, abs=0.03)
+def test_about_suspect_probers_members_make_a_new_suspect_their_next_target():
+    for n_peers, expect in ((3, 1.0), (60, CFG.suspect_probers / 59)):
+        first = 0
+        for seed in range(1500):
+            s = swim(n_peers, seed=seed)
+            s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 1.0)
+            first += s.next_probe().name == "n2"
+        # (a suspect is also the round-robin's first pick one time in n_peers)
+        assert first / 1500 == pytest.approx(expect + (1 - expect) / n_peers, abs=0.03)
 
 
 def test_retransmits_grow_with_the_cluster():
@@ -398,3 +404,221 @@ def test_dead_members_waiting_to_be_forgotten_are_not_counted_on_to_confirm():
         s.merge([Update(rec(i), State.DEAD, 10, "n1")], 1.0)
     s.probe_failed("n2", 10.0)
     assert s.members["n2"].suspect_deadline == 10.0 + CFG.suspect_timeout
+
+
+# --- probe rounds, timers, Local Health Awareness (fake clock) ----------------------
+
+def started(n_peers=6, cfg=CFG, seed=1, now=0.0):
+    s = swim(n_peers, cfg, seed)
+    s.start(now)
+    return s
+
+
+def next_round(s, now):
+    """Run the timers until a round starts; (probe, time)."""
+    for _ in range(100):
+        now = max(now, s.next_wake())
+        due = s.on_timer(now)
+        if due.probe is not None:
+            return due.probe, now
+    raise AssertionError("no round started")
+
+
+def test_a_round_acked_directly_ends_at_once_and_the_next_starts_an_interval_later():
+    s = started()
+    p, t0 = next_round(s, 0.0)
+    timeout, interval = s.probe_timing()
+    assert (p.timeout_at, p.end_at) == (t0 + timeout, t0 + interval)
+    assert p.addr == s.members[p.target].addr
+    s.probe_ack(p.seq, t0 + 0.003)
+    assert p.done and p.acked
+    assert s.next_wake() == pytest.approx(t0 + interval)
+    due = s.on_timer(s.next_wake())
+    assert due.probe is not None and due.probe.target != p.target and not due.changes
+
+
+def test_no_ack_asks_helpers_at_the_timeout_then_suspects_at_the_end_of_the_round():
+    s = started(8)
+    p, _t0 = next_round(s, 0.0)
+    assert s.next_wake() == p.timeout_at
+    due = s.on_timer(p.timeout_at)
+    assert due.round is p and len(due.indirect) == CFG.indirect_probes
+    assert p.target not in {h.name for h in due.indirect}
+    assert s.next_wake() == p.end_at
+    due = s.on_timer(p.end_at)
+    assert [(c.name, c.new) for c in due.changes] == [(p.target, State.SUSPECT)]
+    assert due.probe is not None  # and the next round starts on time
+
+
+def test_an_ack_through_a_helper_is_no_suspicion():
+    s = started()
+    p, _t0 = next_round(s, 0.0)
+    s.on_timer(p.timeout_at)
+    s.probe_ack(p.seq, p.timeout_at + 0.05, direct=False)
+    assert not s.on_timer(p.end_at).changes
+    assert s.members[p.target].state == State.ALIVE and s.health == 0
+
+
+def test_late_or_foreign_acks_change_nothing():
+    s = started()
+    p, _t0 = next_round(s, 0.0)
+    s.on_timer(p.timeout_at)
+    s.on_timer(p.end_at)                     # suspected
+    s.probe_ack(p.seq, p.end_at + 0.1)       # too late
+    s.probe_ack(p.seq + 99, p.end_at + 0.1)  # another round's
+    assert s.members[p.target].state == State.SUSPECT
+
+
+def test_health_rises_with_helpers_that_do_not_answer_and_falls_with_direct_acks():
+    s = started(8)
+    p, _ = next_round(s, 0.0)
+    s.on_timer(p.timeout_at)
+    for _ in range(CFG.indirect_probes):
+        s.probe_nack(p.seq)                  # every helper hears us: the target is the problem
+    p = s.on_timer(p.end_at).probe
+    assert s.health == 0
+    s.on_timer(p.timeout_at)
+    s.probe_nack(p.seq)                      # one helper answered, four did not
+    p = s.on_timer(p.end_at).probe
+    assert s.health == CFG.indirect_probes - 1
+    s.probe_ack(p.seq, p.started + 0.001)
+    p, t = next_round(s, p.started)
+    s.probe_ack(p.seq, t + 0.001)
+    assert s.health == CFG.indirect_probes - 3
+
+
+def test_health_is_bounded_and_scales_probing_gossip_and_our_own_verdicts():
+    s = started(8)
+    timeout0, interval0 = s.probe_timing()
+    s._health(100)
+    assert s.health == CFG.health_max
+    scale = 1 + CFG.health_max
+    assert s.probe_timing() == pytest.approx((timeout0 * scale, interval0 * scale))
+    assert s.gossip_interval() == pytest.approx(CFG.gossip_interval * scale)
+    s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 5.0)
+    m = s.members["n2"]
+    assert s.tick(5.0 + m.suspect_timeout) == []           # a healthy node would decide now
+    assert s.tick(5.0 + m.suspect_timeout * scale)[0].new == State.DEAD
+
+
+def test_being_suspected_worsens_our_health():
+    s = swim(2)
+    s.merge([Update(rec(1), State.SUSPECT, 100, "n2")], 1.0)
+    assert s.health == 1
+
+
+def test_the_probe_timeout_follows_observed_round_trips_within_bounds():
+    s = swim(3)
+    assert s.probe_timing() == (CFG.probe_timeout, CFG.probe_interval)
+    for _ in range(20):
+        s.observe_rtt(0.001)                 # a LAN: the floor holds
+    assert s.probe_timing() == (CFG.probe_timeout, CFG.probe_interval)
+    for _ in range(40):
+        s.observe_rtt(0.3)                   # a loaded machine: 300 ms round trips
+    timeout, interval = s.probe_timing()
+    assert 0.3 < timeout <= CFG.probe_timeout_max
+    # the interval keeps room for the indirect probes
+    assert interval / timeout == pytest.approx(CFG.probe_interval / CFG.probe_timeout)
+    for _ in range(40):
+        s.observe_rtt(30.0)                  # absurd samples: the ceiling holds
+    assert s.probe_timing()[0] == CFG.probe_timeout_max
+    fixed = swim(3, SwimConfig(adaptive_timeout=False))
+    fixed.observe_rtt(0.3)
+    assert fixed.probe_timing() == (CFG.probe_timeout, CFG.probe_interval)
+
+
+def test_a_direct_ack_feeds_the_round_trip_estimate():
+    s = started()
+    p, t0 = next_round(s, 0.0)
+    s.probe_ack(p.seq, t0 + 0.25)
+    assert s.srtt == pytest.approx(0.25) and s.rttvar == pytest.approx(0.125)
+
+
+def test_a_stall_counts_neither_against_the_target_nor_against_the_suspects():
+    s = started(8)
+    s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 0.0)
+    deadline = s.members["n2"].suspect_deadline
+    p, t0 = next_round(s, 0.0)
+    # SIGSTOPped for 5 s: every timer is late when we run again
+    due = s.on_timer(t0 + 5.0)
+    assert due.stalled == pytest.approx(t0 + 5.0 - p.timeout_at)
+    assert s.health == 1 and s.stalls == 1
+    assert not due.changes                   # no suspicion from the round we slept through
+    assert due.push_pull is not None         # catch up on what we missed
+    assert p.done and not p.acked
+    m = s.members["n2"]
+    assert m.state == State.SUSPECT         # 5 s > its timeout, but we were away
+    assert m.suspect_deadline == pytest.approx(deadline + due.stalled)
+
+
+def test_news_arms_the_gossip_timer_and_it_stops_when_the_queue_is_empty():
+    s = started(6)
+    drain(s)
+    while s.on_timer(s.next_wake()).gossip:
+        pass
+    s.on_timer(s.next_wake())
+    assert s._gossip_at is None
+    now = s.next_wake()
+    s.merge([Update(rec(3), State.SUSPECT, 10, "n4")], now)
+    assert s.next_wake() <= now + CFG.gossip_interval
+    due = s.on_timer(now + CFG.gossip_interval)
+    assert len(due.gossip) == CFG.gossip_fanout
+    assert {m.state for m in due.gossip} <= {State.ALIVE, State.SUSPECT}
+
+
+def test_hearing_of_suspicions_never_adds_probe_rounds():
+    """The work one suspicion triggers is bounded: one round per interval, always."""
+    s = started(40, seed=3)
+    now, rounds = 0.0, 0
+    end = 60 * CFG.probe_interval
+    k = 0
+    while now < end:
+        now = s.next_wake()
+        due = s.on_timer(now)
+        if due.probe is not None:
+            rounds += 1
+            s.probe_ack(due.probe.seq, now + 0.001)
+            k += 1
+            # a storm: a new suspicion of someone at every round
+            s.merge([Update(rec(2 + k % 40), State.SUSPECT, 10 + k, "n9")], now)
+            s.merge([Update(rec(2 + k % 40), State.ALIVE, 11 + k, f"n{2 + k % 40}")], now)
+    assert rounds <= 61
+
+
+def test_a_probe_answer_from_a_newer_incarnation_asks_for_a_full_exchange():
+    s = started()
+    p, t0 = next_round(s, 0.0)
+    s.probe_ack(p.seq, t0 + 0.001, incarnation=s.members[p.target].incarnation + 5)
+    due = s.on_timer(t0 + 0.002)
+    assert due.push_pull is not None and due.push_pull.name == p.target
+
+
+def test_push_pull_is_rarer_in_big_clusters():
+    assert [CFG.push_pull_scale(n) for n in (2, 32, 33, 64, 65, 1000, 10_000)] == \
+        [1, 1, 2, 2, 3, 6, 10]
+
+
+def test_what_the_data_plane_cares_about():
+    from overlay.membership.swim import Change
+    assert not Change("x", State.ALIVE, State.SUSPECT, False).data_plane
+    assert not Change("x", State.SUSPECT, State.DEAD, False).data_plane
+    assert Change("x", State.ALIVE, State.LEFT, False).data_plane
+    assert Change("x", None, State.ALIVE, True).data_plane
+    assert Change("x", State.DEAD, None, True).data_plane
+    assert Change("x", State.ALIVE, State.ALIVE, True).data_plane
+
+
+def test_nodes_sharing_a_roster_keep_their_own_views():
+    from overlay.membership.swim import Roster
+    roster = Roster([rec(i) for i in range(1, 21)])
+    a = Swim(rec(1), 1, CFG, random.Random(1), roster)
+    b = Swim(rec(2), 1, CFG, random.Random(2), roster)
+    assert "n1" not in a.members and "n2" in a.members and len(a.members) == 19
+    assert a.cluster_size() == 20 and a.counts()[State.ALIVE] == 19
+    a.merge([Update(rec(5), State.SUSPECT, 1, "n1")], 1.0)
+    assert a.members["n5"].state == State.SUSPECT and b.members["n5"].state == State.ALIVE
+    assert roster.members["n5"].state == State.ALIVE
+    assert {m.name for m in a.helpers("n3")}.isdisjoint({"n1", "n3", "n5"})
+    assert len({a.next_probe().name for _ in range(19)}) == 19
+    assert a.full_state(roster=False)[1:] == [Update(rec(5), State.SUSPECT, 1, "n1")]
+    assert len(a.full_state()) == 20
