@@ -15,6 +15,12 @@ has both kinds of peers.
 Nothing is created in the root namespace: every device lives in a namespace
 this module made, every process it starts is recorded by PID in
 /run/overlay-sandbox/<name>/state.json, and `down` removes all of it.
+
+Every host's underlay address has a fixed MAC, and every host knows every
+other one by a permanent neighbour entry: the kernel's ARP table is shared by
+all namespaces and overflows at 1,024 learned entries (gc_thresh3, settable
+only in the root namespace), which a full mesh of ~32 hosts reaches.
+Permanent entries do not count.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +52,8 @@ BASE = Path("/run/overlay-sandbox")
 # (processes started by an earlier `overlayctl sandbox up` are handled by PID).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 UNDERLAY_NET = "172.30.0.0/16"
+# Hosts set up at once by `up` (namespaces, links, files; pods).
+PARALLEL = 8
 NAME_RE = re.compile(r"^[a-z0-9]{1,12}$")
 IP_FAMILIES = ("ipv4", "ipv6", "dual")
 DEFAULT_CIDR6 = "fd00:10:244::/56"
@@ -172,6 +181,7 @@ class Sandbox:
         self.state_path = self.dir / "state.json"
         self.state: State | None = State.load(self.state_path) if self.state_path.exists() \
             else None
+        self._lock = threading.RLock()  # `up` works on several hosts at once
 
     # --- naming -----------------------------------------------------------------
 
@@ -190,10 +200,11 @@ class Sandbox:
         return self.state
 
     def save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self.st), indent=2) + "\n")
-        os.replace(tmp, self.state_path)
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(self.st), indent=2) + "\n")
+            os.replace(tmp, self.state_path)
 
     @contextlib.contextmanager
     def step(self, what: str, log: Path | None = None) -> Iterator[None]:
@@ -236,7 +247,7 @@ class Sandbox:
 
         port = port_name(host)
         sh("ip", "-n", ul, "link", "add", port, "mtu", str(mtu), "type", "veth", "peer", "name",
-           "eth0", "netns", ns, "mtu", str(mtu))
+           "eth0", "netns", ns, "mtu", str(mtu), "address", underlay_mac(ip))
         sh("ip", "-n", ul, "link", "set", port, "master", f"br{segment - 1}", "up")
         self._address(ns, "eth0", ip)
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
@@ -250,6 +261,27 @@ class Sandbox:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/64", "dev", dev, "nodad")
         else:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/16", "dev", dev)
+
+    def _neighbours(self, hosts: Sequence[Host]) -> None:
+        """Permanent neighbour entries in each of `hosts` for every other host on its
+        underlay segment, and in every other host there for each of `hosts` (see the
+        module doc; hosts on other segments are reached through the router)."""
+        st = self.st
+        every = [*st.etcd, *st.nodes, *st.others]
+        new = {h.name for h in hosts}
+        todo: dict[str, list[Host]] = {}
+        for h in every:
+            todo[h.netns] = [x for x in every if x.name != h.name and x.segment == h.segment
+                             and (h.name in new or x.name in new)]
+
+        def one(ns: str) -> None:
+            lines = "".join(f"neigh replace {x.underlay_ip} lladdr {underlay_mac(x.underlay_ip)}"
+                            " dev eth0 nud permanent\n" for x in todo[ns])
+            if lines:
+                sh("ip", "-n", ns, "-batch", "-", input=lines.encode())
+
+        with ThreadPoolExecutor(PARALLEL) as ex:
+            list(ex.map(one, [ns for ns, xs in todo.items() if xs]))
 
     def underlay_ip(self, role: str, index: int, segment: int = 1) -> str:
         third = {"etcd": 0, "node": 1, "outside": 2}[role]
@@ -362,16 +394,26 @@ class Sandbox:
             self.progress(f"sandbox {self.name} up in {time.monotonic() - t0:.1f}s: etcd only")
             return self.st
         names = [f"n{i}" for i in range(1, nodes + 1)]
+        with self.step(f"{nodes} node hosts"):
+            with ThreadPoolExecutor(PARALLEL) as ex:
+                hosts = list(ex.map(self._node_host, names))
+            st = self.st
+            st.nodes += hosts
+            self.save()
+            self._neighbours(hosts)
         for n in names:
-            self.add_node(n, wait=False)
-        for n in names:
-            self.wait_ready(n, wait)
+            self.start_agent(n)
+        t_agents = time.monotonic()
+        self.wait_all_ready(names, wait)
         self.wait_converged(wait)
-        for n in names:
-            for _ in range(pods_per_node):
-                self.add_pod(n)
+        t_agents = time.monotonic() - t_agents
+        with self.step(f"{nodes * pods_per_node} pods"), ThreadPoolExecutor(PARALLEL) as ex:
+            list(ex.map(lambda a: self.add_pod(*a),
+                        [(n, f"{n}-p{i}") for n in names for i in range(1, pods_per_node + 1)]))
         self.progress(f"sandbox {self.name} up in {time.monotonic() - t0:.1f}s: "
-                      f"{nodes} nodes, {nodes * pods_per_node} pods")
+                      f"{nodes} nodes (agents ready and every peer programmed "
+                      f"{t_agents:.1f}s after they started), "
+                      f"{nodes * pods_per_node} pods")
         return self.st
 
     def network_flags(self) -> list[str]:
@@ -588,33 +630,43 @@ class Sandbox:
         if name is None:
             used = {h.name for h in st.nodes}
             name = next(f"n{i}" for i in range(1, 10_000) if f"n{i}" not in used)
-        index = int(name[1:]) if name[1:].isdigit() else len(st.nodes) + 100
-        seg = self.node_segment(index)
-        h = Host(name, self.ns(name), self.underlay_ip("node", index, seg), "node",
-                 log=str(self.dir / "logs" / f"{name}.log"), dir=str(self.node_dir(name)),
-                 segment=seg)
-        where = f", segment {seg}" if st.segments > 1 else ""
+        h = self._host_of(name)
+        where = f", segment {h.segment}" if st.segments > 1 else ""
         with self.step(f"node {name} ({h.underlay_ip}{where})"):
-            self._new_ns(h.netns)
-            self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu, seg)
-            d = self.node_dir(name)
-            (d / "run").mkdir(parents=True, exist_ok=True)
-            (d / "state").mkdir(parents=True, exist_ok=True)
-            if preferred_subnet is not None:
-                # As if this node held the subnet before (its persisted identity).
-                from overlay.agent.state import Identity, random_mac, save
-                from overlay.model import parse_cidr
-
-                save(d / "state", Identity(name, random_mac(), parse_cidr(preferred_subnet)))
-            install(InstallOptions(bin_dir=self.dir / "cni" / "bin", conf_dir=d / "net.d",
-                                   agent_socket=str(self.cni_socket(name))))
+            h = self._node_host(name, preferred_subnet)
             st.nodes.append(h)
             self.save()
-            if st.tls:
-                self.pki().issue(name, (h.underlay_ip,))
+            self._neighbours([h])
             self.start_agent(name, extra_args)
         if wait:
             self.wait_ready(name)
+        return h
+
+    def _host_of(self, name: str) -> Host:
+        index = int(name[1:]) if name[1:].isdigit() else len(self.st.nodes) + 100
+        seg = self.node_segment(index)
+        return Host(name, self.ns(name), self.underlay_ip("node", index, seg), "node",
+                    log=str(self.dir / "logs" / f"{name}.log"), dir=str(self.node_dir(name)),
+                    segment=seg)
+
+    def _node_host(self, name: str, preferred_subnet: str | None = None) -> Host:
+        """A node's namespace on the underlay and its files; no agent yet."""
+        h = self._host_of(name)
+        self._new_ns(h.netns)
+        self._plug(name, h.netns, h.underlay_ip, self.st.underlay_mtu, h.segment)
+        d = self.node_dir(name)
+        (d / "run").mkdir(parents=True, exist_ok=True)
+        (d / "state").mkdir(parents=True, exist_ok=True)
+        if preferred_subnet is not None:
+            # As if this node held the subnet before (its persisted identity).
+            from overlay.agent.state import Identity, random_mac, save
+            from overlay.model import parse_cidr
+
+            save(d / "state", Identity(name, random_mac(), parse_cidr(preferred_subnet)))
+        install(InstallOptions(bin_dir=self.dir / "cni" / "bin", conf_dir=d / "net.d",
+                               agent_socket=str(self.cni_socket(name))))
+        if self.st.tls:
+            self.pki().issue(name, (h.underlay_ip,))
         return h
 
     def agent_cmd(self, name: str, extra_args: Sequence[str] = ()) -> list[str]:
@@ -681,6 +733,34 @@ class Sandbox:
                 time.sleep(0.1)
             raise TimeoutError(f"not ready after {timeout:.0f}s ({last})")
 
+    def wait_all_ready(self, names: Sequence[str], timeout: float = 60) -> None:
+        """Until every agent of `names` is ready (they start at once: one wait)."""
+        with self.step(f"{len(names)} agents ready"):
+            deadline = time.monotonic() + timeout
+            todo = list(names)
+            why: dict[str, str] = {}
+
+            def ready(n: str) -> bool:
+                if not pid_alive(self.node(n).pid):
+                    raise RuntimeError(f"overlayd on {n} exited:\n{tail(Path(self.node(n).log))}")
+                try:
+                    st = self.status(n)
+                except Exception as exc:  # not listening yet
+                    why[n] = str(exc).splitlines()[0][:200]
+                    return False
+                why[n] = "; ".join(f"{c.name}: {c.message}" for c in st.conditions if not c.ok)
+                return bool(st.ready)
+
+            with ThreadPoolExecutor(PARALLEL) as ex:
+                while todo:
+                    todo = [n for n, ok in zip(todo, ex.map(ready, todo), strict=True) if not ok]
+                    if not todo:
+                        return
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not ready after {timeout:.0f}s: " + ", ".join(
+                            f"{n} ({why.get(n, '')})" for n in todo[:5]))
+                    time.sleep(0.2)
+
     def wait_converged(self, timeout: float = 60) -> None:
         """Until every node has programmed every other node (what `up` promises)."""
         names = [h.name for h in self.st.nodes]
@@ -716,8 +796,9 @@ class Sandbox:
         pod = Pod(name=name, node=node, netns=self.ns(name), container_id=f"sandbox-{name}")
         with self.step(f"pod {name}"):
             self._new_ns(pod.netns)
-            st.pods.append(pod)
-            self.save()
+            with self._lock:
+                st.pods.append(pod)
+                self.save()
             pod.result = self.network(node).add(pod.container_id, f"/run/netns/{pod.netns}",
                                                 pod.ifname)
             addrs = [ip["address"].split("/")[0] for ip in pod.result["ips"]]
@@ -826,6 +907,7 @@ class Sandbox:
             h.segment, h.underlay_ip = segment, self.underlay_ip("node", index, segment)
             self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu, segment)
             self.save()
+            self._neighbours([h])
             self.start_agent(name)
         self.wait_ready(name)
         return h
@@ -857,6 +939,14 @@ class Sandbox:
                 sh("ip", "netns", "del", n, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state = None
+
+
+def underlay_mac(ip: str) -> str:
+    """The fixed MAC of a host's underlay address (locally administered): 02:0a and the
+    IPv4 address, or 02, the segment's byte and the last four bytes of the IPv6 one."""
+    packed = ipaddress.ip_address(ip).packed
+    octets = (b"\x0a" + packed) if len(packed) == 4 else packed[1:2] + packed[-4:]
+    return "02:" + ":".join(f"{b:02x}" for b in octets)
 
 
 def list_netns() -> list[str]:
