@@ -101,17 +101,16 @@ def record(i: int) -> Record:
     return Record(node, 1)
 
 
+# An agent's incarnation starts at its start time in ms: six bytes as a varint.
+TYPICAL_INCARNATION = 1_796_086_707_863
+
+
 def update_size(u: Update) -> int:
-    """Protobuf size of an overlay.v1.MemberUpdate carrying `u` (as wire.update_pb)."""
-    n = u.record.node
-    strs = (n.node, str(n.subnet), str(n.underlay_ip), n.vtep_mac, n.grpc_addr, n.backend)
-    rec = sum(2 + len(x) for x in strs if x) + 2 * (1 + _varint(u.incarnation)) \
-        + 1 + _varint(u.record.lease_revision)
-    return 2 + rec + 2 + 1 + _varint(u.incarnation) + 2 + len(u.reporter) + 2
+    """Bytes of `u` in a message: an overlay.v1.MemberUpdate in a repeated field."""
+    from overlay.membership.wire import update_pb
 
-
-def _varint(v: int) -> int:
-    return max(1, (v.bit_length() + 6) // 7)
+    n = update_pb(u).ByteSize()
+    return n + 1 + (1 if n < 128 else 2)
 
 
 @dataclass
@@ -140,9 +139,12 @@ class Sim:
         self.nodes = [Node(i, r.name, Swim(r, 1, cfg, random.Random(sc.seed * 1_000_003 + i),
                                            roster)) for i, r in enumerate(records)]
         self.by_name = {n.name: n for n in self.nodes}
-        self.size = {r.name: update_size(Update(r, State.SUSPECT, 1, r.name)) for r in records}
-        self.crash_at: dict[str, float] = {}
+        self.size = {r.name: update_size(Update(r, State.SUSPECT, TYPICAL_INCARNATION, r.name))
+                     for r in records}
+        self.crash_at: dict[str, float] = {}          # crashed and not back yet
+        self.crashes: list[tuple[str, list[str], dict[str, float]]] = []  # victim, observers, seen
         self.detected: dict[str, dict[str, float]] = {}
+        self.roster = roster
         self.false_dead: list[tuple[float, str, str]] = []   # (time, observer, subject)
         self.false_dead_subjects: set[tuple[str, int]] = set()
         self.suspicions = 0
@@ -186,7 +188,7 @@ class Sim:
         t0 = time.process_time()
         end = self.sc.seconds
         handlers = (self._on_wake, self._on_request, self._on_reply, self._on_timeout,
-                    None, self._on_stall, self._on_crash, self._on_resume)
+                    None, self._on_stall, self._on_crash, self._on_resume, self._on_restart)
         q = self._q
         while q and q[0][0] <= end:
             t, _, kind, args = heapq.heappop(q)
@@ -365,7 +367,27 @@ class Sim:
         victim.crashed = True
         victim.deferred = []
         self.crash_at[victim.name] = self.now
-        self.detected[victim.name] = {}
+        seen: dict[str, float] = {}
+        self.detected[victim.name] = seen
+        self.crashes.append((victim.name, [n.name for n in alive if n is not victim], seen))
+        # it comes back (a new life) just before the next crash
+        self._push(self.now + self.sc.crash_every - 1.0, 8, (victim,))
+
+    def _on_restart(self, node: Node) -> None:
+        """The crashed node's agent starts again: a higher incarnation, and a full
+        exchange with a random member (the agent's join)."""
+        del self.crash_at[node.name]
+        del self.detected[node.name]
+        old = node.swim
+        node.swim = Swim(old.me, old.incarnation + 1, self.cfg,
+                         random.Random(self.rng.random()), self.roster)
+        node.crashed, node.wake_at = False, math.inf
+        node.swim.start(self.now)
+        target = node.swim.push_pull_target()
+        if target is not None:
+            self._send(node, self.by_name[target.name], PUSHPULL, (),
+                       node.swim.full_state(roster=False), RPC_TIMEOUT[PUSHPULL], ("join",))
+        self._arm(node)
 
     def _changes(self, node: Node, changes: list[Change]) -> None:
         for c in changes:
@@ -386,16 +408,15 @@ class Sim:
     def results(self, cpu: float) -> dict[str, Any]:
         sc = self.sc
         per_member, slowest, missed = [], [], 0
-        for victim, _t0 in self.crash_at.items():
-            observers = [n for n in self.nodes if not n.crashed]
-            seen = self.detected[victim]
+        for _victim, observers, seen in self.crashes:
+            observers = [o for o in observers if not self.by_name[o].crashed]
             for o in observers:
-                if o.name in seen:
-                    per_member.append(seen[o.name])
+                if o in seen:
+                    per_member.append(seen[o])
                 else:
                     missed += 1
-            if seen and len(seen) >= len(observers):
-                slowest.append(max(seen[o.name] for o in observers))
+            if observers and all(o in seen for o in observers):
+                slowest.append(max(seen[o] for o in observers))
         per_member.sort()
         window = sc.seconds - sc.warmup
         member_hours = sc.n * window / 3600
@@ -404,7 +425,7 @@ class Sim:
         nbytes = sum(n.bytes for n in live)
         return {
             "n": sc.n,
-            "crashes": len(self.crash_at),
+            "crashes": len(self.crashes),
             "detect_p50_s": _pct(per_member, 50),
             "detect_p99_s": _pct(per_member, 99),
             "detect_all_max_s": round(max(slowest), 3) if slowest else None,

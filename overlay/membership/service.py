@@ -5,8 +5,8 @@ module sleeps until the core's next wake-up, does what `on_timer` says,
 moves messages, measures round trips, keeps one channel per peer address,
 and turns what the core changed into logs, metrics and a reconcile wake-up.
 
-Every few probe rounds (and on the first round with each peer) the target
-is also probed through the VXLAN tunnel (its gRPC port on its VTEP address,
+Every few probe rounds (and every round with a peer whose tunnel has not
+answered yet) the target is also probed through the VXLAN tunnel (its gRPC port on its VTEP address,
 which routes through our VXLAN device): the tunnel round trip is shown in
 status but never used for liveness, so that a broken tunnel is visible as
 such and not mistaken for a dead node. Not every round: every gRPC call
@@ -295,7 +295,7 @@ class Membership:
             self._spawn(self._direct(p))
             h = self.health.get(p.target)
             if self._rounds % TUNNEL_PROBE_EVERY == 0 or h is None or (
-                    h.tunnel_rtt_us is None and h.tunnel_error is None):
+                    h.tunnel_rtt_us is None or h.tunnel_error is not None):
                 self._spawn(self._tunnel_probe(p.target, p.time_left(p.started)))
         if due.round is not None:
             for helper in due.indirect:

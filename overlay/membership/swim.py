@@ -124,7 +124,7 @@ class SwimConfig:
     declare a live node dead under 20% random packet loss (bench/membership.py), and
     keep every member's work per second flat in the cluster size (bench/swimsim.py)."""
 
-    probe_interval: float = 0.5
+    probe_interval: float = 0.4
     probe_timeout: float = 0.2         # floor of the direct-probe timeout
     probe_timeout_max: float = 1.0     # its ceiling while following round trips
     indirect_probes: int = 5
@@ -214,6 +214,7 @@ class Member:
     suspect_since: float = 0.0
     suspect_timeout: float = 0.0        # before our own health scaling
     suspecters: set[str] = field(default_factory=set)  # who independently suspect it
+    reminded: bool = False              # our suspicion was sent out again at half time
 
     @property
     def name(self) -> str:
@@ -465,6 +466,7 @@ class Swim:
         self._queue: dict[str, _Queued] = {}
         self._sent: dict[int, dict[str, _Queued]] = {}   # transmits -> queued, oldest first
         self._tx_for, self._tx = -1, 0
+        self._corrections: list[Update] = []   # for the sender of what we merged last
         self._priority: list[str] = []
         self._tombstones: dict[str, tuple[int, float]] = {}
         # Kept up to date by _index(): who can be probed, asked for help, gossiped to
@@ -563,7 +565,7 @@ class Swim:
         base = cfg.probe_timeout
         if cfg.adaptive_timeout and self.srtt is not None:
             base = min(cfg.probe_timeout_max, max(base, self.srtt + 4 * self.rttvar))
-        interval = max(cfg.probe_interval, base * cfg.probe_interval / cfg.probe_timeout)
+        interval = cfg.probe_interval * (base / cfg.probe_timeout)  # base >= probe_timeout
         scale = 1 + self.health
         return base * scale, interval * scale
 
@@ -678,9 +680,13 @@ class Swim:
                 span = pool.span
                 if not span:
                     return None
-                a = self.rng.randrange(1, span) if span > 1 else 1
-                while math.gcd(a, span) != 1:
-                    a = self.rng.randrange(1, span)
+                # a multiplier far from +-1, so that a round is no sweep in order
+                a = 1
+                for _ in range(64):
+                    c = self.rng.randrange(span // 4, 3 * span // 4 + 1) if span > 4 else 1
+                    if math.gcd(c, span) == 1:
+                        a = c
+                        break
                 self._rr = (a, self.rng.randrange(span), span, 0)
                 continue
             if self._inserts and self.rng.random() * (left + len(self._inserts)) < len(
@@ -875,6 +881,12 @@ class Swim:
             m = self._own[name]
             if now >= self._expiry(m):
                 expired.append(m)
+            elif not m.reminded and now >= (m.suspect_since + self._expiry(m)) / 2:
+                # Half time: send the suspicion out once more. A member that has heard
+                # the refutation we may have missed answers with it (see `merge`).
+                m.reminded = True
+                self._enqueue(Update(m.record, State.SUSPECT, m.incarnation,
+                                     min(m.suspecters) if m.suspecters else self.name))
         for name in self._reapable:
             if now >= self._own[name].since + self.cfg.reap_after:
                 gone.append(name)
@@ -891,7 +903,12 @@ class Swim:
     # --- merging news ---------------------------------------------------------
 
     def merge(self, updates: Iterable[Update], now: float) -> list[Change]:
+        """Merge what a message carried. Where it was older than what we know (a
+        refutation or a new life the sender missed), the answer to it, `news_for` the
+        sender, carries our newer word: one missed broadcast must not leave a stale
+        suspicion behind to expire into a false DEAD."""
         self._now = now
+        self._corrections = []
         changes: list[Change] = []
         for u in updates:
             changes += self._apply(u, now)
@@ -907,6 +924,9 @@ class Swim:
             # Old news, or the same: at most a confirmation of a suspicion.
             if u.state == m.state == State.SUSPECT and u.incarnation == m.incarnation:
                 return self._confirm(m, u, now)
+            if u.incarnation < m.incarnation and m.heard and \
+                    len(self._corrections) < self.cfg.max_piggyback:
+                self._corrections.append(Update(m.record, m.state, m.incarnation, self.name))
             return []
         if name == self.name:
             self._about_me(u)
@@ -946,6 +966,7 @@ class Swim:
 
     def _suspect(self, m: Member, u: Update, now: float) -> None:
         m.suspect_since = now
+        m.reminded = False
         m.suspecters = {u.reporter} if u.reporter else set()
         m.suspect_timeout = self.cfg.suspicion_timeout(self.cluster_size(), 0,
                                                        self._could_confirm(m))
@@ -1062,6 +1083,10 @@ class Swim:
         if m is not None and m.state in (State.SUSPECT, State.DEAD) and \
                 not any(u.name == about for u in updates):
             updates.append(Update(m.record, m.state, m.incarnation, self.name))
+        if self._corrections:
+            names = {u.name for u in updates}
+            updates += [u for u in self._corrections if u.name not in names]
+            self._corrections = []
         return updates
 
     def full_state(self, roster: bool = True) -> list[Update]:

@@ -622,3 +622,31 @@ def test_nodes_sharing_a_roster_keep_their_own_views():
     assert len({a.next_probe().name for _ in range(19)}) == 19
     assert a.full_state(roster=False)[1:] == [Update(rec(5), State.SUSPECT, 1, "n1")]
     assert len(a.full_state()) == 20
+
+
+def test_an_older_word_is_answered_with_the_newer_one():
+    """A member that missed a refutation learns it from whoever it talks to."""
+    s = swim(3)
+    s.merge([Update(rec(2), State.ALIVE, 12, "n2")], 1.0)
+    drain(s)
+    s.merge([Update(rec(2), State.SUSPECT, 11, "n3")], 2.0)   # n3 is behind
+    reply = s.news_for("n3")
+    assert (reply[-1].name, reply[-1].state, reply[-1].incarnation) == ("n2", State.ALIVE, 12)
+    s.merge([], 2.1)
+    assert s.news_for("n4") == []                               # for that sender only
+
+
+def test_a_suspicion_is_sent_out_once_more_at_half_time():
+    s = started(6)
+    drain(s)
+    s.merge([Update(rec(2), State.SUSPECT, 10, "n3")], 1.0)
+    drain(s)
+    m = s.members["n2"]
+    s.tick(1.0 + m.suspect_timeout * 0.4)
+    assert not s.pending()
+    s.tick(1.0 + m.suspect_timeout * 0.6)
+    (u,) = drain(s)
+    # the original suspecter's word, so that it confirms nothing anywhere
+    assert (u.name, u.state, u.incarnation, u.reporter) == ("n2", State.SUSPECT, 10, "n3")
+    s.tick(1.0 + m.suspect_timeout * 0.8)
+    assert not s.pending()
