@@ -12,8 +12,9 @@ transport is simulated, on a simulated clock with a priority queue of events:
             as UDP loses it (memberlist's transport; the agents' gRPC over TCP
             retransmits instead, so this is the harsher case for us)
   stalls    members stop for 1 s at a time (CPU starvation, SIGSTOP), at random
-            times, --stalls per member and hour: what arrives meanwhile waits,
-            their timers fire late
+            times, --stalls per member and hour (at least 10 s apart: two back to
+            back would be one longer outage): what arrives meanwhile waits, their
+            timers fire late
   crashes   one member at a time stops for good, every --crash-every s
 
 Reported per run, from the members' own state changes: crash detection (the
@@ -37,9 +38,11 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
+import os
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -77,6 +80,7 @@ KINDS = ("probe", "indirect-probe", "gossip", "push-pull")
 HEADER = 24          # sender name, seq and framing of a request or reply, bytes
 INDIRECT_MAX = 2.0   # the agent's MAX_INDIRECT_TIMEOUT
 RPC_TIMEOUT = {GOSSIP: 1.0, PUSHPULL: 2.0}
+STALL_GAP = 10.0     # s between the stalls of one member at least
 
 
 @dataclass(frozen=True)
@@ -338,8 +342,8 @@ class Sim:
 
     def _on_stall(self, i: int) -> None:
         node = self.nodes[i]
-        if node.crashed or node.stalled_until > self.now:
-            return
+        if node.crashed or node.stalled_until > self.now - STALL_GAP:
+            return  # one stall at a time: two back to back would be a longer one
         self.stalls += 1
         node.stalled_until = self.now + self.sc.stall_seconds
         self._push(node.stalled_until, 7, (node,))
@@ -349,7 +353,7 @@ class Sim:
         sockets before it runs its timers), then the timers."""
         work = sorted(node.deferred, key=lambda e: (e[1] == 0, e[0]))
         node.deferred = []
-        node.stalled_until = 0.0
+        # (stalled_until stays: the end of its last stall)
         for _, kind, args in work:
             if node.crashed:
                 return
@@ -459,38 +463,63 @@ def simulate(sc: Scenario, cfg: SwimConfig) -> dict[str, Any]:
     return Sim(sc, cfg, gossip_replies=cfg is not MEMBERLIST).run()
 
 
+def _run(job: tuple[str, str, Scenario]) -> tuple[str, str, int, dict[str, Any]]:
+    scenario, config, sc = job
+    return scenario, config, sc.n, simulate(sc, CONFIGS[config])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100,1000,10000")
-    ap.add_argument("--seconds", type=float, default=0.0,
-                    help="simulated seconds per run (default: by size)")
+    ap.add_argument("--sizes", default="100,1000,10000", help="members, scenario 'loss'")
+    ap.add_argument("--stall-sizes", default="100,1000", help="members, scenario 'stalls'")
     ap.add_argument("--loss", type=float, default=0.05)
     ap.add_argument("--stalls", type=float, default=30.0, help="stalls per member and hour")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--configs", default="ours,memberlist")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     from common import log, machine, write_result
 
     t_start = time.monotonic()
-    runs: dict[str, dict[str, Any]] = {c: {} for c in args.configs.split(",")}
-    for n in (int(x) for x in args.sizes.split(",")):
-        seconds = args.seconds or (65.0 if n <= 1000 else 45.0)
-        sc = Scenario(n, seconds=seconds, loss=args.loss, stalls_per_hour=args.stalls,
-                      seed=args.seed)
-        for name in runs:
-            r = simulate(sc, CONFIGS[name])
-            runs[name][str(n)] = r
-            log(f"  {name:10s} N={n:5d}: crash seen by all: p50 {r['detect_p50_s']} s, p99 "
-                f"{r['detect_p99_s']} s (slowest {r['detect_all_max_s']} s); false dead "
-                f"{r['false_dead_per_member_hour']}/member-h; {r['msgs_per_member_s']} msg/s "
-                f"{r['bytes_per_member_s']:.0f} B/s per member ({r['cpu_s']} s CPU)")
-    doc = {"benchmark": "swimsim", "machine": machine(), "scenario": {
-        "loss": args.loss, "latency_s": Scenario(1).latency, "stalls_per_member_hour":
-        args.stalls, "stall_seconds": Scenario(1).stall_seconds, "crash_every_s":
-        Scenario(1).crash_every, "seed": args.seed},
-        "configs": {k: vars(CONFIGS[k]) for k in runs}, "runs": runs,
-        "wall_seconds": round(time.monotonic() - t_start, 1)}
+
+    def seconds(n: int) -> float:  # three crashes, or two at 10,000 (time is dear there)
+        return 65.0 if n <= 3000 else 45.0
+
+    jobs: list[tuple[str, str, Scenario]] = []
+    for n in (int(x) for x in args.sizes.split(",") if x):
+        for c in CONFIGS:
+            jobs.append(("loss", c, Scenario(n, seconds(n), args.loss, stalls_per_hour=0.0,
+                                             seed=args.seed)))
+    for n in (int(x) for x in args.stall_sizes.split(",") if x):
+        for c in CONFIGS:
+            jobs.append(("stalls", c, Scenario(n, seconds(n), args.loss,
+                                               stalls_per_hour=args.stalls, seed=args.seed)))
+    jobs.sort(key=lambda j: -j[2].n)  # the longest first
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
+        for scenario, config, n, r in ex.map(_run, jobs):
+            runs.setdefault(scenario, {}).setdefault(config, {})[str(n)] = r
+            log(f"  {scenario:6s} {config:10s} N={n:5d}: crash seen by all: p50 "
+                f"{r['detect_p50_s']} s, p99 {r['detect_p99_s']} s (slowest member "
+                f"{r['detect_all_max_s']} s); false dead {r['false_dead_per_member_hour']}/"
+                f"member-h; {r['msgs_per_member_s']} msg/s, {r['bytes_per_member_s']:.0f} B/s "
+                f"per member ({r['cpu_s']} s CPU)")
+    doc = {"benchmark": "swimsim", "machine": machine(),
+           "scenarios": {
+               "loss": {"loss": args.loss, "stalls_per_member_hour": 0.0},
+               "stalls": {"loss": args.loss, "stalls_per_member_hour": args.stalls,
+                          "stall_seconds": Scenario(1).stall_seconds},
+               "common": {"latency_s": Scenario(1).latency, "crash_every_s":
+                          Scenario(1).crash_every, "seed": args.seed}},
+           "configs": {k: vars(v) for k, v in CONFIGS.items()}, "runs": runs,
+           "wall_seconds": round(time.monotonic() - t_start, 1)}
     write_result("swimsim", doc)
+    lo = runs.get("loss", {})
+    for c, by_n in lo.items():
+        ns = sorted(by_n, key=int)
+        if len(ns) > 1:
+            a, b = by_n[ns[0]], by_n[ns[-1]]
+            print(f"{c}: messages per member per second {a['msgs_per_member_s']} at {ns[0]}, "
+                  f"{b['msgs_per_member_s']} at {ns[-1]} (x{b['msgs_per_member_s'] / a['msgs_per_member_s']:.2f})")
     return 0
 
 

@@ -65,6 +65,11 @@ from overlay.errors import ConfigError
 from overlay.model import NodeRecord
 
 
+# At most this share of a probe interval waits for the direct ack; the rest is the
+# helpers' (memberlist: 500 ms of 1 s).
+TIMEOUT_SHARE = 0.6
+
+
 class State(enum.IntEnum):
     """Values match overlay.v1.PeerState; the order is the precedence at equal incarnation."""
 
@@ -124,7 +129,7 @@ class SwimConfig:
     declare a live node dead under 20% random packet loss (bench/membership.py), and
     keep every member's work per second flat in the cluster size (bench/swimsim.py)."""
 
-    probe_interval: float = 0.4
+    probe_interval: float = 0.5
     probe_timeout: float = 0.2         # floor of the direct-probe timeout
     probe_timeout_max: float = 1.0     # its ceiling while following round trips
     indirect_probes: int = 5
@@ -559,15 +564,20 @@ class Swim:
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
 
     def probe_timing(self) -> tuple[float, float]:
-        """(direct-probe timeout, probe interval) now: from the observed round trips,
-        both scaled by our health."""
+        """(direct-probe timeout, probe interval) now. Health scales both; the timeout
+        also follows the observed round trips, within the share of the interval that
+        leaves the helpers time (`TIMEOUT_SHARE`): round trips longer than that fail
+        probes, and the failures worsen our health, which slows everything down. Only
+        health moves the interval, so that the rate of samples, and with it how fast
+        the estimate comes back down after a storm, does not depend on the estimate."""
         cfg = self.cfg
-        base = cfg.probe_timeout
-        if cfg.adaptive_timeout and self.srtt is not None:
-            base = min(cfg.probe_timeout_max, max(base, self.srtt + 4 * self.rttvar))
-        interval = cfg.probe_interval * (base / cfg.probe_timeout)  # base >= probe_timeout
         scale = 1 + self.health
-        return base * scale, interval * scale
+        interval = cfg.probe_interval * scale
+        timeout = cfg.probe_timeout * scale
+        if cfg.adaptive_timeout and self.srtt is not None:
+            rto = min(cfg.probe_timeout_max, self.srtt + 4 * self.rttvar)
+            timeout = max(timeout, min(rto, TIMEOUT_SHARE * interval))
+        return timeout, interval
 
     def gossip_interval(self) -> float:
         return self.cfg.gossip_interval * (1 + self.health)

@@ -182,6 +182,7 @@ class Sandbox:
         self.state: State | None = State.load(self.state_path) if self.state_path.exists() \
             else None
         self._lock = threading.RLock()  # `up` works on several hosts at once
+        self.timings: dict[str, float] = {}  # what the last `up` took
 
     # --- naming -----------------------------------------------------------------
 
@@ -410,6 +411,8 @@ class Sandbox:
         with self.step(f"{nodes * pods_per_node} pods"), ThreadPoolExecutor(PARALLEL) as ex:
             list(ex.map(lambda a: self.add_pod(*a),
                         [(n, f"{n}-p{i}") for n in names for i in range(1, pods_per_node + 1)]))
+        self.timings = {"up_s": round(time.monotonic() - t0, 1),
+                        "agents_ready_and_programmed_s": round(t_agents, 1)}
         self.progress(f"sandbox {self.name} up in {time.monotonic() - t0:.1f}s: "
                       f"{nodes} nodes (agents ready and every peer programmed "
                       f"{t_agents:.1f}s after they started), "

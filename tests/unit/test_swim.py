@@ -508,20 +508,27 @@ def test_being_suspected_worsens_our_health():
 
 
 def test_the_probe_timeout_follows_observed_round_trips_within_bounds():
+    from overlay.membership.swim import TIMEOUT_SHARE
     s = swim(3)
     assert s.probe_timing() == (CFG.probe_timeout, CFG.probe_interval)
     for _ in range(20):
         s.observe_rtt(0.001)                 # a LAN: the floor holds
     assert s.probe_timing() == (CFG.probe_timeout, CFG.probe_interval)
     for _ in range(40):
-        s.observe_rtt(0.3)                   # a loaded machine: 300 ms round trips
+        s.observe_rtt(0.4)                   # a loaded machine: 400 ms round trips
     timeout, interval = s.probe_timing()
-    assert 0.3 < timeout <= CFG.probe_timeout_max
-    # the interval keeps room for the indirect probes
-    assert interval / timeout == pytest.approx(CFG.probe_interval / CFG.probe_timeout)
+    # the timeout follows, within the share of the interval that leaves the helpers
+    # time; the interval itself only moves with our health
+    assert CFG.probe_timeout < timeout == TIMEOUT_SHARE * CFG.probe_interval
+    assert interval == CFG.probe_interval
+    s._health(3)
+    timeout, interval = s.probe_timing()
+    assert interval == 4 * CFG.probe_interval
+    assert timeout == pytest.approx(max(4 * CFG.probe_timeout,
+                                        min(CFG.probe_timeout_max, s.srtt + 4 * s.rttvar)))
     for _ in range(40):
         s.observe_rtt(30.0)                  # absurd samples: the ceiling holds
-    assert s.probe_timing()[0] == CFG.probe_timeout_max
+    assert s.probe_timing()[0] == max(CFG.probe_timeout_max, 4 * CFG.probe_timeout)
     fixed = swim(3, SwimConfig(adaptive_timeout=False))
     fixed.observe_rtt(0.3)
     assert fixed.probe_timing() == (CFG.probe_timeout, CFG.probe_interval)
