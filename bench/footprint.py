@@ -3,14 +3,20 @@
 
   peers     one node with 10, then 5000 fake peer leases in etcd: the agent's
             resident memory and CPU over an idle window, at the production
-            reconcile interval (10 s), and etcd's own RSS and CPU beside it
-  traffic   clusters of 3 and 10 real nodes at idle: per node and second, the
-            bytes exchanged with etcd and with other nodes (gossip; VXLAN
-            excluded), counted by nftables counters inside each node's
+            reconcile interval (10 s), and etcd's own RSS and CPU beside it.
+            The fake peers have no gRPC address: this is the data plane's cost
+            (routes, neighbours, FDB entries, the periodic pass), without the
+            membership protocol
+  traffic   clusters of 3, 10 and 50 real nodes at idle (real agents, each
+            probing the others over gRPC: the membership's cost at the largest
+            size that fits this machine, see bench/scale.py): per node and
+            second, the bytes exchanged with etcd and with other nodes (gossip;
+            VXLAN excluded), counted by nftables counters inside each node's
             namespace; cross-checked with the etcd host's underlay port and
-            etcd's own metrics (client bytes, requests by method, writes)
+            etcd's own metrics (client bytes, requests by method, writes); each
+            agent's CPU and RSS
 
-Two cluster sizes give a per-node cost and its growth with the cluster,
+The cluster sizes give a per-node cost and its growth with the cluster,
 which is what bench/scale_model.py extrapolates from.
 """
 
@@ -208,7 +214,7 @@ def peers_footprint(counts: list[int], window: float, settle: float) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default="10,5000", help="fake peer counts for RSS and CPU")
-    ap.add_argument("--sizes", default="3,10", help="cluster sizes for traffic")
+    ap.add_argument("--sizes", default="3,10,50", help="cluster sizes for traffic")
     ap.add_argument("--window", type=float, default=30, help="idle window, seconds")
     ap.add_argument("--settle", type=float, default=5, help="seconds before each window")
     args = ap.parse_args()

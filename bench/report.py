@@ -17,7 +17,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all",
-        "membership", "signing", "dataplane_ipv6", "direct_routing")
+        "membership", "signing", "dataplane_ipv6", "direct_routing", "scale", "swimsim")
 
 
 def load(results: Path) -> dict[str, Any]:
@@ -103,7 +103,9 @@ def targets_of(docs: dict[str, Any]) -> list[dict[str, Any]]:
     for name, doc in docs.items():
         if not isinstance(doc, dict):
             continue
-        extra = membership_targets(doc) if name == "membership" else cni_targets(doc)
+        extra = (membership_targets(doc) if name == "membership" else
+                 scale_targets(doc) if name == "scale" else
+                 swimsim_targets(doc) if name == "swimsim" else cni_targets(doc))
         for t in doc.get("targets", []) + extra:
             if isinstance(t, dict) and "ratio" in t:
                 out.append({**t, "source": name})
@@ -145,6 +147,148 @@ def membership_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                         "what": f"{what} (median), fraction of {d['target_s']:g} s",
                         "threshold": 1.0, "met": r <= 1.0})
     return out
+
+
+def scale_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12 on real agents: idle CPU per agent within 1% of a core and flat in N,
+    every view alive, recovery from overload."""
+    runs = doc.get("runs") or {}
+    if not runs:
+        return []
+    ns = sorted(runs, key=int)
+    top, low = runs[ns[-1]], runs[ns[0]]
+    target = doc.get("target_agent_cpu", 0.01)
+    out = [{"id": "scale.agent_cpu", "what": f"idle CPU per agent at {ns[-1]} real nodes "
+            f"(mean), fraction of {target:.0%} of a core", "ratio": top["agent_cpu"]["mean"]
+            / target, "op": "<=", "threshold": 1.0,
+            "met": top["agent_cpu"]["mean"] <= target},
+           {"id": "scale.flat", "what": f"idle CPU per agent, {ns[-1]} vs {ns[0]} nodes",
+            "ratio": top["agent_cpu"]["mean"] / low["agent_cpu"]["mean"]
+            if low["agent_cpu"]["mean"] else None, "op": "<=", "threshold": 1.25,
+            "met": bool(low["agent_cpu"]["mean"]) and
+            top["agent_cpu"]["mean"] <= 1.25 * low["agent_cpu"]["mean"]}]
+    bad = sum(r["non_alive_views_at_end"] for r in runs.values())
+    out.append({"id": "scale.views", "what": "peer views not alive after settling, all sizes",
+                "ratio": bad, "op": "<=", "threshold": 0, "met": bad == 0})
+    for k, what in (("hogs", "busy loops"), ("stops", "every agent SIGSTOPped in turn"),
+                    ("freeze", "every agent SIGSTOPped at once")):
+        o = (doc.get("overload") or {}).get(k)
+        if o:
+            r = o.get("recovered_after_s")
+            out.append({"id": f"scale.recovery.{k}", "what": f"all views alive again after "
+                        f"overload ({what}), fraction of 60 s", "ratio": None if r is None
+                        else r / 60, "op": "<=", "threshold": 1.0, "met": r is not None
+                        and r <= 60})
+    return out
+
+
+def swimsim_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12 in simulation: detection at 1,000 members, no false dead at 5% loss,
+    messages per member flat from the smallest to the largest size."""
+    runs = (doc.get("runs") or {}).get("loss", {}).get("ours", {})
+    out: list[dict[str, Any]] = []
+    if "1000" in runs:
+        p99 = runs["1000"]["detect_p99_s"]
+        out.append({"id": "swimsim.detect_1000", "what": "simulated crash seen by every "
+                    "member of 1,000 (p99), fraction of 5 s", "ratio": None if p99 is None
+                    else p99 / 5.0, "op": "<=", "threshold": 1.0,
+                    "met": p99 is not None and p99 <= 5.0})
+    fd = sum(r["false_dead_views"] for sc in (doc.get("runs") or {}).values()
+             for r in sc.get("ours", {}).values())
+    if runs:
+        out.append({"id": "swimsim.false_dead", "what": "simulated false DEAD views at 5% "
+                    "loss (and with stalls), all sizes", "ratio": fd, "op": "<=",
+                    "threshold": 0, "met": fd == 0})
+        ns = sorted(runs, key=int)
+        a, b = runs[ns[0]]["msgs_per_member_s"], runs[ns[-1]]["msgs_per_member_s"]
+        out.append({"id": "swimsim.flat", "what": f"simulated messages per member and second, "
+                    f"{int(ns[-1]):,} vs {int(ns[0]):,} members", "ratio": b / a if a else None,
+                    "op": "<=", "threshold": 1.5, "met": bool(a) and b / a <= 1.5})
+    return out
+
+
+def cluster_scale_section(doc: dict[str, Any] | None, img: str | None) -> str:
+    if not doc:
+        return "_Not run._"
+    runs = doc["runs"]
+    rows = []
+    for n in sorted(runs, key=int):
+        r = runs[n]
+        a = r["agent_cpu"]
+        msgs = sum(r["messages_per_agent_s"].values())
+        rows.append([n, f"{r['up_s']:.0f} s", f"{f(r['settled_after_up_s'])} s",
+                     f"**{a['mean']:.2%}**", f"{a['median']:.2%}", f"{a['max']:.2%}",
+                     f"{r['machine_busy']:.0%}", str(r["non_alive_views_at_end"]),
+                     f"{msgs:.2f}", f"{r['etcd_cpu']:.2%}"])
+    window = runs[min(runs, key=int)]["window_s"]
+    out = [f"Real agents, one sandbox per size, one after the other in the same run "
+           f"(`bench/scale.py`): idle CPU of each agent over {f(window)} s (its nft children "
+           "included), as a share of one core.", "",
+           table(["nodes", "sandbox up", "all alive after", "agent CPU mean", "median", "max",
+                  "machine busy", "views not alive", "messages/s per agent", "etcd CPU"], rows)]
+    if img:
+        out += ["", f"![idle CPU per agent]({img})"]
+    top = runs[max(runs, key=int)]
+    out += ["", f"Where the agents' CPU goes at {max(runs, key=int)} nodes (per agent, share of a "
+            "core): " + ", ".join(f"{k} {v:.2%}" for k, v in top["agent_cpu_by_thread"].items()
+                                  if v >= 0.00005)
+            + "; membership messages sent per agent and second: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in top["messages_per_agent_s"].items() if v)]
+    ov = doc.get("overload")
+    if ov:
+        h, st, fz = ov.get("hogs") or {}, ov.get("stops") or {}, ov.get("freeze") or {}
+
+        def worst(w: dict[str, int]) -> str:
+            return ", ".join(f"{v} {k}" for k, v in sorted(w.items())) or "none"
+        out += ["", f"Overload at {ov['nodes']} nodes:", "",
+                table(["disturbance", "worst views seen", "all alive again after"], [
+                    [f"{h.get('hogs')} busy loops at nice {h.get('nice', 0)} for "
+                     f"{f(h.get('seconds'))} s",
+                     f"during: {worst(h.get('worst_during', {}))}; after: "
+                     f"{worst(h.get('worst_after', {}))}", f"{f(h.get('recovered_after_s'))} s"],
+                    [f"every agent SIGSTOPped for {f(st.get('stop_s'))} s in turn, two at a "
+                     f"time ({f(st.get('disturbance_s'))} s)",
+                     f"after: {worst(st.get('worst_after', {}))}",
+                     f"{f(st.get('recovered_after_s'))} s"],
+                    [f"every agent SIGSTOPped at once for {f(fz.get('seconds'))} s",
+                     f"after: {worst(fz.get('worst_after', {}))}",
+                     f"{f(fz.get('recovered_after_s'))} s"]])]
+    return "\n".join(out)
+
+
+def swimsim_section(doc: dict[str, Any] | None, img: str | None) -> str:
+    if not doc:
+        return "_Not run._"
+    sc = doc["scenarios"]
+    out = [f"`bench/swimsim.py`: the agents' pure `Swim` core, driven as the agent drives it, "
+           f"on a simulated clock; LAN latency, {sc['loss']['loss']:.0%} of messages lost, a "
+           f"crash every {f(sc['common']['crash_every_s'])} s (the member restarts before the "
+           f"next); scenario 'stalls' adds 1 s stalls, {f(sc['stalls']['stalls_per_member_hour'])}"
+           " per member and hour. memberlist's LAN defaults (probe 1 s, timeout 500 ms, 3 "
+           "indirect probes, suspicion 4·log10(N) s, no Lifeguard) run through the same "
+           "simulator. Detection: when each live member saw the crashed one DEAD (p50, p99 over "
+           "members and crashes; the slowest member of the slowest crash). Bytes: protobuf "
+           "payload.", ""]
+    for name, runs in doc["runs"].items():
+        rows = []
+        sizes = sorted({n for c in runs.values() for n in c}, key=int)
+        for n in sizes:
+            for c in ("ours", "memberlist"):
+                r = runs.get(c, {}).get(n)
+                if r is None:
+                    continue
+                rows.append([f"{int(n):,}", c, f(r["detect_p50_s"]), f(r["detect_p99_s"]),
+                             f(r["detect_all_max_s"]), f(r["false_dead_per_member_hour"]),
+                             f(r["suspicions_per_member_hour"]), f(r["msgs_per_member_s"]),
+                             byterate(r["bytes_per_member_s"])])
+        out += [f"Scenario '{name}':", "",
+                table(["members", "config", "detect p50 s", "p99 s", "slowest s",
+                       "false dead /member-h", "suspicions raised /member-h", "msgs/member/s",
+                       "bytes/member/s"], rows), ""]
+    if img:
+        out += [f"![simulation against N]({img})", ""]
+    out.append(f"Simulation wall time {f(doc.get('wall_seconds'))} s.")
+    return "\n".join(out)
 
 
 def membership_section(mb: dict[str, Any] | None) -> str:
@@ -257,7 +401,8 @@ def plots(docs: dict[str, Any], outdir: Path) -> dict[str, str]:
         return {}
     made: dict[str, str] = {}
     for name, fn in (("dataplane", plot_dataplane), ("peer_programming", plot_peers),
-                     ("convergence", plot_convergence)):
+                     ("convergence", plot_convergence), ("scale", plot_scale),
+                     ("swimsim", plot_swimsim)):
         doc = docs.get(name)
         if not doc:
             continue
@@ -272,6 +417,47 @@ def plots(docs: dict[str, Any], outdir: Path) -> dict[str, str]:
         plt.close(fig)
         made[name] = f"{name}.png"
     return made
+
+
+def plot_scale(plt: Any, doc: dict[str, Any]) -> Any:
+    runs = doc["runs"]
+    ns = sorted(runs, key=int)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    x = [int(n) for n in ns]
+    for key, label in (("mean", "mean"), ("max", "max")):
+        ax.plot(x, [100 * runs[n]["agent_cpu"][key] for n in ns], marker="o", label=label)
+    ax.axhline(100 * doc.get("target_agent_cpu", 0.01), color="#c44e52", ls="--",
+               label="target")
+    ax.set_xlabel("nodes (real agents)")
+    ax.set_ylabel("idle CPU per agent, % of a core")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    return fig
+
+
+def plot_swimsim(plt: Any, doc: dict[str, Any]) -> Any:
+    runs = doc["runs"]["loss"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = {"ours": "#dd8452", "memberlist": "#4c72b0"}
+    for c, by_n in runs.items():
+        ns = sorted(by_n, key=int)
+        x = [int(n) for n in ns]
+        axes[0].plot(x, [by_n[n]["detect_p50_s"] for n in ns], marker="o", color=colors.get(c),
+                     label=f"{c} p50")
+        axes[0].plot(x, [by_n[n]["detect_p99_s"] for n in ns], marker="^", ls="--",
+                     color=colors.get(c), label=f"{c} p99")
+        axes[1].plot(x, [by_n[n]["msgs_per_member_s"] for n in ns], marker="o",
+                     color=colors.get(c), label=c)
+        axes[2].plot(x, [by_n[n]["bytes_per_member_s"] / 1000 for n in ns], marker="o",
+                     color=colors.get(c), label=c)
+    for ax, label in zip(axes, ("crash seen by every member, s", "messages / member / s",
+                                "payload kB / member / s"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("members (simulated)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    return fig
 
 
 def plot_dataplane(plt: Any, dp: dict[str, Any]) -> Any:
@@ -646,7 +832,11 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
     if not cni:
         parts += ["_No CNI results: `bench/cni_latency.py` is not in this tree, or failed._", ""]
     parts += ["## 5. Footprint", "", safe(footprint_section, docs.get("footprint")), "",
-              "## 6. Scale on paper", "", safe(scale_section, docs.get("scale_model")), ""]
+              "## 6. Scale on paper", "", safe(scale_section, docs.get("scale_model")), "",
+              "## 7. Membership at scale on this machine", "",
+              safe(cluster_scale_section, docs.get("scale"), imgs.get("scale")), "",
+              "## 8. Membership past this machine (simulation)", "",
+              safe(swimsim_section, docs.get("swimsim"), imgs.get("swimsim")), ""]
     rest = {k: v for k, v in others.items() if not is_cni(v)}
     if rest:
         parts += ["## Other results", ""]

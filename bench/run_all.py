@@ -23,6 +23,8 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 # (script, arguments, time limit in seconds[, name of the run when a script runs twice]).
+# scale.py and swimsim.py (issue 12) take about 8 and 10 minutes of the run on a quiet
+# 2-core machine.
 PLAN: list[tuple[str, list[str], int] | tuple[str, list[str], int, str]] = [
     ("spine.py", [], 180),
     ("dataplane.py", [], 420),
@@ -33,9 +35,11 @@ PLAN: list[tuple[str, list[str], int] | tuple[str, list[str], int, str]] = [
     ("peer_programming.py", [], 300),
     ("convergence.py", [], 240),
     ("cni_latency.py", [], 300),
-    ("footprint.py", [], 240),
+    ("footprint.py", [], 480),
     ("membership.py", [], 300),
     ("signing.py", [], 180),
+    ("scale.py", [], 1200),
+    ("swimsim.py", [], 1500),
 ]
 QUICK: dict[str, list[str]] = {
     "spine.py": ["--runs", "1"],
@@ -48,6 +52,9 @@ QUICK: dict[str, list[str]] = {
     "membership.py": ["--nodes", "5", "--window", "5", "--loss-seconds", "5", "--crashes", "1",
                       "--mac-reps", "1"],
     "signing.py": ["--n", "200", "--reps", "2", "--nodes", "3", "--window", "5"],
+    "scale.py": ["--sizes", "5,10", "--window", "5", "--settle", "2", "--hog-seconds", "3",
+                 "--stop-seconds", "0.5", "--freeze-seconds", "1"],
+    "swimsim.py": ["--sizes", "50,200", "--stall-sizes", "50"],
 }
 TOOLS = ("ip", "bridge", "etcd", "etcdctl", "ping", "iperf3", "nft")
 
@@ -56,7 +63,7 @@ def remove_leftovers(since: float) -> None:
     """Sandboxes our scripts made in this run and could not remove (killed): remove them."""
     from overlay.sandbox.sandbox import BASE, Sandbox
 
-    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg", "bdr", "bdv")
+    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg", "bdr", "bdv", "bsc")
     for d in BASE.glob("*") if BASE.exists() else ():
         if d.name.startswith(tags) and d.stat().st_mtime >= since - 1:
             print(f"   removing leftover sandbox {d.name}", file=sys.stderr)

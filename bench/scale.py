@@ -18,11 +18,13 @@ one pod each, measured one after the other in the same run:
 
 At the largest size, --overload: recovery from overload, twice:
 
-  hogs        --hogs busy loops per core for --hog-seconds (bounded in time, and
-              killed by PID): the agents starve; then the time until every view
-              is alive again
+  hogs        --hogs busy loops per core at nice --hog-nice (ahead of the agents)
+              for --hog-seconds (bounded in time, and killed by PID): the agents
+              starve; then the time until every view is alive again
   stops       every agent SIGSTOPped in turn for --stop-seconds, two at a time:
               then the time from the last SIGCONT until every view is alive
+  freeze      every agent SIGSTOPped at once for --freeze-seconds: all their
+              timers are late together; then the time until every view is alive
 
 Writes bench/results/scale.json.
 """
@@ -176,10 +178,11 @@ def calm(sb: Sandbox, up_s: float, window: float, settle: float) -> dict[str, An
     return doc
 
 
-def hogs(sb: Sandbox, seconds: float, per_core: int) -> dict[str, Any]:
+def hogs(sb: Sandbox, seconds: float, per_core: int, nice: int) -> dict[str, Any]:
     """Busy loops, `per_core` per core, for `seconds`: then how long until calm again."""
     count = per_core * (os.cpu_count() or 1)
-    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    code = (f"import os, time\nos.nice({nice})\nend = time.monotonic() + {seconds}\n"
+            "while time.monotonic() < end: pass")
     ns = sb.st.nodes[0].netns
     procs = [subprocess.Popen([*sb.exec_prefix(ns), sys.executable, "-c", code])
              for _ in range(count)]
@@ -192,7 +195,7 @@ def hogs(sb: Sandbox, seconds: float, per_core: int) -> dict[str, Any]:
             p.kill()
             p.wait()
     recovered, after = wait_alive(sb, 120)
-    return {"hogs": count, "seconds": seconds, "worst_during": worst,
+    return {"hogs": count, "nice": nice, "seconds": seconds, "worst_during": worst,
             "worst_after": after, "recovered_after_s": recovered}
 
 
@@ -232,6 +235,21 @@ def stops(sb: Sandbox, stop: float) -> dict[str, Any]:
             "worst_after": after, "recovered_after_s": recovered}
 
 
+def freeze(sb: Sandbox, seconds: float) -> dict[str, Any]:
+    """Every agent SIGSTOPped at once for `seconds` (SIGCONT always)."""
+    pids = [h.pid for h in sb.st.nodes]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(seconds)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    recovered, after = wait_alive(sb, 120)
+    return {"agents": len(pids), "seconds": seconds, "worst_after": after,
+            "recovered_after_s": recovered}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,20,30,50")
@@ -240,6 +258,8 @@ def main() -> None:
     ap.add_argument("--overload", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--hog-seconds", type=float, default=20.0)
     ap.add_argument("--hogs", type=int, default=8, help="busy loops per core")
+    ap.add_argument("--hog-nice", type=int, default=-5)
+    ap.add_argument("--freeze-seconds", type=float, default=5.0)
     ap.add_argument("--stop-seconds", type=float, default=2.0)
     args = ap.parse_args()
     require_root()
@@ -260,7 +280,7 @@ def main() -> None:
             if args.overload and n == max(sizes):
                 log(f"  overload at {n} nodes: {args.hogs * (os.cpu_count() or 1)} busy loops "
                     f"for {args.hog_seconds:.0f} s ...")
-                overload["hogs"] = hogs(sb, args.hog_seconds, args.hogs)
+                overload["hogs"] = hogs(sb, args.hog_seconds, args.hogs, args.hog_nice)
                 log(f"    every view alive again {overload['hogs']['recovered_after_s']} s "
                     "after the hogs ended")
                 log(f"  overload at {n} nodes: every agent SIGSTOPped in turn for "
@@ -268,6 +288,11 @@ def main() -> None:
                 overload["stops"] = stops(sb, args.stop_seconds)
                 log(f"    every view alive again {overload['stops']['recovered_after_s']} s "
                     "after the last SIGCONT")
+                log(f"  overload at {n} nodes: every agent SIGSTOPped at once for "
+                    f"{args.freeze_seconds} s ...")
+                overload["freeze"] = freeze(sb, args.freeze_seconds)
+                log(f"    every view alive again {overload['freeze']['recovered_after_s']} s "
+                    "after the SIGCONT")
                 overload["nodes"] = n
     lo, hi = runs[str(sizes[0])], runs[str(sizes[-1])]
     doc = {

@@ -112,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = SwimConfig()
     g.add_argument("--probe-interval", type=cli.seconds, default=d.probe_interval,
                    metavar="SECONDS",
-                   help="one peer is probed per interval (default: %(default)s)")
+                   help="one probe round per interval (default: %(default)s); an agent "
+                        "that is itself slow (Local Health Awareness) probes up to 9x less "
+                        "often")
     g.add_argument("--probe-timeout", type=cli.seconds, default=d.probe_timeout,
                    metavar="SECONDS",
-                   help="wait this long for a direct answer before asking --indirect-probes "
-                        "other peers to probe it too (default: %(default)s)")
+                   help="wait at least this long for a direct answer before asking "
+                        "--indirect-probes other peers to probe it too; longer when the "
+                        "observed round trips are (default: %(default)s)")
     g.add_argument("--indirect-probes", type=cli.int_range(0, 64), default=d.indirect_probes,
                    metavar="K",
                    help="peers asked to probe a peer that does not answer (default: "
@@ -128,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     g.add_argument("--suspect-timeout-max", type=cli.seconds, default=d.suspect_timeout_max,
                    metavar="SECONDS", help="... and after this long while nobody confirms "
-                   "(packet loss rather than a crash; default: %(default)s); both grow with "
-                   "log10 of the cluster size above 10 nodes")
+                   "(packet loss rather than a crash; default: %(default)s); this one grows "
+                   "with log10 of the cluster size above 10 nodes, the other above 100")
     g.add_argument("--push-pull-interval", type=cli.seconds, default=d.push_pull_interval,
                    metavar="SECONDS", help="full state exchange with a random peer "
                    "(default: %(default)s)")

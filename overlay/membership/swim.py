@@ -64,7 +64,6 @@ from typing import Any
 from overlay.errors import ConfigError
 from overlay.model import NodeRecord
 
-
 # At most this share of a probe interval waits for the direct ack; the rest is the
 # helpers' (memberlist: 500 ms of 1 s).
 TIMEOUT_SHARE = 0.6
@@ -140,6 +139,7 @@ class SwimConfig:
     suspect_probers: int = 3           # about this many members probe a new suspect next
     gossip_interval: float = 0.2
     gossip_fanout: int = 3
+    gossip_sends: int = 6              # news is pushed by gossip until sent this often
     retransmit_mult: int = 4
     max_piggyback: int = 16
     push_pull_interval: float = 10.0   # at up to 32 members; longer in bigger clusters
@@ -795,11 +795,10 @@ class Swim:
     def _heartbeat(self) -> float:
         """The next step of the probe schedule: always armed, and always from a time an
         `on_timer` call gave, so that running late behind it means we were not running."""
-        t = self._probe_at
         p = self.round
-        if p is not None and not p.done:
-            t = min(t, p.end_at if p.indirect_sent else p.timeout_at)
-        return t
+        if p is not None and not p.done:  # the next round waits for this one
+            return p.end_at if p.indirect_sent else p.timeout_at
+        return self._probe_at
 
     def next_wake(self) -> float:
         """When `on_timer` must run next."""
@@ -829,7 +828,7 @@ class Swim:
         _, interval = self.probe_timing()
         self._probe_at = now + self.rng.random() * interval
         self._push_pull_at = now + self.push_pull_interval() * (0.5 + self.rng.random() / 2)
-        if self._queue:
+        if self._fresh():
             self._gossip_at = now + self.gossip_interval()
 
     def on_timer(self, now: float) -> Due:
@@ -870,8 +869,9 @@ class Swim:
             _, interval = self.probe_timing()
             self._probe_at = now + interval
         if self._gossip_at is not None and now >= self._gossip_at:
-            self._gossip_at = now + self.gossip_interval() if self._queue else None
-            if self._queue:
+            fresh = self._fresh()
+            self._gossip_at = now + self.gossip_interval() if fresh else None
+            if fresh:
                 due.gossip = self.gossip_targets()
         if now >= self._push_pull_at or self._pull == "*":
             self._push_pull_at = now + self.push_pull_interval() * (0.8 + 0.4 * self.rng.random())
@@ -892,11 +892,12 @@ class Swim:
             if now >= self._expiry(m):
                 expired.append(m)
             elif not m.reminded and now >= (m.suspect_since + self._expiry(m)) / 2:
-                # Half time: send the suspicion out once more. A member that has heard
-                # the refutation we may have missed answers with it (see `merge`).
+                # Half time: send the suspicion out once more, to one member. One that
+                # has heard the refutation we may have missed answers with it (see
+                # `merge`); one that holds the same suspicion does nothing with it.
                 m.reminded = True
                 self._enqueue(Update(m.record, State.SUSPECT, m.incarnation,
-                                     min(m.suspecters) if m.suspecters else self.name))
+                                     min(m.suspecters) if m.suspecters else self.name), sends=1)
         for name in self._reapable:
             if now >= self._own[name].since + self.cfg.reap_after:
                 gone.append(name)
@@ -1034,12 +1035,19 @@ class Swim:
 
     # --- dissemination --------------------------------------------------------
 
-    def _enqueue(self, u: Update) -> None:
+    def _enqueue(self, u: Update, sends: int | None = None) -> None:
+        """Queue `u` for `sends` transmissions (default: the retransmit limit)."""
         self._dequeue(u.name)  # replaces older news about the same member
-        q = self._queue[u.name] = _Queued(u)
-        self._sent.setdefault(0, {})[u.name] = q
-        if self._started and self._gossip_at is None:
+        q = self._queue[u.name] = _Queued(u, 0 if sends is None else max(0, self._max_tx() - sends))
+        self._sent.setdefault(q.transmits, {})[u.name] = q
+        if self._started and self._gossip_at is None and q.transmits < self.cfg.gossip_sends:
             self._gossip_at = self._now + self.gossip_interval()
+
+    def _fresh(self) -> bool:
+        """News sent fewer than `gossip_sends` times: worth a gossip round of its own.
+        Its later sends ride on the messages that go out anyway (probes, answers), so
+        that a gossip round per item, not per send, is what news costs."""
+        return bool(self._sent) and min(self._sent) < self.cfg.gossip_sends
 
     def _dequeue(self, name: str) -> None:
         q = self._queue.pop(name, None)

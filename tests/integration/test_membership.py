@@ -12,12 +12,14 @@ measured by bench/membership.py and bench/convergence.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import dump_logs, sandbox_up, wait_until
@@ -196,3 +198,53 @@ def test_crashed_host_is_declared_dead_everywhere_and_keeps_its_entries(cluster1
     sb.wait_ready(victim, 30)
     took = wait_until(lambda: all_alive(sb), timeout=60, interval=0.2)
     print(f"{victim} alive again everywhere {took:.1f}s after its agent was ready")
+
+
+def own_dead_verdicts(sb: Sandbox) -> list[str]:
+    """'X is dead' lines the agents logged on their own judgement (not heard from a peer)."""
+    return [f"{n}: {line}" for n in NODES
+            for line in Path(sb.node(n).log).read_text(errors="replace").splitlines()
+            if " is dead: " in line and "reported by" not in line]
+
+
+def test_agents_stopped_together_come_back_without_declaring_each_other_dead(
+        cluster10, logs_on_failure):
+    """Every agent SIGSTOPped at once (the whole machine starved): when they run again,
+    every timer is late at once. None may take that for the others' death, and the
+    cluster is calm again by itself."""
+    sb = cluster10
+    wait_until(lambda: all_alive(sb), timeout=15, interval=0.2)
+    before = own_dead_verdicts(sb)
+    pids = [sb.node(n).pid for n in NODES]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(4)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    took = wait_until(lambda: all_alive(sb), timeout=60, interval=0.5)
+    print(f"all 90 views alive {took:.1f}s after 4s with every agent stopped")
+    assert own_dead_verdicts(sb)[len(before):] == []
+    assert any("timers ran" in Path(sb.node(n).log).read_text() for n in NODES)
+
+
+def test_agents_stopped_in_turn_the_cluster_recovers_by_itself(cluster10, logs_on_failure):
+    """A rolling overload: each agent stopped for 1.5 s, two at a time, one after the
+    other. Afterwards every view is alive again within a bounded time."""
+    sb = cluster10
+    wait_until(lambda: all_alive(sb), timeout=15, interval=0.2)
+    pids = [sb.node(n).pid for n in NODES]
+    stopped: list[int] = []
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+            time.sleep(0.75)
+            if len(stopped) == 2:
+                os.kill(stopped.pop(0), signal.SIGCONT)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    took = wait_until(lambda: all_alive(sb), timeout=60, interval=0.5)
+    print(f"all 90 views alive {took:.1f}s after the last agent ran again")

@@ -207,3 +207,48 @@ def test_membership_times_are_targets_as_a_fraction_of_the_time_allowed():
     assert "3.60 s" in text and "target 3 s" in text
     assert "peers wrongly marked dead | 1 |" in text
     assert "Other results" not in report.render({"membership": doc}, {})
+
+
+def _scale_run(n, cpu, bad=0):
+    return {"nodes": n, "up_s": 5.0, "settled_after_up_s": 0.2, "window_s": 30.0,
+            "agent_cpu": {"mean": cpu, "median": cpu, "max": cpu * 1.2},
+            "agent_cpu_by_thread": {"asyncio (main thread)": cpu * 0.7, "event_engine": cpu * 0.3},
+            "etcd_cpu": 0.004, "machine_busy": 0.3, "non_alive_views_at_end": bad,
+            "messages_per_agent_s": {"probe": 2.0, "gossip": 0.0}, "sandbox_timings": {}}
+
+
+def test_real_agents_at_scale_are_targets_cpu_flatness_views_and_recovery():
+    doc = {"runs": {"10": _scale_run(10, 0.008), "50": _scale_run(50, 0.009, bad=2)},
+           "target_agent_cpu": 0.01,
+           "overload": {"nodes": 50, "hogs": {"hogs": 16, "seconds": 20, "worst_during": {},
+                                               "worst_after": {}, "recovered_after_s": 3.0},
+                        "stops": {"stop_s": 2, "disturbance_s": 50, "worst_after":
+                                  {"alive": 2440, "dead": 10}, "recovered_after_s": None}}}
+    t = {x["id"]: x for x in report.targets_of({"scale": doc})}
+    assert t["scale.agent_cpu"]["met"] and t["scale.agent_cpu"]["ratio"] == pytest.approx(0.9)
+    assert t["scale.flat"]["met"] and t["scale.flat"]["ratio"] == pytest.approx(1.125)
+    assert not t["scale.views"]["met"] and t["scale.views"]["ratio"] == 2
+    assert t["scale.recovery.hogs"]["met"] and not t["scale.recovery.stops"]["met"]
+    text = report.cluster_scale_section(doc, "scale.png")
+    assert "| 50 | 5 s | 0.2 s | **0.90%** |" in text and "2440 alive, 10 dead" in text
+
+
+def test_simulation_targets_detection_false_dead_and_flat_messages():
+    def run(n, p99, msgs, fd=0):
+        return {"detect_p50_s": 1.0, "detect_p99_s": p99, "detect_all_max_s": p99,
+                "false_dead_per_member_hour": 0.0, "false_dead_views": fd,
+                "suspicions_per_member_hour": 1.0, "msgs_per_member_s": msgs,
+                "bytes_per_member_s": 900.0}
+    doc = {"scenarios": {"loss": {"loss": 0.05}, "stalls": {"stalls_per_member_hour": 30},
+                         "common": {"crash_every_s": 20}},
+           "runs": {"loss": {"ours": {"100": run(100, 2.0, 8.0), "1000": run(1000, 4.0, 9.0),
+                                      "10000": run(10000, 5.0, 13.0)},
+                             "memberlist": {"100": run(100, 9.0, 4.0, fd=3)}},
+                    "stalls": {"ours": {"1000": run(1000, 4.5, 20.0, fd=1)}}}}
+    t = {x["id"]: x for x in report.targets_of({"swimsim": doc})}
+    assert t["swimsim.detect_1000"]["met"] and t["swimsim.detect_1000"]["ratio"] == 0.8
+    assert not t["swimsim.false_dead"]["met"]      # ours only: memberlist's are not ours
+    assert t["swimsim.false_dead"]["ratio"] == 1
+    assert not t["swimsim.flat"]["met"] and t["swimsim.flat"]["ratio"] == pytest.approx(1.625)
+    text = report.swimsim_section(doc, None)
+    assert "| 100 | memberlist | 1 | 9 | 9 |" in text and "Scenario 'stalls'" in text
