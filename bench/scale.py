@@ -43,7 +43,7 @@ from typing import Any
 
 from common import CpuLoad, http_get, log, machine, require_root, sandbox, summary, write_result
 
-from overlay.ctl.client import status_json
+from overlay.agent.localclient import status_json
 from overlay.sandbox.sandbox import Sandbox
 
 POOL = ThreadPoolExecutor(8)

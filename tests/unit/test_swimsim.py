@@ -46,5 +46,7 @@ def test_sizes_of_messages_follow_the_protobuf_encoding():
     from overlay.membership.wire import update_pb
 
     u = Update(swimsim.record(1234), State.SUSPECT, 1_796_086_707_863, "m77")
-    assert swimsim.update_size(u) == update_pb(u).ByteSize() + 2
-    assert 100 < swimsim.update_size(u) < 128
+    msg = update_pb(u)
+    assert msg.HasField("signed") and len(msg.signed.signature) == 64  # sized as signed
+    assert swimsim.update_size(u) == msg.ByteSize() + 3
+    assert 160 < swimsim.update_size(u) < 256
