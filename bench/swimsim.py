@@ -21,9 +21,10 @@ Reported per run, from the members' own state changes: crash detection (the
 time each live member needs to see the crashed one DEAD: p50, p99, and the
 slowest member per crash), false DEAD (a member that was alive declared dead
 by someone) per member-hour, and messages and payload bytes (protobuf sizes of
-the agents' messages, every update carrying its subject's signed statement
-and 64-byte ed25519 signature as the agents send it; no HTTP/2 or TCP
-overhead; signatures are sized, not made or checked) sent per member per second,
+the agents' messages: each of our updates carries its subject's signed
+statement and 64-byte ed25519 signature as the agents send it, memberlist's
+the unsigned record; no HTTP/2 or TCP overhead; signatures are sized, not
+made or checked) sent per member per second,
 the periodic full exchange (push-pull) at its average rate (a run is shorter
 than its interval at 10,000 members).
 
@@ -124,11 +125,17 @@ def _proof(rec: Record) -> Proof:
                  bytes(SIGNATURE_SIZE), "ed25519:" + "A" * 43 + "=")
 
 
-def update_size(u: Update) -> int:
-    """Bytes of `u` in a message: an overlay.v1.MemberUpdate in a repeated field."""
-    from overlay.membership.wire import update_pb
+def update_size(u: Update, signed: bool = True) -> int:
+    """Bytes of `u` in a message: an overlay.v1.MemberUpdate in a repeated field. Ours
+    carries the subject's signed statement; unsigned (the reference, which signs
+    nothing) it carries the record and incarnation as such."""
+    from overlay.membership.wire import pb_state, record_pb, update_pb
+    from overlay.v1 import overlay_pb2 as pb
 
-    n = update_pb(u).ByteSize()
+    msg = update_pb(u) if signed else pb.MemberUpdate(
+        record=record_pb(u.record.node, u.record.lease_revision, u.incarnation),
+        state=pb_state(u.state), incarnation=u.incarnation, reporter=u.reporter)
+    n = msg.ByteSize()
     return n + 1 + (1 if n < 128 else 2)
 
 
@@ -146,7 +153,8 @@ class Node:
 
 
 class Sim:
-    def __init__(self, sc: Scenario, cfg: SwimConfig, gossip_replies: bool = True) -> None:
+    def __init__(self, sc: Scenario, cfg: SwimConfig, gossip_replies: bool = True,
+                 signed: bool = True) -> None:
         self.sc, self.cfg = sc, cfg
         self.gossip_replies = gossip_replies
         self.rng = random.Random(sc.seed)
@@ -158,8 +166,8 @@ class Sim:
         self.nodes = [Node(i, r.name, Swim(r, 1, cfg, random.Random(sc.seed * 1_000_003 + i),
                                            roster)) for i, r in enumerate(records)]
         self.by_name = {n.name: n for n in self.nodes}
-        self.size = {r.name: update_size(Update(r, State.SUSPECT, TYPICAL_INCARNATION, r.name))
-                     for r in records}
+        self.size = {r.name: update_size(Update(r, State.SUSPECT, TYPICAL_INCARNATION, r.name),
+                                         signed) for r in records}
         self.crash_at: dict[str, float] = {}          # crashed and not back yet
         self.crashes: list[tuple[str, list[str], dict[str, float]]] = []  # victim, observers, seen
         self.detected: dict[str, dict[str, float]] = {}
@@ -478,8 +486,9 @@ def _pct(v: list[float], p: float) -> float | None:
 
 def simulate(sc: Scenario, cfg: SwimConfig) -> dict[str, Any]:
     """One run; memberlist's gossip is a one-way UDP message, ours a gRPC call whose
-    reply carries the receiver's news back."""
-    return Sim(sc, cfg, gossip_replies=cfg is not MEMBERLIST).run()
+    reply carries the receiver's news back; memberlist's updates are unsigned."""
+    ours = cfg is not MEMBERLIST
+    return Sim(sc, cfg, gossip_replies=ours, signed=ours).run()
 
 
 def _run(job: tuple[str, str, Scenario]) -> tuple[str, str, int, dict[str, Any]]:

@@ -50,3 +50,5 @@ def test_sizes_of_messages_follow_the_protobuf_encoding():
     assert msg.HasField("signed") and len(msg.signed.signature) == 64  # sized as signed
     assert swimsim.update_size(u) == msg.ByteSize() + 3
     assert 160 < swimsim.update_size(u) < 256
+    # memberlist's (the reference) carry the record itself, unsigned
+    assert 100 < swimsim.update_size(u, signed=False) < 128
