@@ -17,10 +17,10 @@ this module made, every process it starts is recorded by PID in
 /run/overlay-sandbox/<name>/state.json, and `down` removes all of it.
 
 Every host's underlay address has a fixed MAC, and every host knows every
-other one by a permanent neighbour entry: the kernel's ARP table is shared by
-all namespaces and overflows at 1,024 learned entries (gc_thresh3, settable
-only in the root namespace), which a full mesh of ~32 hosts reaches.
-Permanent entries do not count.
+other one on its segment by a permanent neighbour entry: the kernel's ARP
+(and IPv6 neighbour) table is shared by all namespaces and overflows at 1,024
+learned entries (gc_thresh3, settable only in the root namespace), which a
+full mesh of ~32 hosts reaches. Permanent entries do not count.
 """
 
 from __future__ import annotations
