@@ -91,9 +91,11 @@ nets = st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)).map(
 @given(nets, addrs, addrs, macs)
 def test_what_we_send_decodes_back_to_the_same_entry(net, via, dst, mac):
     """A dump reply has the layout of the request that made the entry."""
-    for entry, decode in ((Route(net, via), rtnl.decode_route),
-                          (Neigh(via, mac), rtnl.decode_neigh),
-                          (Fdb(mac, dst), rtnl.decode_fdb)):
+    cases = [(Route(net, via), rtnl.decode_route),
+             (Fdb(mac, dst), rtnl.decode_fdb)]
+    if not (via.is_multicast or via.is_link_local):  # the kernel's own, skipped on purpose
+        cases.append((Neigh(via, mac), rtnl.decode_neigh))
+    for entry, decode in cases:
         [msg] = rtnl.split(rtnl.encode_op(Op("add", entry), IFINDEX, seq=9))
         assert decode(msg.payload, IFINDEX) == entry
         assert decode(msg.payload, IFINDEX + 1) is None
