@@ -148,6 +148,11 @@ class State:
     cidr6: str = DEFAULT_CIDR6
     subnet_len6: int = 64
     direct_routing: bool = False
+    # Faults in effect (overlay.sandbox.lab changes them; `fault heal` lifts them).
+    loss_percent: int = 0
+    partitioned: list[str] = field(default_factory=list)
+    bandwidth: dict[str, str] = field(default_factory=dict)  # host -> tc rate
+    powered_off: list[str] = field(default_factory=list)  # nodes mid-reboot: no namespace
 
     @property
     def pod_families(self) -> tuple[int, ...]:
@@ -865,6 +870,8 @@ class Sandbox:
                            capture_output=True, timeout=30, check=False)
         if p.returncode != 0:
             raise SandboxError("faults", p.stderr.decode(errors="replace").strip())
+        self.st.loss_percent, self.st.partitioned = loss_percent, sorted(set(partitioned))
+        self.save()
 
     def clear_faults(self) -> None:
         self.set_faults()
@@ -877,6 +884,8 @@ class Sandbox:
         for where, dev in ((self.st.underlay, port_name(host)), (ns, "eth0")):
             sh("ip", "netns", "exec", where, "tc", "qdisc", "replace", "dev", dev, "root",
                "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms")
+        self.st.bandwidth[host] = rate
+        self.save()
 
     def unlimit_bandwidth(self, host: str) -> None:
         from overlay.sandbox.faults import port_name
@@ -885,6 +894,8 @@ class Sandbox:
         for where, dev in ((self.st.underlay, port_name(host)), (ns, "eth0")):
             sh("ip", "netns", "exec", where, "tc", "qdisc", "del", "dev", dev, "root",
                check=False)
+        self.st.bandwidth.pop(host, None)
+        self.save()
 
     def _host(self, name: str) -> Host:
         for h in (*self.st.nodes, *self.st.etcd, *self.st.others):
@@ -935,6 +946,7 @@ class Sandbox:
                 if pid_alive(h.pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(h.pid, signal.SIGTERM)
+                        os.kill(h.pid, signal.SIGCONT)  # a stopped one (chaos, `node stop`)
             for h in procs:
                 kill_and_wait(h.pid, signal.SIGTERM, 10)
         for n in list_netns():
