@@ -304,6 +304,8 @@ class CniService:
         every allocated pod's host veth back on it, so those pods are reachable again."""
         hosts = sorted({host_veth_name(a.container_id, a.ifname) for ipam in self.ipams()
                         for a in ipam.all()})
+        if not hosts:
+            return
         try:
             moved = await self.wiring.reattach(hosts)
         except WiringError as exc:  # the pods stay cut off; CHECK says why

@@ -438,10 +438,13 @@ class PodWiring:
     async def reattach(self, hosts: Iterable[str]) -> list[str]:
         """Put the host veths in `hosts` that exist but are not on the bridge back on it
         (the bridge was recreated: its ports went with the old one). Those moved."""
+        names = list(hosts)
         self._bridge_idx = None
+        if not names:  # no pods: nothing to ask the kernel
+            return []
         br = await self._bridge_index_cached()
         moved = []
-        for name in hosts:
+        for name in names:
             try:
                 msg = await _first(await self.ipr.link("get", ifname=name))
                 if msg is None or msg.get("IFLA_MASTER") == br:

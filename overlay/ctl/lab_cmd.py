@@ -181,7 +181,8 @@ def cmd_chaos(sb: Sandbox, args: argparse.Namespace) -> int:
     if args.seconds > 24 * 3600:
         raise SandboxError("chaos", "--seconds is at most a day")
     prefix = Path(args.report or f"chaos-{sb.name}-{args.seed}")
-    nem = Nemesis(sb, args.seed, args.seconds, args.overlap, args.heal_bound, progress)
+    nem = Nemesis(sb, args.seed, args.seconds, args.overlap, args.heal_bound, progress,
+                  spared=[x for x in args.spare.split(",") if x])
     doc = nem.run()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     js, md = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")

@@ -106,5 +106,8 @@ def add_parsers(ssub: Any) -> None:
                     "(default: %(default)s)")
     ch.add_argument("--heal-bound", type=float, default=60.0, help="seconds a round may take "
                     "to heal after its last undo (default: %(default)s)")
+    ch.add_argument("--spare", default="", metavar="NAMES", help="comma-separated nodes or etcd "
+                    "members whose processes are never killed, stopped or rebooted (they get "
+                    "every other fault): long-lived witnesses, e.g. for a leak check")
     ch.add_argument("--report", default=None, metavar="PREFIX", help="write PREFIX.json and "
                     "PREFIX.md (default: chaos-<name>-<seed> in the current directory)")

@@ -46,6 +46,7 @@ KINDS: dict[str, str] = {
 }
 NODE_KINDS = ("agent-kill", "agent-term", "agent-stop", "node-reboot", "partition",
               "bandwidth", "pod-churn", "kernel-entries", "device-delete")
+PROCESS_KINDS = ("agent-kill", "agent-term", "agent-stop", "node-reboot")
 ETCD_KINDS = ("etcd-member", "etcd-quorum")
 UNDERLAY_KINDS = ("loss",)
 STAGGER = 2.0  # seconds within which a round's faults start
@@ -56,6 +57,12 @@ class Topology:
     nodes: tuple[str, ...]
     etcd: tuple[str, ...]
     lease_ttl: float = 60.0
+    # Nodes and etcd members whose processes are never killed, stopped or rebooted (they
+    # get every other fault): long-lived witnesses for a leak check.
+    spared: tuple[str, ...] = ()
+
+    def killable(self, hosts: Sequence[str]) -> list[str]:
+        return [h for h in hosts if h not in self.spared]
 
 
 @dataclass(frozen=True)
@@ -84,13 +91,15 @@ class Fault:
 def applicable(topo: Topology) -> list[str]:
     kinds = []
     if topo.nodes:
-        kinds += list(NODE_KINDS)
+        kinds += [k for k in NODE_KINDS
+                  if k not in PROCESS_KINDS or topo.killable(topo.nodes)]
         if len(topo.nodes) < 2:
             kinds.remove("partition")  # nobody to be cut off from
-    if topo.etcd:
+    majority = len(topo.etcd) // 2 + 1
+    if topo.etcd and len(topo.killable(topo.etcd)) >= majority:
         kinds.append("etcd-quorum")
-        if len(topo.etcd) >= 3:
-            kinds.append("etcd-member")
+    if len(topo.etcd) >= 3 and topo.killable(topo.etcd):
+        kinds.append("etcd-member")
     return kinds + list(UNDERLAY_KINDS)
 
 
@@ -112,12 +121,13 @@ def plan(seed: int, topo: Topology, overlap: int = 1, rounds: int = 100
                 deck = kinds[:]
                 rng.shuffle(deck)
             free_nodes = [n for n in topo.nodes if n not in busy]
-            pick = next((k for k in deck if _fits(k, busy, free_nodes)), None)
+            pick = next((k for k in deck if _fits(k, busy, free_nodes, topo)), None)
             if pick is None:
                 break
             deck.remove(pick)
             start = 0.0 if not faults else round(rng.uniform(0, STAGGER), 1)
-            f = _fault(rng, pick, topo, free_nodes, start)
+            targets = topo.killable(free_nodes) if pick in PROCESS_KINDS else free_nodes
+            f = _fault(rng, pick, topo, targets, start)
             busy.add("etcd" if pick in ETCD_KINDS else "underlay" if pick in UNDERLAY_KINDS
                      else f.target)
             faults.append(f)
@@ -125,11 +135,13 @@ def plan(seed: int, topo: Topology, overlap: int = 1, rounds: int = 100
     return out
 
 
-def _fits(kind: str, busy: set[str], free_nodes: Sequence[str]) -> bool:
+def _fits(kind: str, busy: set[str], free_nodes: Sequence[str], topo: Topology) -> bool:
     if kind in ETCD_KINDS:
         return "etcd" not in busy
     if kind in UNDERLAY_KINDS:
         return "underlay" not in busy
+    if kind in PROCESS_KINDS:
+        return bool(topo.killable(free_nodes))
     return bool(free_nodes)
 
 
@@ -142,9 +154,9 @@ def _fault(rng: random.Random, kind: str, topo: Topology, free: Sequence[str], s
     if kind == "loss":
         return Fault(kind, "underlay", start, _u(rng, 4, 10), f"{rng.choice((5, 10, 20, 30))}%")
     if kind == "etcd-member":
-        return Fault(kind, rng.choice(topo.etcd), start, _u(rng, 3, 8))
+        return Fault(kind, rng.choice(topo.killable(topo.etcd)), start, _u(rng, 3, 8))
     if kind == "etcd-quorum":
-        members = sorted(rng.sample(topo.etcd, len(topo.etcd) // 2 + 1))
+        members = sorted(rng.sample(topo.killable(topo.etcd), len(topo.etcd) // 2 + 1))
         return Fault(kind, ",".join(members), start, _u(rng, 3, 10))
     node = rng.choice(list(free))
     if kind == "partition":
@@ -192,7 +204,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
         + (f" Stopped early: {doc['stopped']}." if doc.get("stopped") else ""),
         "",
         f"Topology: nodes {', '.join(doc['topology']['nodes'])}; etcd "
-        f"{', '.join(doc['topology']['etcd'])}; {doc['topology']['pods']} pods.",
+        f"{', '.join(doc['topology']['etcd'])}; {doc['topology']['pods']} pods"
+        + (f"; never killed, stopped or rebooted: {', '.join(doc['topology']['spared'])}"
+           if doc["topology"].get("spared") else "") + ".",
         "",
     ]
     if heal.get("n"):

@@ -16,7 +16,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,8 +101,8 @@ def shielded() -> Iterator[None]:
 
 class Nemesis:
     def __init__(self, sb: Sandbox, seed: int, seconds: float, overlap: int = 1,
-                 heal_bound: float = 60.0, progress: Callable[[str], None] = lambda m: None
-                 ) -> None:
+                 heal_bound: float = 60.0, progress: Callable[[str], None] = lambda m: None,
+                 spared: Sequence[str] = ()) -> None:
         st = sb.st
         if not st.nodes:
             raise SandboxError("chaos", "the sandbox has no nodes")
@@ -111,8 +111,12 @@ class Nemesis:
                                "reboot them first")
         self.sb, self.seed, self.seconds, self.overlap = sb, seed, seconds, overlap
         self.heal_bound, self.progress = heal_bound, progress
+        unknown = set(spared) - {h.name for h in (*st.nodes, *st.etcd)}
+        if unknown:
+            raise SandboxError("chaos", f"cannot spare {', '.join(sorted(unknown))}: no such "
+                               "node or etcd member")
         self.topo = Topology(tuple(h.name for h in st.nodes), tuple(h.name for h in st.etcd),
-                             lease_ttl(st.agent_args))
+                             lease_ttl(st.agent_args), tuple(spared))
         self.plan = plan(seed, self.topo, overlap, rounds=int(seconds) + 10)
         self.rng = random.Random(seed * 7919 + 1)  # which pod churn replaces, and the like
         self.pods = {n: sum(1 for p in st.pods if p.node == n) for n in self.topo.nodes}
@@ -366,7 +370,7 @@ class Nemesis:
             "seconds": self.seconds, "overlap": self.overlap, "heal_bound_s": self.heal_bound,
             "lease_ttl_s": self.topo.lease_ttl,
             "topology": {"nodes": list(self.topo.nodes), "etcd": list(self.topo.etcd),
-                         "pods": len(st.pods)},
+                         "pods": len(st.pods), "spared": list(self.topo.spared)},
             "started_unix": round(started, 3), "duration_s": round(self.now(), 1),
             "interrupted": interrupted, "stopped": stopped,
             "rounds": self.rounds, "faults": faults, "violations": self.violations,

@@ -80,6 +80,20 @@ def test_the_kinds_fit_the_topology():
         plan(1, TOPO, 0)
 
 
+def test_spared_processes_are_never_killed_stopped_or_rebooted_but_get_the_rest():
+    topo = Topology(TOPO.nodes, TOPO.etcd, 6, spared=("n1", "etcd1"))
+    faults = [f for r in plan(9, topo, 3, 300) for f in r]
+    on_n1 = {f.kind for f in faults if f.target == "n1"}
+    assert on_n1 and not on_n1 & {"agent-kill", "agent-term", "agent-stop", "node-reboot"}
+    assert {"partition", "pod-churn"} <= on_n1
+    etcd = [f.target for f in faults if f.kind in ETCD_KINDS]
+    assert etcd and all("etcd1" not in t.split(",") for t in etcd)
+    assert "etcd2,etcd3" in etcd  # quorum is still lost, with the other two
+    alone = Topology(("n1",), ("etcd1",), spared=("n1", "etcd1"))
+    assert set(applicable(alone)) == {"pod-churn", "kernel-entries", "device-delete",
+                                      "bandwidth", "loss"}
+
+
 def test_the_lease_ttl_comes_from_the_agents_arguments():
     assert lease_ttl([]) == 60
     assert lease_ttl(["--lease-ttl", "6"]) == 6
