@@ -56,6 +56,15 @@ def refused(p: subprocess.CompletedProcess[str], *words: str) -> str:
     return line
 
 
+def misused(p: subprocess.CompletedProcess[str], *words: str) -> str:
+    """A value no run could use: a usage error (exit 2) naming `words`, before any change."""
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and not p.stdout, p.stderr
+    for w in words:
+        assert w in p.stderr, (w, p.stderr)
+    return p.stderr
+
+
 def pod_on(sb: Sandbox, node: str):
     return next(p for p in sb.st.pods if p.node == node)
 
@@ -165,7 +174,7 @@ def test_faults_partition_loss_bandwidth_heal(lab):
         assert "1mbit" in ok(ctl(sb, "fault", "bandwidth", "n1", "1mbit"))
         assert "tbf" in tbf("n1") and "rate 1Mbit" in tbf("n1")
         refused(ctl(sb, "fault", "bandwidth", "n1", "fast"), "rate")
-        refused(ctl(sb, "fault", "loss", "101"), "101")
+        misused(ctl(sb, "fault", "loss", "101"), "101", "between 0 and 100")
         refused(ctl(sb, "fault", "partition", "n9"), "n9")
     finally:
         out = ok(ctl(sb, "fault", "heal"))
@@ -227,6 +236,12 @@ def test_errors_are_sentences(lab):
     p = subprocess.run([tool("overlayctl"), "sandbox", "node", "--name", "zz9", "kill", "n1"],
                        capture_output=True, text=True, timeout=60, check=False)
     refused(p, "zz9", "not up")
+    refused(ctl(sb, "chaos", "--seconds", "5", "--spare", "n7", "--report",
+                str(sb.dir / "never")), "cannot spare n7")
+    misused(ctl(sb, "chaos", "--overlap", "0"), "--overlap", "at least 1")
+    misused(ctl(sb, "chaos", "--seconds", "90000"), "--seconds", "at most a day")
+    misused(ctl(sb, "watch", "--interval", "0"), "--interval", "positive")
+    misused(ctl(sb, "iperf", "a", "b", "--seconds", "601"), "--seconds", "at most 600")
 
 
 # --- chaos ---------------------------------------------------------------------------
