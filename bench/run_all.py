@@ -97,7 +97,8 @@ def main() -> int:
     only = set(args.only.split(",")) if args.only else None
     if only is None:
         # A fresh report: results of an earlier run must not pass for this one's.
-        for p in (*RESULTS.glob("*.json"), *RESULTS.glob("*.png"), RESULTS / "REPORT.md"):
+        for p in (*RESULTS.glob("*.json"), *RESULTS.glob("*.png"), RESULTS / "REPORT.md",
+                  RESULTS / "soak_chaos.md"):
             p.unlink(missing_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     durations: dict[str, float] = {}

@@ -167,7 +167,7 @@ def main() -> None:
             by_kind[f["kind"]].append(f["heal_s"])
     g = growth(sampler.samples, args.warmup, args.min_life)
     leaks = [x for x in g if x["beyond_noise"]]
-    write_result("soak", {
+    doc_out = {
         "benchmark": "soak", "machine": info, "seconds": args.seconds, "seed": args.seed,
         "overlap": args.overlap, "interval_s": args.interval, "warmup_s": args.warmup,
         "min_life_s": args.min_life, "spared": list(SPARED),
@@ -176,8 +176,14 @@ def main() -> None:
         "kinds_seen": doc["kinds_seen"], "heal": doc["heal"], "heal_times_s": heals,
         "heal_by_kind_s": dict(by_kind), "duration_s": doc["duration_s"],
         "growth": g, "beyond_noise": leaks, "samples": sampler.samples, "chaos": doc,
-    })
+    }
     h = doc["heal"]
+    worst = h.get("max_s")
+    targets = [] if worst is None else [{
+        "id": "soak.worst_heal", "what": "worst heal time of the chaos soak, fraction of the "
+        f"{args.heal_bound:g} s heal bound", "ratio": round(worst / args.heal_bound, 3),
+        "op": "<=", "threshold": 1.0, "met": worst <= args.heal_bound}]
+    write_result("soak", {**doc_out, "targets": targets})
     print(f"soak: {doc['result']}, {len(doc['faults'])} faults in {len(doc['rounds'])} rounds "
           f"over {doc['duration_s'] / 60:.1f} min, {len(doc['violations'])} violations; heal "
           f"median {h.get('median_s')} s, p90 {h.get('p90_s')} s, worst {h.get('max_s')} s; "

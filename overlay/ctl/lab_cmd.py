@@ -154,9 +154,18 @@ def cmd_iperf(sb: Sandbox, args: argparse.Namespace) -> int:
     if args.seconds > 600:
         raise ConfigError("--seconds", "at most 600")
     r = lab.iperf(sb, args.src, args.dst, args.seconds)
-    print(f"{r['src']} -> {r['dst']} ({r['dstIP']}): {r['bitsPerSecond'] / 1e9:.2f} Gbit/s "
+    print(f"{r['src']} -> {r['dst']} ({r['dstIP']}): {bit_rate(r['bitsPerSecond'])} "
           f"over {r['seconds']:g}s, {r['retransmits']} retransmits")
     return 0
+
+
+def bit_rate(bps: float) -> str:
+    """2.35 Gbit/s, 812 Mbit/s, 96.4 kbit/s: a capped or lossy link is not '0.00 Gbit/s'."""
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bps >= scale:
+            v = bps / scale
+            return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
+    return f"{bps:.0f} bit/s"
 
 
 def cmd_watch(sb: Sandbox, args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from overlay.ctl.lab_cmd import bit_rate
 from overlay.ctl.render import watch_frame
 from overlay.devnames import host_veth_name
 from overlay.sandbox.chaos import (
@@ -278,3 +279,10 @@ def test_the_watch_frame_shows_each_nodes_view_of_each_peer():
                                 "absent"]
     assert lines[3].split() == ["n2", "stopped", "-", "-", "?", "-", "?"]
     assert lines[4].split() == ["n3", "running", "yes", "10.244.3.0/24", "alive", "dead", "-"]
+
+
+def test_iperf_rates_are_read_in_the_unit_that_fits():
+    # A capped or lossy link (sandbox fault loss/bandwidth) must not read "0.00 Gbit/s".
+    assert bit_rate(11.27e9) == "11.3 Gbit/s" and bit_rate(2.345e9) == "2.35 Gbit/s"
+    assert bit_rate(812.4e6) == "812 Mbit/s" and bit_rate(3.1e6) == "3.1 Mbit/s"
+    assert bit_rate(96_400) == "96.4 kbit/s" and bit_rate(12) == "12 bit/s"
