@@ -58,7 +58,8 @@ QUICK: dict[str, list[str]] = {
     "scale.py": ["--sizes", "5,10", "--window", "5", "--settle", "2", "--hog-seconds", "3",
                  "--stop-seconds", "0.5", "--freeze-seconds", "1"],
     "swimsim.py": ["--sizes", "50,200", "--stall-sizes", "50"],
-    "soak.py": ["--seconds", "60", "--interval", "2", "--warmup", "10", "--min-life", "20"],
+    # Too short for a growth verdict: every fit is n/a; the run checks the chaos and the plots.
+    "soak.py": ["--seconds", "60", "--interval", "2"],
 }
 TOOLS = ("ip", "bridge", "etcd", "etcdctl", "ping", "iperf3", "nft")
 
