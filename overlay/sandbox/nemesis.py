@@ -199,7 +199,7 @@ class Nemesis:
         """Seconds from `since` until every invariant held, or (None, what failed last)."""
         deadline = since + self.heal_bound
         bad: list[Violation] = []
-        families = (4,)
+        families = self.sb.st.pod_families
         while True:
             t = time.monotonic()
             bad = violations(observe(self.sb, probe=False), families)

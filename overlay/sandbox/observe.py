@@ -12,6 +12,7 @@ import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from ipaddress import ip_network
 from typing import Any
 
 from overlay.devnames import BRIDGE_NAME, HOST_VETH_RE
@@ -61,13 +62,28 @@ def etcd_leases(sb: Sandbox) -> tuple[list[Lease], str]:
         lease_id = int(kv.get("lease", 0))
         try:
             rec = json.loads(raw)
-            out.append(Lease(key, str(rec["node"]), str(rec["subnet"]),
+            subnet = key_subnet(key, rec)
+            out.append(Lease(key, str(rec["node"]), subnet,
                              str(rec.get("underlayIP", "")), str(rec.get("vtepMAC", "")),
                              lease_id))
         except (ValueError, KeyError, TypeError) as exc:
             out.append(Lease(key, "", "", lease_id=lease_id,
-                             error=f"{type(exc).__name__}: {raw[:200]!r}"))
+                             error=f"{type(exc).__name__}: {exc}: {raw[:200]!r}"))
     return out, ""
+
+
+def key_subnet(key: str, rec: dict[str, Any]) -> str:
+    """The subnet a lease key holds: /overlay/subnets/10.244.1.0-24, or a dual-stack
+    record's IPv6 claim /overlay/subnets/fd00:0:0:1::-64 (the same record under both).
+    Read from the key and checked against the value by hand, not with the agent's code;
+    ValueError if the value names neither."""
+    addr, _, length = key.removeprefix(PREFIX).rpartition("-")
+    net = ip_network(f"{addr}/{length}")
+    named = [ip_network(str(rec[k])) for k in ("subnet", "ipv6Subnet") if rec.get(k)]
+    if net not in named:
+        raise ValueError(f"key {key} holds {net}, the value names "
+                         f"{', '.join(map(str, named)) or 'no subnet'}")
+    return str(net)
 
 
 def _json(text: str) -> list[dict[str, Any]]:
@@ -90,17 +106,21 @@ def node_view(sb: Sandbox, h: Host) -> NodeView:
     if state == "powered off":
         return NodeView(h.name, state, error="powered off")
     dev = sb.vxlan_device
+    # `ip route` lists IPv4 only unless told; `ip neigh` both families.
     script = (f"ip -j -d addr show; echo {SEP}; ip -j route show dev {dev}; echo {SEP}; "
+              f"ip -j -6 route show dev {dev}; echo {SEP}; "
               f"ip -j neigh show dev {dev}; echo {SEP}; bridge -j fdb show dev {dev}")
     try:
         p = sb.run_in(h.netns, "sh", "-c", script, check=False, timeout=20)
     except Exception as exc:
         return NodeView(h.name, state, error=f"{type(exc).__name__}: {exc}")
     parts = p.stdout.decode(errors="replace").split(SEP)
-    if len(parts) != 4:
+    if len(parts) != 5:
         return NodeView(h.name, state, error=p.stderr.decode(errors="replace").strip()[:300]
                         or "no output")
-    links, routes, neighs, fdb = (_json(x) for x in parts)
+    links, routes4, routes6, neighs, fdb = (_json(x) for x in parts)
+    routes = [r for r in (*routes4, *routes6)  # the kernel's own link-local route is no peer
+              if not str(r.get("dst", "")).startswith("fe80::")]
     by_name = {link["ifname"]: link for link in links}
     bridge, vxlan = by_name.get(BRIDGE_NAME, {}), by_name.get(dev, {})
     veths = tuple(sorted((link["ifname"], str(link.get("master") or ""))
@@ -144,17 +164,19 @@ def pod_view(sb: Sandbox, pod: Pod) -> PodView:
 
 def unreachable(sb: Sandbox, pods: list[Pod], workers: int = 8, timeout: float = 1
                 ) -> list[tuple[str, str, str]]:
-    """Pod pairs whose ping gets no answer (one retry: the first packet may wait on ARP)."""
-    pairs = [(a, b) for a in pods for b in pods if a is not b and a.ip and b.ip]
+    """Pod pairs whose ping gets no answer (one retry: the first packet may wait on ARP or
+    neighbour discovery), each of the destination's addresses (both on dual-stack)."""
+    pairs = [(a, b, ip) for a in pods for b in pods if a is not b and a.ip and b.ip
+             for ip in dict.fromkeys(x for x in (b.ip, b.ip6) if x)]
 
-    def fails(pair: tuple[Pod, Pod]) -> bool:
-        a, b = pair
-        return not (sb.ping(a.netns, b.ip, timeout=timeout)
-                    or sb.ping(a.netns, b.ip, timeout=timeout * 2))
+    def fails(pair: tuple[Pod, Pod, str]) -> bool:
+        a, _, ip = pair
+        return not (sb.ping(a.netns, ip, timeout=timeout)
+                    or sb.ping(a.netns, ip, timeout=timeout * 2))
 
     with ThreadPoolExecutor(max(1, workers)) as ex:
         bad = list(ex.map(fails, pairs))
-    return [(a.name, b.name, b.ip) for (a, b), x in zip(pairs, bad, strict=True) if x]
+    return [(a.name, b.name, ip) for (a, b, ip), x in zip(pairs, bad, strict=True) if x]
 
 
 def observe(sb: Sandbox, probe: bool = True) -> Observation:
@@ -169,5 +191,6 @@ def observe(sb: Sandbox, probe: bool = True) -> Observation:
     if probe:
         bad = tuple(unreachable(sb, running))
     n = len(running)
+    per_pair = len(st.pod_families)
     return Observation(tuple(leases), tuple(nodes), tuple(pods), err, bad,
-                       n * (n - 1) if probe else 0)
+                       n * (n - 1) * per_pair if probe else 0)

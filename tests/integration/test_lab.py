@@ -338,3 +338,23 @@ def test_down_after_a_chaos_run_killed_outright(lab, tmp_path):
     assert not [n for n in list_netns() if n.startswith(sb.prefix)]
     assert not [pid for pid in pids if pid_alive(pid)]
     assert not sb.dir.exists()
+
+
+def test_chaos_on_a_dual_stack_cluster_checks_both_families(tmp_path):
+    """The invariants per family: IPv6 leases (a dual-stack record's claim key), routes,
+    neighbours, addresses and pings too, not the IPv4 half only."""
+    from overlay.sandbox.invariants import violations
+    from overlay.sandbox.observe import observe
+
+    with sandbox_up(3, 1, etcd_members=3, ip_family="dual",
+                    agent_args=["--lease-ttl", "6"]) as sb:
+        obs = observe(sb)
+        assert obs.probed == 3 * 2 * 2 and violations(obs, (4, 6)) == []
+        assert {lease.family for lease in obs.leases} == {4, 6} and len(obs.leases) == 6
+        assert all(len([r for r in n.routes if ":" in r]) == 2 for n in obs.nodes)
+        p = chaos(sb, "--seconds", "30", "--seed", "16", "--overlap", "2",
+                  "--report", str(tmp_path / "d"))
+        out, _ = p.communicate(timeout=300)
+        doc = json.loads((tmp_path / "d.json").read_text())
+        assert p.returncode == 0 and doc["violations"] == [], out
+        assert len(doc["faults"]) >= 4

@@ -286,3 +286,17 @@ def test_iperf_rates_are_read_in_the_unit_that_fits():
     assert bit_rate(11.27e9) == "11.3 Gbit/s" and bit_rate(2.345e9) == "2.35 Gbit/s"
     assert bit_rate(812.4e6) == "812 Mbit/s" and bit_rate(3.1e6) == "3.1 Mbit/s"
     assert bit_rate(96_400) == "96.4 kbit/s" and bit_rate(12) == "12 bit/s"
+
+
+def test_a_dual_stack_record_is_one_lease_per_family_read_from_its_keys():
+    from overlay.sandbox.observe import key_subnet
+
+    rec = {"node": "n1", "subnet": "10.244.7.0/24", "ipv6Subnet": "fd00:0:0:7::/64"}
+    assert key_subnet("/overlay/subnets/10.244.7.0-24", rec) == "10.244.7.0/24"
+    assert key_subnet("/overlay/subnets/fd00:0:0:7::-64", rec) == "fd00:0:0:7::/64"
+    v6only = {"node": "n2", "ipv6Subnet": "fd00:0:0:9::/64"}
+    assert key_subnet("/overlay/subnets/fd00:0:0:9::-64", v6only) == "fd00:0:0:9::/64"
+    with pytest.raises(ValueError, match=r"the value names 10\.244\.7\.0/24, fd00:0:0:7::/64"):
+        key_subnet("/overlay/subnets/10.244.8.0-24", rec)  # a record under another's key
+    with pytest.raises(ValueError):
+        key_subnet("/overlay/subnets/garbage", rec)
