@@ -761,7 +761,8 @@ def soak_section(sk: dict[str, Any] | None, img: str | None) -> str:
         rows.append([g["host"] + spared, "RSS" if g["metric"] == "rss_bytes" else "open fds",
                      unit(g["median"]), f"{g.get('fitted', '?')} of {g['incarnations']}",
                      per_h, ci,
-                     "**yes**" if g["beyond_noise"] else "no"])
+                     "**yes**" if g["beyond_noise"] else
+                     "n/a" if g["beyond_noise"] is None else "no"])
     floor = sk["floor_per_hour"]
     out += [f"Growth per hour, fitted within each process incarnation (the chaos restarts "
             f"them), the first {sk['warmup_s']:.0f} s of each left out, and incarnations "

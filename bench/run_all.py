@@ -68,7 +68,8 @@ def remove_leftovers(since: float) -> None:
     """Sandboxes our scripts made in this run and could not remove (killed): remove them."""
     from overlay.sandbox.sandbox import BASE, Sandbox
 
-    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg", "bdr", "bdv", "bsc", "bsk")
+    tags = ("bdp", "bpp", "bcv", "bfp", "bfq", "bs", "bcni", "bms", "bsg", "bdr", "bdv", "bsc",
+            "bsk")
     for d in BASE.glob("*") if BASE.exists() else ():
         if d.name.startswith(tags) and d.stat().st_mtime >= since - 1:
             print(f"   removing leftover sandbox {d.name}", file=sys.stderr)
