@@ -938,10 +938,24 @@ class Sandbox:
 
     # --- down -----------------------------------------------------------------
 
+    def _netns_inodes(self) -> set[tuple[int, int]]:
+        out = set()
+        for n in list_netns():
+            if n.startswith(self.prefix):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/run/netns/{n}")
+                    out.add((st.st_dev, st.st_ino))
+        return out
+
     def down(self) -> None:
         st = self.state
         if st is not None:
-            procs = [h for h in (*st.nodes, *st.etcd, *st.others) if h.pid]
+            ours = self._netns_inodes()
+            # A recorded PID may belong to someone else by now (the process died, e.g. on a
+            # reboot of the machine or a killed run, and the number was reused): signal only
+            # processes inside one of this sandbox's namespaces.
+            procs = [h for h in (*st.nodes, *st.etcd, *st.others)
+                     if h.pid and (not ours or netns_inode(h.pid) in ours)]
             for h in procs:
                 if pid_alive(h.pid):
                     with contextlib.suppress(ProcessLookupError):
@@ -954,6 +968,15 @@ class Sandbox:
                 sh("ip", "netns", "del", n, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state = None
+
+
+def netns_inode(pid: int) -> tuple[int, int] | None:
+    """(device, inode) of a process's network namespace; None if it is gone."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def underlay_mac(ip: str) -> str:

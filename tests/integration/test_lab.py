@@ -358,3 +358,23 @@ def test_chaos_on_a_dual_stack_cluster_checks_both_families(tmp_path):
         doc = json.loads((tmp_path / "d.json").read_text())
         assert p.returncode == 0 and doc["violations"] == [], out
         assert len(doc["faults"]) >= 4
+
+
+def test_down_leaves_alone_a_process_that_took_a_recorded_pid():
+    """The agent died long ago and its PID went to someone else's process (here one in
+    the root namespace): `sandbox down` must not signal it."""
+    from overlay.sandbox.sandbox import kill_and_wait
+
+    with sandbox_up(1, 0) as sb:
+        h = sb.st.nodes[0]
+        kill_and_wait(h.pid, signal.SIGKILL, 10)
+        stranger = subprocess.Popen(["sleep", "120"])
+        try:
+            h.pid = stranger.pid
+            sb.save()
+            sb.down()
+            assert stranger.poll() is None, "down killed a process that was not its own"
+            assert not any(n.startswith(sb.prefix) for n in list_netns())
+        finally:
+            stranger.kill()
+            stranger.wait()
