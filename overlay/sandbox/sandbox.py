@@ -948,6 +948,10 @@ class Sandbox:
         return out
 
     def down(self) -> None:
+        # Another process (`overlayctl sandbox node restart`, a chaos run) may have started
+        # agents since this object read the state: the file has their PIDs.
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            self.state = State.load(self.state_path)
         st = self.state
         if st is not None:
             ours = self._netns_inodes()

@@ -358,6 +358,10 @@ def test_chaos_on_a_dual_stack_cluster_checks_both_families(tmp_path):
         doc = json.loads((tmp_path / "d.json").read_text())
         assert p.returncode == 0 and doc["violations"] == [], out
         assert len(doc["faults"]) >= 4
+        restarted = [h.pid for h in State.load(sb.state_path).nodes]
+    # The chaos run restarted agents under PIDs this test's Sandbox object never saw:
+    # `down` reads them from the state file and stops them all.
+    assert not any(pid_alive(pid) for pid in restarted), restarted
 
 
 def test_down_leaves_alone_a_process_that_took_a_recorded_pid():
