@@ -17,7 +17,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OURS = ("dataplane", "peer_programming", "convergence", "footprint", "scale_model", "run_all",
-        "membership", "signing", "dataplane_ipv6", "direct_routing", "scale", "swimsim")
+        "membership", "signing", "dataplane_ipv6", "direct_routing", "scale", "swimsim",
+        "soak")
 
 
 def load(results: Path) -> dict[str, Any]:
@@ -402,7 +403,7 @@ def plots(docs: dict[str, Any], outdir: Path) -> dict[str, str]:
     made: dict[str, str] = {}
     for name, fn in (("dataplane", plot_dataplane), ("peer_programming", plot_peers),
                      ("convergence", plot_convergence), ("scale", plot_scale),
-                     ("swimsim", plot_swimsim)):
+                     ("swimsim", plot_swimsim), ("soak", plot_soak)):
         doc = docs.get(name)
         if not doc:
             continue
@@ -525,6 +526,31 @@ def plot_convergence(plt: Any, cv: dict[str, Any]) -> Any:
     ax.set_ylabel("seconds after overlayd starts (median)")
     ax.set_title("A node joins")
     ax.legend(fontsize=8)
+    return fig
+
+
+def plot_soak(plt: Any, sk: dict[str, Any]) -> Any:
+    """Heal times of the chaos soak (per round, and by fault kind), and RSS over time."""
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    heals = sk["heal_times_s"]
+    a1.hist(heals, bins=min(30, max(5, len(heals) // 3)), color="#4c72b0")
+    a1.set_xlabel("seconds from a round's last undo until every invariant held")
+    a1.set_ylabel("rounds")
+    a1.set_title(f"Heal time ({len(heals)} rounds)")
+    kinds = sorted(sk["heal_by_kind_s"])
+    a2.boxplot([sk["heal_by_kind_s"][k] for k in kinds], vert=False)
+    a2.set_yticks(range(1, len(kinds) + 1), kinds, fontsize=7)
+    a2.set_xlabel("seconds from the fault's undo until the cluster was whole")
+    a2.set_title("By fault kind")
+    hosts: dict[str, list[tuple[float, float]]] = {}
+    for s in sk["samples"]:
+        hosts.setdefault(s["host"], []).append((s["t"] / 60, s["rss_bytes"] / 2**20))
+    for h, pts in sorted(hosts.items()):
+        a3.plot([t for t, _ in pts], [v for _, v in pts], ".", markersize=2, label=h)
+    a3.set_xlabel("minutes")
+    a3.set_ylabel("RSS (MiB)")
+    a3.set_title("RSS of every agent and etcd member")
+    a3.legend(fontsize=7, markerscale=4)
     return fig
 
 
@@ -708,6 +734,49 @@ def footprint_section(fp: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def soak_section(sk: dict[str, Any] | None, img: str | None) -> str:
+    if not sk:
+        return "_Not run._"
+    h = sk["heal"]
+    out = [f"`overlayctl sandbox chaos` on 3 nodes x 2 pods with 3 etcd members (lease TTL "
+           f"10 s) for {sk['seconds'] / 60:.0f} minutes, seed {sk['seed']}, up to "
+           f"{sk['overlap']} faults at once: **{sk['result'].upper()}**, {sk['faults']} "
+           f"faults of {len(sk['kinds_seen'])} kinds in {sk['rounds']} rounds, "
+           f"**{len(sk['violations'])} violations**. Heal time (a round's last undo until "
+           f"every invariant held, ping matrix included): median {h.get('median_s')} s, p90 "
+           f"{h.get('p90_s')} s, worst {h.get('max_s')} s. The full list of faults: "
+           "[soak_chaos.md](soak_chaos.md).", ""]
+    if img:
+        out += [f"![chaos soak]({img})", ""]
+    rows = []
+    for g in sk["growth"]:
+        unit = mib if g["metric"] == "rss_bytes" else (lambda v: f(v))
+        per_h = "n/a" if g["per_hour"] is None else (
+            f"{g['per_hour'] / 2**20:+.2f} MiB/h" if g["metric"] == "rss_bytes"
+            else f"{g['per_hour']:+.2f}/h")
+        ci = "n/a" if g["ci95"] is None else (
+            f"[{g['ci95'][0] / 2**20:+.2f}, {g['ci95'][1] / 2**20:+.2f}]"
+            if g["metric"] == "rss_bytes" else f"[{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]")
+        spared = " (spared)" if g["host"] in sk.get("spared", []) else ""
+        rows.append([g["host"] + spared, "RSS" if g["metric"] == "rss_bytes" else "open fds",
+                     unit(g["median"]), f"{g.get('fitted', '?')} of {g['incarnations']}",
+                     per_h, ci,
+                     "**yes**" if g["beyond_noise"] else
+                     "n/a" if g["beyond_noise"] is None else "no"])
+    floor = sk["floor_per_hour"]
+    out += [f"Growth per hour, fitted within each process incarnation (the chaos restarts "
+            f"them), the first {sk['warmup_s']:.0f} s of each left out, and incarnations "
+            f"seen for less than {sk.get('min_life_s', 0):.0f} s after that (n/a: none lived "
+            f"that long); {', '.join(sk.get('spared', [])) or 'none'} spared the kills, stops "
+            "and reboots, so they live through the whole soak; 95% interval widened "
+            f"for autocorrelated samples (every {sk['interval_s']:g} s). Beyond noise: the "
+            f"interval above zero and the estimate above {mib(floor['rss_bytes'])}/h (RSS) or "
+            f"{floor['fds']:g} fd/h.", "",
+            table(["process", "metric", "median", "incarnations fitted", "growth",
+                   "95% interval", "beyond noise"], rows)]
+    return "\n".join(out)
+
+
 def scale_section(sm: dict[str, Any] | None) -> str:
     if not sm:
         return "_Not computed._"
@@ -836,7 +905,9 @@ def render(docs: dict[str, Any], imgs: dict[str, str]) -> str:
               "## 7. Membership at scale on this machine", "",
               safe(cluster_scale_section, docs.get("scale"), imgs.get("scale")), "",
               "## 8. Membership past this machine (simulation)", "",
-              safe(swimsim_section, docs.get("swimsim"), imgs.get("swimsim")), ""]
+              safe(swimsim_section, docs.get("swimsim"), imgs.get("swimsim")), "",
+              "## 9. Chaos soak", "", safe(soak_section, docs.get("soak"), imgs.get("soak")),
+              ""]
     rest = {k: v for k, v in others.items() if not is_cni(v)}
     if rest:
         parts += ["## Other results", ""]

@@ -77,6 +77,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.membership: MembershipPort | None = None
         self.masq: NftMasquerade | None = None
+        self.cni: CniService | None = None
         self.vxlan_filter: VxlanFilter | None = None
         self.config: ConfigFollower | None = None
         self.leases: LeaseFollower | None = None
@@ -219,7 +220,8 @@ class Agent:
         fixed = ipam6.repair()
         if fixed:
             log.warning("IPAM (IPv6): repaired %d records left inconsistent by a crash", fixed)
-        cni = CniService(ipam, host.pod_wiring(BRIDGE_NAME), self.node_net, masq, ipam6=ipam6)
+        self.cni = cni = CniService(ipam, host.pod_wiring(BRIDGE_NAME), self.node_net, masq,
+                                    ipam6=ipam6)
         await cni.start(opts.run_dir / "cni.sock")
         self._closers.append(cni.close)
         server = await start_local_api(opts.run_dir / "overlayd.sock", self.status,
@@ -318,7 +320,8 @@ class Agent:
                         "can inject packets into pods")
         self.reconciler = rec = Reconciler(
             self.host.kernel, ms.peer_records, opts.reconcile_interval,
-            self.vxlan_filter.after_pass if self.vxlan_filter else None, self.host.monitor())
+            self.vxlan_filter.after_pass if self.vxlan_filter else None, self.host.monitor(),
+            self.cni.reattach if self.cni else None)
         rec.set_specs(self._specs(entry))
         self.leases = LeaseFollower(self.store, peers, self.lease, rec.wake)
         if self.degraded.active:

@@ -34,6 +34,7 @@ from overlay.cni.spec import CniError
 from overlay.cni.wiring import PodWiring, WiringError
 from overlay.devnames import BRIDGE_NAME, host_veth_name
 from overlay.errors import TemporaryError
+from overlay.log import change_fields
 from overlay.model import IPAddr, IPIface, IPNet, pod_gateway
 from overlay.netns import same_netns
 
@@ -297,6 +298,23 @@ class CniService:
         if problems:
             raise CniError(spec.E_CHECK_FAILED, "check failed", "; ".join(problems))
         return b""
+
+    async def reattach(self) -> None:
+        """The bridge was created again (deleted by hand, or while the agent was down): put
+        every allocated pod's host veth back on it, so those pods are reachable again."""
+        hosts = sorted({host_veth_name(a.container_id, a.ifname) for ipam in self.ipams()
+                        for a in ipam.all()})
+        if not hosts:
+            return
+        try:
+            moved = await self.wiring.reattach(hosts)
+        except WiringError as exc:  # the pods stay cut off; CHECK says why
+            log.warning("could not put the pods' veths back on the new bridge: %s", exc)
+            return
+        for name in moved:
+            log.info("attach %s to %s (repair: the bridge was recreated)", name,
+                     self.wiring.bridge, extra=change_fields("device", "attach",
+                                                             "bridge recreated", device=name))
 
     async def gc(self, conf: spec.NetConf) -> bytes:
         valid = conf.valid_attachments or ()

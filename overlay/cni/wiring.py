@@ -435,6 +435,28 @@ class PodWiring:
     async def bridge_index(self) -> int | None:
         return await link_index(self.ipr, self.bridge)
 
+    async def reattach(self, hosts: Iterable[str]) -> list[str]:
+        """Put the host veths in `hosts` that exist but are not on the bridge back on it
+        (the bridge was recreated: its ports went with the old one). Those moved."""
+        names = list(hosts)
+        self._bridge_idx = None
+        if not names:  # no pods: nothing to ask the kernel
+            return []
+        br = await self._bridge_index_cached()
+        moved = []
+        for name in names:
+            try:
+                msg = await _first(await self.ipr.link("get", ifname=name))
+                if msg is None or msg.get("IFLA_MASTER") == br:
+                    continue
+                await self.ipr.link("set", index=int(msg["index"]), master=br)
+            except Exception as exc:
+                if _code(exc) == errno.ENODEV:
+                    continue  # the pod went meanwhile
+                raise WiringError(f"attach {name} to {self.bridge}", _code(exc)) from exc
+            moved.append(name)
+        return moved
+
     async def orphans(self, keep: Iterable[str]) -> list[str]:
         """Our host veths on the bridge that belong to no attachment in `keep`."""
         br = await self.bridge_index()

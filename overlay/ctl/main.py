@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "every agent gets one")
     up.add_argument("--dry-run", action="store_true",
                     help="check the flags and say what would be made, without making it")
+    up.add_argument("--lease-ttl", type=cli.int_range(5), default=None, metavar="SECONDS",
+                    help="the agents' subnet lease TTL, at least 5 (default: overlayd's, 60); "
+                    "a short one makes partitions longer than the TTL quick to try "
+                    "(`sandbox chaos`)")
     for name, helptext, text in (
             ("check", "ping every pod from every pod", "Ping every pod from every other pod "
              "and print the matrix; exits 1 unless every pair answers."),
@@ -218,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         s = ssub.add_parser(name, help=helptext, description=text)
         if name == "status":
             s.add_argument("--json", action="store_true", help="machine-readable output")
+    from overlay.ctl.sandbox_args import add_parsers
+
+    add_parsers(ssub)
     for s in ssub.choices.values():
         flags.add_sandbox_name(s)
     return p

@@ -66,3 +66,48 @@ def peer_row(p: Mapping[str, Any]) -> tuple[str, ...]:
             fmt_rtt(p["grpcRttUs"], p.get("grpcError")),
             fmt_rtt(p["tunnelRttUs"], p.get("tunnelError")), fmt_since(p["sinceUnixMs"]),
             programmed)
+
+
+def watch_frame(doc: Mapping[str, Any]) -> str:
+    """One frame of `sandbox watch`: every node's view of every peer (overlay.sandbox.lab.views).
+
+    A cell is how the row's agent sees the column's node: alive, suspect, dead or left,
+    with `*` when its entries are not programmed, `absent` when it is not in the row's
+    peer list at all; `?` when the row's agent does not answer."""
+    import io
+
+    nodes = doc["nodes"]
+    names = [n["name"] for n in nodes]
+    f = doc["faults"]
+    faults = [f"partition {h}" for h in f["partitioned"]]
+    faults += [f"{f['lossPercent']}% loss"] if f["lossPercent"] else []
+    faults += [f"{rate} on {h}" for h, rate in sorted(f["bandwidth"].items())]
+    faults += [f"{h} powered off" for h in f["poweredOff"]]
+    e = doc["etcd"]
+    etcd = f"etcd {e['running']}/{e['members']} up" + (
+        f" (down: {', '.join(e['down'])})" if e["down"] else "")
+    head = (f"sandbox {doc['name']}  {time.strftime('%H:%M:%S', time.localtime(doc['time']))}"
+            f"  {etcd}  faults: {'; '.join(faults) or 'none'}")
+    rows: list[tuple[str, ...]] = [("NODE", "AGENT", "READY", "SUBNET", *names)]
+    for n in nodes:
+        cells = []
+        for peer in names:
+            if peer == n["name"]:
+                cells.append("-")
+            elif n["process"] != "running" or n["error"]:
+                cells.append("?")
+            elif peer not in n["peers"]:
+                cells.append("absent")
+            else:
+                p = n["peers"][peer]
+                cells.append(p["state"] + ("" if p["programmed"] else "*")
+                             + ("" if p.get("inEtcd", True) else " (no lease)"))
+        agent = n["process"] if not n["error"] else "no answer"
+        ready = "yes" if n["ready"] else ("-" if agent != "running" else "no")
+        rows.append((n["name"], agent, ready, n["subnet"] or "-", *cells))
+    out = io.StringIO()
+    print(head, file=out)
+    print_table(rows, out)
+    print("cell: how the row's agent sees the column's node; * its entries not programmed; "
+          "? no answer", file=out)
+    return out.getvalue()

@@ -1,4 +1,4 @@
-"""`overlayctl sandbox up|check|status|down`."""
+"""`overlayctl sandbox up|check|status|down` (the lab commands: lab_cmd.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def progress(msg: str) -> None:
 
 
 def sandbox_cmd(args: argparse.Namespace) -> int:
+    from overlay.ctl import lab_cmd
+
+    if args.sb_cmd in lab_cmd.LAB_COMMANDS:
+        return lab_cmd.run(args)
     try:
         return _run(args)
     except SandboxError as exc:
@@ -56,7 +60,9 @@ def _run(args: argparse.Namespace) -> int:
                   etcd_tls=args.etcd_tls, ip_family=args.ip_family,
                   underlay_family=6 if args.underlay_family == "ipv6" else 4,
                   segments=args.underlay_segments, cidr6=args.ipv6_cidr,
-                  subnet_len6=args.ipv6_subnet_len, direct_routing=args.direct_routing)
+                  subnet_len6=args.ipv6_subnet_len, direct_routing=args.direct_routing,
+                  agent_args=[] if args.lease_ttl is None else ["--lease-ttl",
+                                                                str(args.lease_ttl)])
         except (SandboxError, KeyboardInterrupt):
             print(f"(the partial sandbox is left for inspection; remove it with "
                   f"`overlayctl sandbox down --name {args.name}`)", file=sys.stderr)

@@ -80,8 +80,12 @@ class Reconciler:
         interval: float = 1.0,
         after_pass: Callable[[Desired], Awaitable[None]] | None = None,
         monitor: Monitor | None = None,
+        bridge_created: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.kernel = kernel
+        # Runs after the pod bridge was (re)created: ports do not survive their bridge, so
+        # the pods' host veths must be put back on it.
+        self.bridge_created = bridge_created
         # Runs after the entries are applied, with the desired state (e.g. to
         # let only these peers' VXLAN traffic in); a failure fails the pass.
         self.after_pass = after_pass
@@ -145,6 +149,8 @@ class Reconciler:
         if bops:
             await self.kernel.apply_device_ops(bops)
             br = await self.kernel.link(specs.bridge.name)
+            if self.bridge_created and any(op.action == "create" for op in bops):
+                await self.bridge_created()
         self.bridge_index = br.index if br is not None else None
         if vops:
             await self.kernel.apply_device_ops(vops)

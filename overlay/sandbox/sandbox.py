@@ -148,6 +148,11 @@ class State:
     cidr6: str = DEFAULT_CIDR6
     subnet_len6: int = 64
     direct_routing: bool = False
+    # Faults in effect (overlay.sandbox.lab changes them; `fault heal` lifts them).
+    loss_percent: int = 0
+    partitioned: list[str] = field(default_factory=list)
+    bandwidth: dict[str, str] = field(default_factory=dict)  # host -> tc rate
+    powered_off: list[str] = field(default_factory=list)  # nodes mid-reboot: no namespace
 
     @property
     def pod_families(self) -> tuple[int, ...]:
@@ -865,6 +870,8 @@ class Sandbox:
                            capture_output=True, timeout=30, check=False)
         if p.returncode != 0:
             raise SandboxError("faults", p.stderr.decode(errors="replace").strip())
+        self.st.loss_percent, self.st.partitioned = loss_percent, sorted(set(partitioned))
+        self.save()
 
     def clear_faults(self) -> None:
         self.set_faults()
@@ -877,6 +884,8 @@ class Sandbox:
         for where, dev in ((self.st.underlay, port_name(host)), (ns, "eth0")):
             sh("ip", "netns", "exec", where, "tc", "qdisc", "replace", "dev", dev, "root",
                "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms")
+        self.st.bandwidth[host] = rate
+        self.save()
 
     def unlimit_bandwidth(self, host: str) -> None:
         from overlay.sandbox.faults import port_name
@@ -885,6 +894,8 @@ class Sandbox:
         for where, dev in ((self.st.underlay, port_name(host)), (ns, "eth0")):
             sh("ip", "netns", "exec", where, "tc", "qdisc", "del", "dev", dev, "root",
                check=False)
+        self.st.bandwidth.pop(host, None)
+        self.save()
 
     def _host(self, name: str) -> Host:
         for h in (*self.st.nodes, *self.st.etcd, *self.st.others):
@@ -927,14 +938,33 @@ class Sandbox:
 
     # --- down -----------------------------------------------------------------
 
+    def _netns_inodes(self) -> set[tuple[int, int]]:
+        out = set()
+        for n in list_netns():
+            if n.startswith(self.prefix):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/run/netns/{n}")
+                    out.add((st.st_dev, st.st_ino))
+        return out
+
     def down(self) -> None:
+        # Another process (`overlayctl sandbox node restart`, a chaos run) may have started
+        # agents since this object read the state: the file has their PIDs.
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            self.state = State.load(self.state_path)
         st = self.state
         if st is not None:
-            procs = [h for h in (*st.nodes, *st.etcd, *st.others) if h.pid]
+            ours = self._netns_inodes()
+            # A recorded PID may belong to someone else by now (the process died, e.g. on a
+            # reboot of the machine or a killed run, and the number was reused): signal only
+            # processes inside one of this sandbox's namespaces.
+            procs = [h for h in (*st.nodes, *st.etcd, *st.others)
+                     if h.pid and (not ours or netns_inode(h.pid) in ours)]
             for h in procs:
                 if pid_alive(h.pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(h.pid, signal.SIGTERM)
+                        os.kill(h.pid, signal.SIGCONT)  # a stopped one (chaos, `node stop`)
             for h in procs:
                 kill_and_wait(h.pid, signal.SIGTERM, 10)
         for n in list_netns():
@@ -942,6 +972,15 @@ class Sandbox:
                 sh("ip", "netns", "del", n, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state = None
+
+
+def netns_inode(pid: int) -> tuple[int, int] | None:
+    """(device, inode) of a process's network namespace; None if it is gone."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def underlay_mac(ip: str) -> str:

@@ -15,6 +15,7 @@ import footprint
 import peer_programming
 import report
 import scale_model
+import soak
 
 from overlay.dataplane.desired import Entries, Fdb, Neigh, Op, Route, desired, plan
 from overlay.model import NodeRecord
@@ -252,3 +253,44 @@ def test_simulation_targets_detection_false_dead_and_flat_messages():
     assert not t["swimsim.flat"]["met"] and t["swimsim.flat"]["ratio"] == pytest.approx(1.625)
     text = report.swimsim_section(doc, None)
     assert "| 100 | memberlist | 1 | 9 | 9 |" in text and "Scenario 'stalls'" in text
+
+
+def test_soak_growth_is_fitted_within_incarnations_with_an_interval():
+    import random
+
+    rng = random.Random(0)  # fixed: a 95% interval misses zero in 1 of 20 seeds
+    # A process restarted twice (new PID, new level) that does not grow: the restarts'
+    # steps must not pass for growth, and the interval must hold zero.
+    flat = [{"t": t, "host": "n1", "role": "agent", "pid": 100 + t // 600,
+             "rss_bytes": 60e6 + (t // 600) * 5e6 + rng.gauss(0, 2e5), "fds": 20}
+            for t in range(0, 1800, 5)]
+    g = {x["metric"]: x for x in soak.growth(flat, warmup=60)}
+    lo, hi = g["rss_bytes"]["ci95"]
+    assert lo < 0 < hi and not g["rss_bytes"]["beyond_noise"]
+    assert g["rss_bytes"]["incarnations"] == 3 and g["fds"]["per_hour"] == 0
+    # A steady 20 MiB/h leak with noise is found, and its interval holds the truth.
+    rng = random.Random(0)
+    leak = [{"t": t, "host": "etcd1", "role": "etcd", "pid": 7,
+             "rss_bytes": 80e6 + t * 20 * 2**20 / 3600 + rng.gauss(0, 3e5), "fds": 30 + t // 900}
+            for t in range(0, 1800, 5)]
+    g = {x["metric"]: x for x in soak.growth(leak, warmup=60)}
+    lo, hi = g["rss_bytes"]["ci95"]
+    assert lo < 20 * 2**20 < hi and g["rss_bytes"]["beyond_noise"]
+    assert g["fds"]["beyond_noise"] and 3 < g["fds"]["per_hour"] < 5
+    assert soak.within_slope([[(0, 1), (1, 2)]]) is None  # too few samples to say
+
+
+def test_the_soak_section_names_the_verdicts_and_the_leaking_process():
+    leak = [{"t": t, "host": "n1", "role": "agent", "pid": 9,
+             "rss_bytes": 60e6 + t * 50 * 2**20 / 3600, "fds": 25} for t in range(0, 1800, 5)]
+    doc = {"seconds": 1800, "seed": 16, "overlap": 2, "result": "pass", "faults": 300,
+           "rounds": 180, "kinds_seen": ["agent-kill", "loss"], "violations": [],
+           "heal": {"median_s": 1.1, "p90_s": 4.2, "max_s": 9.5}, "interval_s": 5,
+           "warmup_s": 120, "min_life_s": 300, "spared": ["n1"],
+           "floor_per_hour": soak.FLOOR, "growth": soak.growth(leak, 120, 300)}
+    text = report.render({"soak": doc}, {})
+    assert "## 9. Chaos soak" in text and "**0 violations**" in text
+    assert "worst 9.5 s" in text and "30 minutes" in text
+    row = next(line for line in text.splitlines() if line.startswith("| n1 (spared) | RSS"))
+    assert "+50.00 MiB/h" in row and row.endswith("**yes** |")
+    assert "_Not run._" in report.soak_section(None, None)

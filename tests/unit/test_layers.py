@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 PURE = ("overlay.model", "overlay.subnets", "overlay.dataplane.desired",
         "overlay.dataplane.devices", "overlay.membership.swim", "overlay.membership.effective",
         "overlay.membership.admission", "overlay.cni.spec", "overlay.devnames", "overlay.errors",
-        "overlay.sandbox.faults")
+        "overlay.sandbox.faults", "overlay.sandbox.chaos", "overlay.sandbox.invariants")
 # Standard-library modules that do I/O (or wait for it): none of them in the pure core.
 IO_MODULES = {"asyncio", "socket", "ssl", "select", "selectors", "subprocess", "os", "io",
               "threading", "concurrent", "multiprocessing", "signal", "shutil", "tempfile",

@@ -75,6 +75,23 @@ def test_deleted_device_is_recreated_with_its_entries():
     assert len(k.entries[k.links["overlay.1"].index]) == 3
 
 
+def test_a_recreated_bridge_calls_bridge_created_to_put_the_pods_back():
+    k = FakeKernel()
+    calls = []
+
+    async def created():
+        calls.append(k.links["cni0"].index)  # the new bridge exists when it runs
+
+    r = Reconciler(k, lambda: [rec("n2", 2, 2)], bridge_created=created)
+    r.set_specs(SPECS)
+    run(r.reconcile_once())
+    run(r.reconcile_once())
+    assert len(calls) == 1  # created once at start, untouched by the second pass
+    del k.links["cni0"]
+    run(r.reconcile_once())
+    assert len(calls) == 2 and calls[1] == k.links["cni0"].index
+
+
 def test_failed_op_is_not_recorded_as_programmed_and_is_retried():
     peer = rec("n2", 2, 2)
     k, r = make([peer])
