@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +88,13 @@ def options_from_args(args: argparse.Namespace) -> EtcdOptions:
                        timeout=args.etcd_timeout)
 
 
-def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
-    """'http://10.0.0.1:2379,https://h:2379' -> (('10.0.0.1:2379', 'a.b.c.d:2379'), tls?).
+def parse_endpoints(raw: str | list[str] | tuple[str, ...]
+                    ) -> tuple[tuple[tuple[str, int], ...], bool]:
+    """'http://10.0.0.1:2379,https://h:2379' -> ((('10.0.0.1', 2379), ('h', 2379)), tls?).
 
-    grpc's ipv4:/ipv6: resolvers want literal addresses, so host names are
-    resolved here, once (to IPv4 if they have one). IPv6 endpoints come out as
-    '[fd30::11]:2379'; one list cannot mix the families (one resolver).
+    Syntax only: a malformed endpoint is invalid configuration, but a host
+    name that does not resolve (yet) is not, see `resolve_endpoints`.
+    Literal addresses of both families in one list are refused (one resolver).
     """
     items = [raw] if isinstance(raw, str) else list(raw)
     parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
@@ -120,29 +121,65 @@ def parse_endpoints(raw: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, 
             raise ConfigError("--etcd-endpoints", f"{p!r}: port 0 cannot be connected to")
         if not host:
             raise ConfigError("--etcd-endpoints", f"{p!r} is not HOST:PORT")
-        out.append(_resolve(host, port or 2379))
-    if len({e.startswith("[") for e in out}) > 1:
-        raise ConfigError("--etcd-endpoints", "mixes IPv4 and IPv6 endpoints; list the "
-                          "members by addresses of one family")
+        if _literal(host) is None:
+            try:
+                host.encode("idna")
+            except UnicodeError:
+                raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r}: not a valid "
+                                  "host name") from None
+        out.append((host, port or 2379))
+    _one_family(_literal(h) for h, _ in out)
     return tuple(out), tls
 
 
-def _resolve(host: str, port: int) -> str:
+def _literal(host: str) -> int | None:
+    """4 or 6 for an address literal, None for a name."""
     try:
-        if ipaddress.ip_address(host).version == 6:
-            return f"[{host}]:{port}"
-        return f"{host}:{port}"
+        return ipaddress.ip_address(host).version
     except ValueError:
-        pass
-    try:
-        return f"{socket.gethostbyname(host)}:{port}"
-    except (OSError, UnicodeError):
-        pass
-    try:
-        info = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_STREAM)
-        return f"[{info[0][4][0]}]:{port}"
-    except (OSError, IndexError, UnicodeError):
-        raise ConfigError("--etcd-endpoints", f"cannot resolve {host!r}") from None
+        return None
+
+
+def _one_family(versions: Iterable[int | None]) -> None:
+    if len({v for v in versions if v is not None}) > 1:
+        raise ConfigError("--etcd-endpoints", "mixes IPv4 and IPv6 endpoints; list the "
+                          "members by addresses of one family")
+
+
+async def resolve_endpoints(hosts: tuple[tuple[str, int], ...], timeout: float
+                            ) -> tuple[str, ...]:
+    """('a.b.c.d:port', ...) or ('[fd30::11]:port', ...) for grpc's ipv4:/ipv6:
+    resolvers, which want literal addresses; a name gets its IPv4 address if it has
+    one, else its IPv6 address.
+
+    A name that does not resolve is a TemporaryError: at boot, DNS or the
+    /etc/hosts entry often comes after the agent starts (it is retried).
+    """
+    loop = asyncio.get_running_loop()
+    out: list[tuple[int, str]] = []
+    for host, port in hosts:
+        version = _literal(host)
+        if version is not None:
+            out.append((version, f"[{host}]:{port}" if version == 6 else f"{host}:{port}"))
+            continue
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, UnicodeError, TimeoutError) as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) else \
+                (getattr(exc, "strerror", None) or str(exc))
+            raise TemporaryError(f"cannot resolve etcd host {host!r}: {why}") from None
+        v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+        v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+        if v4:
+            out.append((4, f"{v4[0]}:{port}"))
+        elif v6:
+            out.append((6, f"[{v6[0]}]:{port}"))
+        else:
+            raise TemporaryError(f"cannot resolve etcd host {host!r}: no IPv4 or IPv6 "
+                                 "address")
+    _one_family(v for v, _ in out)
+    return tuple(e for _, e in out)
 
 
 class WatchLost(TemporaryError):
@@ -249,11 +286,9 @@ def _read(path: str | None, flag: str, pem: str) -> bytes | None:
 
 class EtcdStore:
     def __init__(self, opts: EtcdOptions) -> None:
-        from etcd3aio import Etcd3Client
-
         self.opts = opts
         self.prefix = opts.prefix
-        endpoints, scheme_tls = parse_endpoints(opts.endpoints)
+        self._hosts, scheme_tls = parse_endpoints(opts.endpoints)
         ca = _read(opts.cafile, "--etcd-cafile", "CERTIFICATE")
         cert = _read(opts.certfile, "--etcd-certfile", "CERTIFICATE")
         key = _read(opts.keyfile, "--etcd-keyfile", "PRIVATE KEY")
@@ -263,32 +298,39 @@ class EtcdStore:
             raise ConfigError("--etcd-cafile", "a client certificate needs --etcd-cafile too")
         if scheme_tls and ca is None:
             raise ConfigError("--etcd-cafile", "https:// endpoints need --etcd-cafile")
-        kwargs: dict[str, Any] = {}
+        self._tls_args: dict[str, Any] = {}
         if ca is not None:
-            kwargs.update(ca_cert=ca, cert_key=key, cert_chain=cert)
             server_name = opts.server_name
-            if server_name is None and len(endpoints) > 1:
+            if server_name is None and len(self._hosts) > 1:
                 server_name = "localhost"
-            kwargs["tls_server_name"] = server_name
-        self.endpoints = endpoints
+            self._tls_args = dict(ca_cert=ca, cert_key=key, cert_chain=cert,
+                                  tls_server_name=server_name)
+        self.endpoints: tuple[str, ...] = ()
         self.tls = ca is not None
-        self._client = Etcd3Client(
-            list(endpoints),
-            rpc_max_attempts=2,
-            watch_reconnect_backoff_seconds=0.2,
-            watch_max_reconnect_backoff_seconds=2.0,
-            **kwargs,
-        )
-        if endpoints[0].startswith("["):
-            # etcd3aio always names grpc's ipv4: resolver, which refuses IPv6 literals.
-            self._client._manager.target = "ipv6:" + ",".join(endpoints)
+        self._client: Any = None
         self._connected = False
 
     async def connect(self) -> None:
-        if not self._connected:
-            with self._errors("connect"):
-                await self._client.connect()
-            self._connected = True
+        """Resolve the endpoints and open the channel; every request does this first, so
+        a store whose etcd host did not resolve yet keeps trying on each use."""
+        if self._connected:
+            return
+        from etcd3aio import Etcd3Client
+
+        self.endpoints = await resolve_endpoints(self._hosts, self.opts.timeout)
+        self._client = Etcd3Client(
+            list(self.endpoints),
+            rpc_max_attempts=2,
+            watch_reconnect_backoff_seconds=0.2,
+            watch_max_reconnect_backoff_seconds=2.0,
+            **self._tls_args,
+        )
+        if self.endpoints[0].startswith("["):
+            # etcd3aio always names grpc's ipv4: resolver, which refuses IPv6 literals.
+            self._client._manager.target = "ipv6:" + ",".join(self.endpoints)
+        with self._errors("connect"):
+            await self._client.connect()
+        self._connected = True
 
     async def close(self) -> None:
         if self._connected:
@@ -304,7 +346,10 @@ class EtcdStore:
         await self.close()
 
     def _errors(self, op: str) -> contextlib.AbstractContextManager[None]:
-        return _errors(op, ", ".join(self.endpoints))
+        # The addresses asked, once resolved; the names given until then.
+        where = self.endpoints or tuple(f"[{h}]:{port}" if _literal(h) == 6 else f"{h}:{port}"
+                                        for h, port in self._hosts)
+        return _errors(op, ", ".join(where))
 
     @property
     def _kv(self) -> Any:
@@ -320,6 +365,7 @@ class EtcdStore:
 
     async def ping(self) -> int:
         """The current revision; raises TemporaryError if etcd cannot serve reads."""
+        await self.connect()
         with self._errors("status"):
             resp = await self._kv.get(config_key(self.prefix), timeout=self.opts.timeout)
             return int(resp.header.revision)
@@ -327,6 +373,7 @@ class EtcdStore:
     # --- network config ---------------------------------------------------
 
     async def get_config(self) -> NetworkConfig:
+        await self.connect()
         key = config_key(self.prefix)
         with self._errors(f"read {key}"):
             resp = await self._kv.get(key, timeout=self.opts.timeout)
@@ -353,7 +400,8 @@ class EtcdStore:
     async def _watch(self, key: str, range_end: bytes | None, start_revision: int
                      ) -> AsyncGenerator[Any, None]:
         """Watch responses; WatchLost when the history is gone or the server cancelled."""
-        gen: Any = self._client.watch.watch(  # type: ignore[union-attr]
+        await self.connect()
+        gen: Any = self._client.watch.watch(
             key, range_end=range_end, start_revision=start_revision)
         try:
             while True:
@@ -372,6 +420,7 @@ class EtcdStore:
 
     async def put_config(self, cfg: NetworkConfig, *, overwrite: bool = False) -> bool:
         """Write the config; without `overwrite`, only if none exists. True if written."""
+        await self.connect()
         key = config_key(self.prefix)
         kv = self._kv
         with self._errors(f"write {key}"):
@@ -403,6 +452,7 @@ class EtcdStore:
         return subnet, LeaseEntry(rec, int(kv.mod_revision), int(kv.lease)), "", role == "claim"
 
     async def list_leases(self) -> LeaseSnapshot:
+        await self.connect()
         from etcd3aio import prefix_range_end
 
         head = f"{self.prefix}subnets/"
@@ -451,12 +501,14 @@ class EtcdStore:
                     yield batch
 
     async def grant(self, ttl: int) -> int:
+        await self.connect()
         with self._errors("grant lease"):
             resp = await self._lease.grant(ttl, timeout=self.opts.timeout)
             return int(resp.ID)
 
     async def keepalive(self, lease_id: int) -> int:
         """Renew once; the remaining TTL, <= 0 if the lease no longer exists."""
+        await self.connect()
         with self._errors("renew lease"):
             call = self._lease.keep_alive(lease_id)
             try:
@@ -468,6 +520,7 @@ class EtcdStore:
         raise TemporaryError("etcd renew lease: stream closed without an answer")
 
     async def revoke(self, lease_id: int) -> None:
+        await self.connect()
         with self._errors("revoke lease"):
             await self._lease.revoke(lease_id, timeout=self.opts.timeout)
 
@@ -496,6 +549,7 @@ class EtcdStore:
         """One transaction: every key of `record` must be as `expect` says (its
         mod_revision, 0: absent), then all of them get the record, bound to `lease_id`,
         and the keys in `drop` go."""
+        await self.connect()
         kv = self._kv
         compare = []
         for subnet, mod in {**(drop or {}), **expect}.items():
@@ -518,6 +572,7 @@ class EtcdStore:
                            expect_mod: int | None = None) -> bool:
         """Delete one lease: a subnet's key, or every key of a record (its IPv6 claim too);
         with `expect_mod`, only if the (record's) key is unchanged since then."""
+        await self.connect()
         keys = subnet.lease_keys if isinstance(subnet, NodeRecord) else (subnet,)
         main = subnet_key(self.prefix, keys[0])
         kv = self._kv
@@ -533,6 +588,7 @@ class EtcdStore:
             return bool(resp.succeeded)
 
     async def put_raw(self, key: str, value: bytes | str) -> None:
+        await self.connect()
         with self._errors(f"write {key}"):
             await self._kv.put(key, value, timeout=self.opts.timeout)
 

@@ -252,8 +252,9 @@ class Agent:
         # The underlay first: a wrong --iface fails at once, even while etcd is down.
         self.underlay = underlay = await self.host.find_underlay(
             opts.iface, opts.iface_regex, opts.public_ip, opts.underlay_family)
+        # Connects on first use: an etcd host name that does not resolve yet (DNS not
+        # up at boot) is waited for like an etcd that does not answer.
         self.store = store = self.parts.store(opts.etcd)
-        await store.connect()
         self._closers.append(store.close)
         self.config = ConfigFollower(store, self.readiness, opts.state_dir)
         self.cfg = cfg = await self.config.first(state.load_network(opts.state_dir),

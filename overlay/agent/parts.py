@@ -24,7 +24,7 @@ from overlay.model import IPNet, LeaseEntry, NodeRecord
 
 
 class AgentStore(LeaseStore, ConfigSource, LeaseSource, Protocol):
-    async def connect(self) -> None: ...
+    """Connects on first use (see EtcdStore.connect): the agent never connects up front."""
 
     async def close(self) -> None: ...
 

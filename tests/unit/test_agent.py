@@ -63,8 +63,6 @@ class MemoryEtcd:
         self.events.append(LeaseEvent(subnet, entry, self.rev))
         return self.rev
 
-    async def connect(self) -> None: ...
-
     async def close(self) -> None: ...
 
     async def ping(self) -> int:

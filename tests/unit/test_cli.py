@@ -5,6 +5,7 @@ of every command (enumerated from the parsers, so commands added later are held 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import io
 import sys
@@ -17,7 +18,7 @@ from overlay.agent.main import build_parser as overlayd_parser
 from overlay.cni.install import InstallOptions, check, install
 from overlay.ctl.main import build_parser as overlayctl_parser
 from overlay.errors import ConfigError, NotFound, PermanentError, TemporaryError
-from overlay.etcdstore import parse_endpoints, reach_hint
+from overlay.etcdstore import parse_endpoints, reach_hint, resolve_endpoints
 
 PARSERS = {"overlayctl": overlayctl_parser, "overlayd": overlayd_parser}
 
@@ -95,7 +96,7 @@ def test_network_init_refuses_bad_numbers_as_usage_errors(argv, capsys):
 
 
 def test_etcd_endpoints_in_words_that_fit():
-    assert parse_endpoints("http://[::1]:2379") == (("[::1]:2379",), False)
+    assert parse_endpoints("http://[::1]:2379") == ((("::1", 2379),), False)
     with pytest.raises(ConfigError, match="mixes IPv4 and IPv6"):
         parse_endpoints("http://[::1]:2379,127.0.0.1:2379")
     for bad, words in (("127.0.0.1:0", "port 0"), ("127.0.0.1:99999", "between 1 and 65535"),
@@ -106,7 +107,20 @@ def test_etcd_endpoints_in_words_that_fit():
         with pytest.raises(ConfigError, match=words):
             parse_endpoints(bad)
     assert parse_endpoints("http://127.0.0.1:2379,https://127.0.0.2") == (
-        ("127.0.0.1:2379", "127.0.0.2:2379"), True)
+        (("127.0.0.1", 2379), ("127.0.0.2", 2379)), True)
+    # A name is kept as given: resolving it is the connection's business (retried).
+    assert parse_endpoints("etcd.example:2380") == ((("etcd.example", 2380),), False)
+
+
+def test_endpoints_are_resolved_when_connecting_ipv4_first_and_one_family():
+    hosts, _ = parse_endpoints("http://[::1]:2379")
+    assert asyncio.run(resolve_endpoints(hosts, 5)) == ("[::1]:2379",)
+    hosts, _ = parse_endpoints("localhost:2380,127.0.0.2")
+    assert asyncio.run(resolve_endpoints(hosts, 5)) == ("127.0.0.1:2380", "127.0.0.2:2379")
+    with pytest.raises(ConfigError, match="mixes IPv4 and IPv6"):
+        asyncio.run(resolve_endpoints((("localhost", 1), ("::1", 1)), 5))
+    with pytest.raises(TemporaryError, match=r"cannot resolve etcd host 'nosuch\.invalid'"):
+        asyncio.run(resolve_endpoints((("nosuch.invalid", 1),), 5))
 
 
 def test_a_server_that_is_not_etcd_is_called_so():
