@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network
@@ -33,6 +34,7 @@ overlayctl: administer the overlay network.
   status         this node's agent: readiness and its peers
   leave          make this node's agent leave the cluster gracefully
   install-cni    install the CNI plugin and its conflist for container runtimes
+  uninstall      remove everything overlay left on this node (overlayd stopped)
   trace          show the packets between two pods: outer and inner headers
   sandbox        run a whole multi-node cluster on this machine (namespaces)
 
@@ -160,6 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     inst.add_argument("--standalone", action="store_true", help=argparse.SUPPRESS)
     inst.add_argument("--python", default=None, help=argparse.SUPPRESS)
 
+    un = sub.add_parser(
+        "uninstall", help="remove everything overlay left on this node",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Remove, on this node: the VXLAN device overlay.<VNI>, the bridge cni0 "
+        "and pods' host veths; the nftables tables 'ip overlay' and 'ip overlay_vxlan'; "
+        "the plugin <bin-dir>/overlay and <conf-dir>/10-overlay.conflist; the run and state "
+        "dirs; and this node's subnet lease in etcd. Refuses while overlayd runs (stop it "
+        "first: its supervisor would restart it and it would rebuild everything).",
+        epilog="Left alone: net.ipv4.ip_forward, kernel modules, systemd unit files, and the "
+        "cluster's network config in etcd (shared by every node).\n\n"
+        "exit status: 0 when everything is gone, 1 if something was left (said why), "
+        "2 on invalid flags.")
+    un.add_argument("--bin-dir", type=cli.path, default=Path("/opt/cni/bin"),
+                    help="where install-cni put the plugin (default: %(default)s)")
+    un.add_argument("--conf-dir", type=cli.path, default=Path("/etc/cni/net.d"),
+                    help="where install-cni wrote the conflist (default: %(default)s)")
+    un.add_argument("--run-dir", type=cli.path, default=Path("/run/overlay"),
+                    help="overlayd's --run-dir (default: %(default)s)")
+    un.add_argument("--state-dir", type=cli.path, default=Path("/var/lib/overlay"),
+                    help="overlayd's --state-dir (default: %(default)s)")
+    un.add_argument("--node-name", default=os.environ.get("OVERLAYD_NODE_NAME"),
+                    help="whose lease to delete (default: the name in --state-dir, or "
+                    "$OVERLAYD_NODE_NAME)")
+    un.add_argument("--keep-lease", action="store_true",
+                    help="do not contact etcd; the lease expires after its TTL")
+    un.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    etcdstore.add_arguments(un)
+
     from overlay.ctl import trace
 
     trace.add_parser(sub)
@@ -265,6 +295,8 @@ def dispatch(args: argparse.Namespace) -> int:
             portmap=not args.no_portmap, ip_masq=args.ip_masq, conflist_file=args.conflist))
         print(f"installed {binary}\nwrote {conf}")
         return 0
+    if args.cmd == "uninstall":
+        return uninstall_cmd(args)
     if args.cmd == "trace":
         from overlay.ctl import trace
 
@@ -274,6 +306,29 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return sandbox_cmd(args)
     raise AssertionError(args.cmd)
+
+
+def uninstall_cmd(args: argparse.Namespace) -> int:
+    from overlay.ctl.uninstall import UninstallOptions, apply, plan
+
+    opts = UninstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, run_dir=args.run_dir,
+                            state_dir=args.state_dir, node_name=args.node_name,
+                            etcd=None if args.keep_lease else etcdstore.options_from_args(args))
+    actions, notes = plan(opts)
+    if args.dry_run:
+        for a in actions:
+            print(f"would remove {a.what}")
+        for n in notes:
+            print(f"would leave {n}")
+        return 0
+    out = apply(actions)
+    for what in out.done:
+        print(f"removed {what}")
+    for n in [*notes, *out.failed]:
+        print(f"overlayctl: left {n}", file=sys.stderr)
+    if not actions and not notes:
+        print("nothing of overlay on this node")
+    return 1 if notes or out.failed else 0
 
 
 def network_config(args: argparse.Namespace) -> NetworkConfig:
