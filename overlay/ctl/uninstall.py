@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import errno
 import json
-import os
 import shutil
 import socket
 import subprocess

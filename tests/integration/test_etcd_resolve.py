@@ -13,15 +13,16 @@ name resolve for the running agent.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from overlay.sandbox.sandbox import Sandbox, pid_alive
-from conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +44,8 @@ def netns_etc() -> Iterator[Callable[[str], Path]]:
     yield make
     for d in made:
         shutil.rmtree(d, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):
         Path("/etc/netns").rmdir()  # only if nothing else uses it
-    except OSError:
-        pass
 
 
 def test_unresolvable_etcd_host_is_retried_until_it_resolves(
