@@ -2,6 +2,10 @@
 #   make demo   a 3-node sandbox cluster, connectivity check, status, teardown
 #   make test   unit and integration tests (real etcd, real kernel, namespaces)
 #   make bench  benchmarks, results under bench/results/
+#   make image  the container image (podman, from Debian's packages)
+#   make e2e    the image's deploy paths run for real: the DaemonSet's pod
+#               played by podman on 3 sandbox nodes, the systemd unit under
+#               systemd as PID 1 (deploy/README.md)
 
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -10,7 +14,20 @@ APT_PKGS := etcd-server etcd-client iproute2 iputils-ping iperf3 tcpdump nftable
             make gcc musl-tools busybox-static
 PYTEST_ARGS ?=
 
-.PHONY: all deps install native demo test unit integration lint bench clean
+IMG_APT_PKGS := podman runc catatonit mmdebstrap
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE    ?= localhost/overlay:$(VERSION)
+BASE_IMAGE ?= localhost/overlay-base:bookworm
+# podman's storage for this checkout's image and e2e runs: its own, so that
+# they neither see nor disturb other podman users of the machine. To build
+# into podman's default storage instead: make image PODMAN=podman
+PODMAN_ID := $(shell printf %s "$(CURDIR)" | cksum | cut -d' ' -f1)
+PODMAN_ROOT ?= /var/lib/overlay-podman/$(PODMAN_ID)
+PODMAN_RUN  ?= /run/overlay-podman/$(PODMAN_ID)
+PODMAN   ?= podman --root $(PODMAN_ROOT) --runroot $(PODMAN_RUN)/storage --tmpdir $(PODMAN_RUN)/libpod
+export CONTAINERS_CONF := $(CURDIR)/deploy/image/containers.conf
+
+.PHONY: all deps install native demo test unit integration lint bench clean image e2e e2e-kube e2e-systemd image-clean
 
 all: install
 
@@ -61,6 +78,33 @@ lint: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# Waits for another apt to finish instead of failing on its lock.
+.stamp-apt-image:
+	apt-get update -q -o DPkg::Lock::Timeout=600
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 \
+	  --no-install-recommends $(IMG_APT_PKGS)
+	@touch $@
+
+image: .stamp-apt-image
+	PODMAN="$(PODMAN)" IMAGE="$(IMAGE)" BASE_IMAGE="$(BASE_IMAGE)" deploy/image/build
+
+E2E_ENV = PODMAN="$(PODMAN)" IMAGE="$(IMAGE)"
+
+e2e-kube: install image
+	$(E2E_ENV) $(PY) tests/e2e/kube_play.py
+
+e2e-systemd: install image
+	$(E2E_ENV) $(PY) tests/e2e/systemd_unit.py
+
+e2e: install image
+	$(E2E_ENV) $(PY) tests/e2e/kube_play.py
+	$(E2E_ENV) $(PY) tests/e2e/systemd_unit.py
+
+# Removes this checkout's podman storage, the cached base image included.
+image-clean:
+	-$(PODMAN) system reset --force
+	rm -rf $(PODMAN_ROOT) $(PODMAN_RUN)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .stamp-apt overlay/v1/*_pb2*.py overlay/v1/*_pb2*.pyi \

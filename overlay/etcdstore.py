@@ -48,6 +48,9 @@ class EtcdOptions:
     keyfile: str | None = None
     server_name: str | None = None
     timeout: float = 5.0
+    # ca.crt, tls.crt, tls.key, each used if present (a Kubernetes Secret volume,
+    # optional: empty or absent means plain http); the *file options win.
+    tls_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefix", normalize_prefix(self.prefix))
@@ -76,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--etcd-server-name", metavar="NAME",
                    help="name to verify in etcd's certificate (default: the endpoint host; "
                    "localhost with several endpoints)")
+    g.add_argument("--etcd-tls-dir", metavar="DIR",
+                   help="use ca.crt, tls.crt and tls.key from DIR where present (a Kubernetes "
+                   "Secret, optional: none there means plain http); the three flags above "
+                   "win (default: none)")
     g.add_argument("--etcd-timeout", type=cli.seconds, default=5.0, metavar="SECONDS",
                    help="timeout of one etcd request, more than 0 (default: %(default)s)")
     return g
@@ -85,7 +92,7 @@ def options_from_args(args: argparse.Namespace) -> EtcdOptions:
     return EtcdOptions(endpoints=(args.etcd_endpoints,), prefix=args.etcd_prefix,
                        cafile=args.etcd_cafile, certfile=args.etcd_certfile,
                        keyfile=args.etcd_keyfile, server_name=args.etcd_server_name,
-                       timeout=args.etcd_timeout)
+                       timeout=args.etcd_timeout, tls_dir=args.etcd_tls_dir)
 
 
 def parse_endpoints(raw: str | list[str] | tuple[str, ...]
@@ -284,20 +291,33 @@ def _read(path: str | None, flag: str, pem: str) -> bytes | None:
     return data
 
 
+def tls_files(opts: EtcdOptions) -> tuple[str | None, str | None, str | None]:
+    """(cafile, certfile, keyfile): the options, else what --etcd-tls-dir holds."""
+    files = [opts.cafile, opts.certfile, opts.keyfile]
+    if opts.tls_dir:
+        for i, name in enumerate(("ca.crt", "tls.crt", "tls.key")):
+            path = Path(opts.tls_dir) / name
+            if files[i] is None and path.is_file():
+                files[i] = str(path)
+    return files[0], files[1], files[2]
+
+
 class EtcdStore:
     def __init__(self, opts: EtcdOptions) -> None:
         self.opts = opts
         self.prefix = opts.prefix
         self._hosts, scheme_tls = parse_endpoints(opts.endpoints)
-        ca = _read(opts.cafile, "--etcd-cafile", "CERTIFICATE")
-        cert = _read(opts.certfile, "--etcd-certfile", "CERTIFICATE")
-        key = _read(opts.keyfile, "--etcd-keyfile", "PRIVATE KEY")
+        cafile, certfile, keyfile = tls_files(opts)
+        ca = _read(cafile, "--etcd-cafile", "CERTIFICATE")
+        cert = _read(certfile, "--etcd-certfile", "CERTIFICATE")
+        key = _read(keyfile, "--etcd-keyfile", "PRIVATE KEY")
         if (cert is None) != (key is None):
             raise ConfigError("--etcd-certfile", "give both --etcd-certfile and --etcd-keyfile")
         if cert is not None and ca is None:
             raise ConfigError("--etcd-cafile", "a client certificate needs --etcd-cafile too")
         if scheme_tls and ca is None:
-            raise ConfigError("--etcd-cafile", "https:// endpoints need --etcd-cafile")
+            where = f" (or ca.crt in --etcd-tls-dir {opts.tls_dir})" if opts.tls_dir else ""
+            raise ConfigError("--etcd-cafile", f"https:// endpoints need --etcd-cafile{where}")
         self._tls_args: dict[str, Any] = {}
         if ca is not None:
             server_name = opts.server_name

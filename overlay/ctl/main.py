@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="VXLAN UDP port (default: %(default)s)")
     init.add_argument("--force", action="store_true",
                       help="overwrite an existing, different config (running nodes break)")
+    init.add_argument("--keep-existing", action="store_true",
+                      help="if a different config exists, keep it, say so and exit 0 (for "
+                      "an init container: an edited ConfigMap must not keep pods in Init; "
+                      "apply a change with --force, then restart the agents)")
     init.add_argument("--config-file", type=cli.path, metavar="FILE",
                       help="read the config from this JSON file instead of the flags: "
                       "flannel's net-conf.json as it is, e.g. "
@@ -378,6 +382,12 @@ async def network_cmd(args: argparse.Namespace, cfg: NetworkConfig | None) -> in
             existing = current.to_json()
         except OverlayError as exc:
             existing = f"(unreadable: {exc})"
+        if args.keep_existing:
+            print(f"overlayctl: keeping the network config in etcd: {existing}; it differs "
+                  f"from the one given: {cfg.to_json()} (changing it under running nodes "
+                  "breaks them: `overlayctl network init --force`, then restart every "
+                  "agent, if you mean it)", file=sys.stderr)
+            return 0
         print(f"overlayctl: a network config already exists: {existing}\n"
               "  changing it under running nodes breaks them; use --force if you mean it",
               file=sys.stderr)

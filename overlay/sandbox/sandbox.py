@@ -677,6 +677,21 @@ class Sandbox:
             self.pki().issue(name, (h.underlay_ip,))
         return h
 
+    def add_bare_node(self, name: str) -> Host:
+        """A node namespace on the underlay with no agent: for an overlayd that something
+        else runs there (podman, systemd in a container). Its run dir (`node_dir/run`) and
+        conflist (`conflist_path`) are where `add_pod` looks, as for any node."""
+        st = self.st
+        h = self._host_of(name)
+        with self.step(f"bare node {name} ({h.underlay_ip})"):
+            self._new_ns(h.netns)
+            self._plug(name, h.netns, h.underlay_ip, st.underlay_mtu, h.segment)
+            (self.node_dir(name) / "run").mkdir(parents=True, exist_ok=True)
+            st.nodes.append(h)
+            self.save()
+            self._neighbours([h])
+        return h
+
     def agent_cmd(self, name: str, extra_args: Sequence[str] = ()) -> list[str]:
         d = self.node_dir(name)
         args = [*self.st.agent_args, *extra_args]

@@ -211,8 +211,9 @@ def test_agent_args_are_overlayd_flags_and_probes_match(objects):
     assert set(caps) == {"NET_ADMIN", "SYS_ADMIN"}
     mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
     assert mounts.get(str(args.run_dir)) == "run" and mounts.get(str(args.state_dir)) == "state"
-    for f in (args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile):
-        assert any(f.startswith(p + "/") for p in mounts), f"{f} is not mounted"
+    # etcd TLS files come from the (optional) Secret's directory, if it has them.
+    assert (args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile) == (None, None, None)
+    assert mounts.get(args.etcd_tls_dir) == "etcd-tls"
     for e in agent["env"]:
         ref = e["valueFrom"].get("configMapKeyRef")
         if ref:
@@ -239,6 +240,30 @@ def test_init_containers_run_overlayctl_with_its_flags_and_the_configmap(objects
                                            for a in init["command"][1:]])
     assert (nargs.cmd, nargs.net_cmd) == ("network", "init")
     assert nargs.config_file.name in data and not nargs.force
+    # An edited ConfigMap must not keep restarted pods in Init: what etcd has is kept.
+    assert nargs.keep_existing
+    imounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    assert imounts.get(nargs.etcd_tls_dir) == "etcd-tls"
+    assert (nargs.etcd_cafile, nargs.etcd_certfile, nargs.etcd_keyfile) == (None, None, None)
+
+
+def test_etcd_tls_secret_is_optional(objects):
+    volumes = {v["name"]: v for v in objects["DaemonSet"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["etcd-tls"]["secret"]["optional"] is True
+
+
+def test_one_image_name_everywhere(objects):
+    """The manifest, `make image`, the Containerfile's and the READMEs' examples agree."""
+    spec = objects["DaemonSet"]["spec"]["template"]["spec"]
+    (image,) = {c["image"] for c in spec["initContainers"] + spec["containers"]}
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version and image.endswith(f":{version.group(1)}")
+    make = re.search(r"^IMAGE\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert make and make.group(1).replace("$(VERSION)", version.group(1)) == image
+    for doc in (DEPLOY / "README.md", ROOT / "README.md", CONTAINERFILE, MANIFEST):
+        named = set(re.findall(r"\b[\w.-]+(?:/[\w.-]+)+:\d+\.\d+\.\d+\b", doc.read_text()))
+        named = {n for n in named if n.rsplit(":", 1)[0].endswith("/overlay")}
+        assert named <= {image}, (doc.name, named)
 
 
 def test_configmap_network_config_and_conflist_are_valid(objects, tmp_path):
@@ -258,7 +283,9 @@ def test_configmap_network_config_and_conflist_are_valid(objects, tmp_path):
 def test_containerfile_builds_what_the_manifest_runs(objects):
     text = CONTAINERFILE.read_text()
     froms = re.findall(r"^FROM (\S+)", text, re.M)
-    assert froms and all(f.startswith("docker.io/library/debian:12") for f in froms)
+    assert froms and all(f == "${BASE}" for f in froms)
+    base = re.search(r"^ARG BASE=(\S+)", text, re.M)  # what a registry build uses
+    assert base and base.group(1) == "docker.io/library/debian:12-slim"
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for part in src.split():
             assert (ROOT / part).exists(), f"COPY {part}: not in the repository"
