@@ -190,14 +190,20 @@ def test_daemonset_pod_spec(objects):
     assert volumes["overlay-cfg"]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
 
 
-def test_agent_args_are_overlayd_flags_and_probes_match(objects):
+def test_agent_args_are_overlayd_flags_and_probes_match(objects, monkeypatch):
     spec = objects["DaemonSet"]["spec"]["template"]["spec"]
     (agent,) = spec["containers"]
     assert agent["command"] == ["overlayd"]
     env = container_env(agent)
+    # Given as the environment overlayd reads, not $(VAR) (not every runtime expands it).
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     args = parse_ok(overlayd_parser(), [expand(a, env) for a in agent["args"]])
-    assert args.node_name == "<NODE_NAME>"  # the Kubernetes node name, from the downward API
-    assert args.etcd_endpoints == "<ETCD_ENDPOINTS>" and args.log_format == "json"
+    assert not any("$(" in a for a in agent["args"])
+    assert args.node_name == "<OVERLAYD_NODE_NAME>"  # the Kubernetes node name
+    refs = {e["name"]: e["valueFrom"] for e in agent["env"]}
+    assert refs["OVERLAYD_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert args.etcd_endpoints == "<OVERLAYD_ETCD_ENDPOINTS>" and args.log_format == "json"
     health_port = int(args.health_addr.rpartition(":")[2])
     metrics_port = int(args.metrics_addr.rpartition(":")[2])
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
@@ -220,7 +226,7 @@ def test_agent_args_are_overlayd_flags_and_probes_match(objects):
             assert ref["key"] in objects["ConfigMap"]["data"]
 
 
-def test_init_containers_run_overlayctl_with_its_flags_and_the_configmap(objects):
+def test_init_containers_run_overlayctl_with_its_flags_and_the_configmap(objects, monkeypatch):
     spec = objects["DaemonSet"]["spec"]["template"]["spec"]
     data = objects["ConfigMap"]["data"]
     inits = {c["name"]: c for c in spec["initContainers"]}
@@ -236,8 +242,12 @@ def test_init_containers_run_overlayctl_with_its_flags_and_the_configmap(objects
     assert mounts[cfg_dir] == "overlay-cfg" and key in data
 
     init = inits["network-init"]
+    for name, value in container_env(init).items():
+        monkeypatch.setenv(name, value)
+    assert not any("$(" in a for a in init["command"])
     nargs = parse_ok(overlayctl_parser(), [expand(a, container_env(init))
                                            for a in init["command"][1:]])
+    assert nargs.etcd_endpoints == "<OVERLAYD_ETCD_ENDPOINTS>"
     assert (nargs.cmd, nargs.net_cmd) == ("network", "init")
     assert nargs.config_file.name in data and not nargs.force
     # An edited ConfigMap must not keep restarted pods in Init: what etcd has is kept.
