@@ -38,9 +38,9 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGE, ROOT, RUN_ID, Checks, CheckFailed, Podman, main, node_conf, run  # noqa: E402
+from common import IMAGE, ROOT, RUN_ID, CheckFailed, Checks, Podman, main, node_conf, run
 
-from overlay.sandbox.sandbox import Sandbox  # noqa: E402
+from overlay.sandbox.sandbox import Sandbox
 
 MANIFEST = ROOT / "deploy/kubernetes/overlay.yaml"
 NODES = ("n1", "n2", "n3")

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGE, ROOT, RUN_ID, Checks, Podman, main  # noqa: E402
+from common import IMAGE, ROOT, RUN_ID, Checks, Podman, main
 
-from overlay.ctl.install import InstallOptions, install  # noqa: E402
-from overlay.sandbox.sandbox import Sandbox  # noqa: E402
+from overlay.ctl.install import InstallOptions, install
+from overlay.sandbox.sandbox import Sandbox
 
 ETCD_NAME = "etcd.overlay-e2e.test"
 TAG = f"localhost/overlay-systemd-e2e:{RUN_ID}"
@@ -64,6 +64,8 @@ def body(c: Checks) -> None:
 
     sb.up(1, 0)
     sb.add_bare_node("n2")
+    # What the host provides (a container sees /proc/sys read-only), as kubeadm requires.
+    sb.run_in(sb.ns("n2"), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     d = sb.node_dir("n2")
     (d / "state").mkdir(parents=True, exist_ok=True)
     install(InstallOptions(bin_dir=sb.dir / "cni" / "bin", conf_dir=d / "net.d",
@@ -102,8 +104,8 @@ def body(c: Checks) -> None:
     pinger = ping_during(p1.netns, p2.ip, 12)
     time.sleep(1)
     pm("exec", CTR, "kill", "-KILL", pid)
-    c.wait(lambda: unit("NRestarts") == "1" and unit("ActiveState") == "active"
-           and unit("MainPID") != pid or unit("ActiveState"),
+    c.wait(lambda: (unit("NRestarts") == "1" and unit("ActiveState") == "active"
+           and unit("MainPID") != pid) or unit("ActiveState"),
            f"SIGKILL of overlayd ({pid}): restarted by systemd, active again", 60)
     result = loss(pinger)
     c.check(" 0% packet loss" in result, f"pod traffic during the kill and restart: {result}")
@@ -118,10 +120,16 @@ def body(c: Checks) -> None:
             "n2's lease is still in etcd after the stop", keys)
     pm("exec", CTR, "systemctl", "start", "overlayd")
     c.check(unit("ActiveState") == "active", "systemctl start: active again (returns when ready)")
+    made.append("passed")
 
 
 def cleanup() -> None:
     pm = Podman(None)
+    if "container" in made and "passed" not in made:
+        for cmd in (["systemctl", "status", "--no-pager", "-l", "overlayd"],
+                    ["journalctl", "--no-pager", "-n", "25", "-u", "overlayd"]):
+            out = pm("exec", CTR, *cmd, check=False)
+            print("\n".join("    | " + x for x in (out.stdout + out.stderr).splitlines()))
     if "container" in made:
         pm("rm", "-f", "-t", "5", CTR, check=False)
     if "image" in made:
