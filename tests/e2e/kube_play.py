@@ -217,9 +217,13 @@ def body(c: Checks) -> None:
     sb.etcdctl("del", "/overlay/network/config")
     for n in NODES:
         sb.add_bare_node(n)
+        # The host's part (deploy/README.md; kubeadm checks it): the agent's container
+        # sees /proc/sys read-only.
+        sb.run_in(sb.ns(n), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         for d in HOST_DIRS:
             node_dir(n, d).mkdir(parents=True, exist_ok=True)
-    c.ok(f"sandbox: etcd at {endpoint}, nodes {', '.join(NODES)} on the underlay, no agents")
+    c.ok(f"sandbox: etcd at {endpoint}, nodes {', '.join(NODES)} on the underlay, no agents, "
+         "net.ipv4.ip_forward=1 on the nodes")
     print("  what podman is given that differs from the manifest:\n"
           "    hostPath /opt/cni/bin, /etc/cni/net.d, /run/overlay, /var/lib/overlay -> "
           f"{work}/<node>/...\n"
