@@ -79,8 +79,11 @@ def body(c: Checks) -> None:
        "-v", f"{env}:/etc/default/overlayd:ro", "-v", f"{d / 'run'}:/run/overlay",
        "-v", f"{d / 'state'}:/var/lib/overlay", TAG)
     made.append("container")
-    c.wait(lambda: pm("exec", CTR, "systemctl", "is-system-running", check=False)
-           .stdout.strip() in ("running", "degraded"), "systemd is up as PID 1", 120, 1)
+    # "starting" while overlayd is: multi-user.target waits for it (Type=notify).
+    c.wait(lambda: pm("exec", CTR, "cat", "/proc/1/comm", check=False).stdout.strip()
+           == "systemd" and pm("exec", CTR, "systemctl", "is-system-running", check=False)
+           .stdout.strip() in ("starting", "running", "degraded"),
+           "systemd is up as PID 1", 120, 1)
 
     c.wait(lambda: f"cannot resolve etcd host '{ETCD_NAME}'" in unit("StatusText") or
            unit("StatusText"), f"overlayd waits for {ETCD_NAME} and says so in its status", 60)
