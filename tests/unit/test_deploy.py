@@ -233,7 +233,8 @@ def test_init_containers_run_overlayctl_with_its_flags_and_the_configmap(objects
     install = inits["install-cni"]
     args = parse_ok(overlayctl_parser(), install["command"][1:])
     assert install["command"][0] == "overlayctl" and args.cmd == "install-cni"
-    assert args.standalone and args.python == "/usr/bin/python3"
+    # The static plugin needs no host Python: none of the obsolete flags that asked for one.
+    assert not args.standalone and args.python is None, install["command"]
     mounts = {m["mountPath"]: m["name"] for m in install["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes[mounts[str(args.bin_dir)]]["hostPath"]["path"] == "/opt/cni/bin"
