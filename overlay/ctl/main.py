@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Remove, on this node: the VXLAN device overlay.<VNI>, the bridge cni0 "
         "and pods' host veths; the nftables tables 'ip overlay' and 'ip overlay_vxlan'; "
-        "the plugin <bin-dir>/overlay and <conf-dir>/10-overlay.conflist; the run and state "
-        "dirs; and this node's subnet lease in etcd. Refuses while overlayd runs (stop it "
+        "the plugin <bin-dir>/overlay and <conf-dir>/10-overlay.conflist; the DELs the plugin "
+        "recorded while overlayd was down (cni-pending/ beside its agentSocket); the run and "
+        "state dirs; and this node's subnet lease in etcd. Refuses while overlayd runs (stop it "
         "first: its supervisor would restart it and it would rebuild everything).",
         epilog="Left alone: net.ipv4.ip_forward, kernel modules, systemd unit files, and the "
         "cluster's network config in etcd (shared by every node).\n\n"

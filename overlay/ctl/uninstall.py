@@ -8,9 +8,12 @@ a restart must not disturb pods) is, all of it:
   (`veth` + 11 hex digits, our naming) that are still there;
 - nftables: the tables `ip overlay` (masquerading) and `ip overlay_vxlan`
   (the VXLAN filter, which keeps dropping UDP 8472 from non-members);
-- files: the plugin `<bin-dir>/overlay`, `<conf-dir>/10-overlay.conflist`,
-  the run dir (/run/overlay: sockets, pod address allocations) and the
-  state dir (/var/lib/overlay: node name, VTEP MAC, last subnet, peers);
+- files: the plugin `<bin-dir>/overlay` (the static executable),
+  `<conf-dir>/10-overlay.conflist`, the DELs and GCs the plugin recorded
+  while the agent was down (`cni-pending/` next to the conflist's
+  agentSocket: moot once the veths and the run dir are gone), the run dir
+  (/run/overlay: sockets, pod address allocations) and the state dir
+  (/var/lib/overlay: node name, VTEP MAC, last subnet, peers);
 - in etcd: this node's subnet lease (found by the node name in the state
   dir, or --node-name), so peers drop their entries for it at once instead
   of after the lease TTL.
@@ -40,12 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from overlay.cni.wiring import HOST_VETH_RE
-from overlay.ctl.install import CONFLIST_NAME
+from overlay.agent import masq, vxlanfilter
+from overlay.cni.install import CONFLIST_NAME
+from overlay.cni.wire import DEFAULT_SOCKET, PENDING_DIR
+from overlay.devnames import BRIDGE_NAME, HOST_VETH_RE, is_vxlan_device
 from overlay.errors import PermanentError, TemporaryError
 
-NFT_TABLES = ("overlay", "overlay_vxlan")  # family ip; masq.TABLE, vxlanfilter.TABLE
-BRIDGE = "cni0"
+NFT_TABLES = (masq.TABLE, vxlanfilter.TABLE)  # family ip
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,20 @@ def _check_dir(path: Path, flag: str) -> None:
         raise PermanentError(f"{flag} {path}: refusing to empty a top-level directory")
 
 
+def pending_dir(conflist: Path) -> Path:
+    """Where the plugin records a DEL or GC it could not hand to the agent: next to the
+    conflist's agentSocket (the default socket's when there is no readable conflist)."""
+    sock = DEFAULT_SOCKET
+    try:
+        doc = json.loads(conflist.read_bytes())
+        first = doc["plugins"][0]
+        if first.get("type") == "overlay" and isinstance(first.get("agentSocket"), str):
+            sock = first["agentSocket"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        pass
+    return Path(sock).parent / PENDING_DIR
+
+
 def node_identity(opts: UninstallOptions) -> tuple[str | None, Any]:
     """(node name, subnet of the last lease) from the state dir, or --node-name."""
     from overlay.agent import state
@@ -215,17 +233,23 @@ def plan(opts: UninstallOptions) -> tuple[list[Action], list[str]]:
     links = _links()
     for link in links:
         name, kind = str(link.get("ifname")), _kind(link)
-        if kind == "vxlan" and name.startswith("overlay.") and name[8:].isdigit():
+        if kind == "vxlan" and is_vxlan_device(name):
             actions.append(Action("link", f"VXLAN device {name}", _del_link(name)))
     for link in links:
         name, kind = str(link.get("ifname")), _kind(link)
-        if name == BRIDGE and kind == "bridge":
+        if name == BRIDGE_NAME and kind == "bridge":
             actions.append(Action("link", f"pod bridge {name}", _del_link(name)))
         elif kind == "veth" and HOST_VETH_RE.match(name):
             actions.append(Action("link", f"pod veth {name}", _del_link(name)))
     for table in NFT_TABLES:
         if table in _nft_tables():
             actions.append(Action("nft", f"nftables table ip {table}", _del_table(table)))
+    pending = pending_dir(opts.conf_dir / CONFLIST_NAME)
+    if pending.is_dir():
+        n = sum(1 for _ in pending.glob("*.req"))
+        actions.append(Action("dir", f"{pending}/ ({n} DEL/GC recorded while overlayd was "
+                              "down; the veths and addresses they would release go too)",
+                              _clear_dir(pending)))
     for path in (opts.bin_dir / "overlay", opts.conf_dir / CONFLIST_NAME):
         if path.is_file() or path.is_symlink():
             actions.append(Action("file", str(path), _unlink(path)))

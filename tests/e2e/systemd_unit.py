@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import IMAGE, ROOT, RUN_ID, Checks, Podman, main
 
-from overlay.ctl.install import InstallOptions, install
+from overlay.cni.install import InstallOptions, install
 from overlay.sandbox.sandbox import Sandbox
 
 ETCD_NAME = "etcd.overlay-e2e.test"

@@ -2,7 +2,8 @@
 
 The node is left the way a crash or `kubectl delete` leaves it (overlayd
 killed: devices, entries, both nftables tables, files and the lease in
-place), with a pod still attached, the plugin and the conflist installed.
+place), with a pod still attached, the plugin and the conflist installed, and
+a DEL the plugin recorded while the agent was down.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from overlay.ctl.install import InstallOptions, install
+from overlay.cni.install import InstallOptions, install
+from overlay.devnames import host_veth_name
 from overlay.sandbox.sandbox import Sandbox, tool
 
 pytestmark = pytest.mark.integration
@@ -33,6 +35,7 @@ def leftovers(sb: Sandbox, node: str, bin_dir: Path) -> dict[str, list[str]]:
     d = sb.node_dir(node)
     files = sorted(str(p) for p in (bin_dir / "overlay", d / "net.d" / "10-overlay.conflist",
                                     d / "run", d / "state") if p.exists())
+    files += sorted(str(p) for p in (d / "run" / "cni-pending").glob("*.req"))
     keys = sb.etcdctl("get", "--prefix", "/overlay/subnets/").stdout.decode()
     lease = [line for line in keys.splitlines() if f'"node": "{node}"' in line
              or f'"node":"{node}"' in line]
@@ -50,7 +53,7 @@ def uninstall(sb: Sandbox, node: str, bin_dir: Path, *extra: str
 
 def test_uninstall_removes_everything_and_peers_forget_the_node(
         make_sandbox: Callable[..., Sandbox]) -> None:
-    sb = make_sandbox(nodes=2, pods_per_node=1, agent_args=["--ip-masq"])
+    sb = make_sandbox(nodes=2, pods_per_node=2, agent_args=["--ip-masq"])
     bin_dir = sb.node_dir("n1") / "bin"
     install(InstallOptions(bin_dir=bin_dir, conf_dir=sb.node_dir("n1") / "net.d",
                            agent_socket=str(sb.cni_socket("n1"))))
@@ -64,13 +67,20 @@ def test_uninstall_removes_everything_and_peers_forget_the_node(
     assert leftovers(sb, "n1", bin_dir) == before_running
 
     sb.stop_agent("n1", signal.SIGKILL)
+    # The runtime removes a pod while the agent is down: the plugin records the DEL.
+    gone = sb.pod("n1-p2")
+    sb.del_pod(gone.name)
+    # The kernel destroys the pod's veth pair with its namespace, a moment later.
+    veth = host_veth_name(gone.container_id, gone.ifname)
+    wait_until(lambda: veth not in leftovers(sb, "n1", bin_dir)["links"], 15, 0.2)
     before = leftovers(sb, "n1", bin_dir)
     print("before:", json.dumps(before, indent=1))
     assert {"overlay.1", "cni0"} <= set(before["links"])
     assert any(name.startswith("veth") for name in before["links"])  # the pod's
     assert any("table ip overlay_vxlan" in t for t in before["nft"])
     assert any(t.endswith("table ip overlay") for t in before["nft"])
-    assert len(before["files"]) == 4 and len(before["lease"]) == 1
+    assert len(before["files"]) == 5 and len(before["lease"]) == 1
+    assert before["files"][-1].endswith(".req"), before["files"]
 
     dry = uninstall(sb, "n1", bin_dir, "--dry-run")
     assert dry.returncode == 0, dry
@@ -78,7 +88,8 @@ def test_uninstall_removes_everything_and_peers_forget_the_node(
     planned = dry.stdout.decode()
     for what in ("VXLAN device overlay.1", "pod bridge cni0", "pod veth veth",
                  "nftables table ip overlay_vxlan", "nftables table ip overlay\n",
-                 "10-overlay.conflist", f"subnets/{n1_subnet.replace('/', '-')}"):
+                 "10-overlay.conflist", "cni-pending/ (1 DEL/GC",
+                 f"subnets/{n1_subnet.replace('/', '-')}"):
         assert what in planned, (what, planned)
 
     p = uninstall(sb, "n1", bin_dir)
