@@ -164,8 +164,10 @@ class Agent:
                 if self._leave:
                     # Every task has stopped: nothing can put back what leave() removes.
                     await self.leave()
-                log.info("stopped%s", " after leaving the cluster" if self._leave else
-                         "; the kernel state and the lease are kept for the next start")
+                    log.info("stopped after leaving the cluster")
+                else:
+                    log.info("stopped; the kernel state and the lease are kept for the next "
+                             "start%s", await self._keep_lease_for_restart())
                 return 0
             raise
         except PermanentError as exc:
@@ -421,6 +423,29 @@ class Agent:
     def _membership_changed(self) -> None:
         if self.reconciler is not None:
             self.reconciler.wake()
+
+    # A stop must finish well within a supervisor's kill timeout (podman's 10 s, the
+    # kubelet's grace period): the lease hand-over gets this long, then the key expires
+    # after the TTL as after a crash.
+    KEEP_LEASE_TIMEOUT = 5.0
+
+    async def _keep_lease_for_restart(self) -> str:
+        """Hand the lease to one of --restart-grace seconds; what to add to the log line."""
+        grace = self.opts.restart_grace
+        if self.lease is None or grace <= self.opts.lease_ttl:
+            return ""
+        try:
+            kept = await asyncio.wait_for(self.lease.keep_for_restart(grace),
+                                          self.KEEP_LEASE_TIMEOUT)
+        except (TemporaryError, TimeoutError) as exc:
+            log.warning("could not keep the lease for the next start (%s): it expires after "
+                        "the %d s TTL", exc or "etcd did not answer in time", self.opts.lease_ttl)
+            return ""
+        if kept is None:
+            return ""
+        return (f" (subnet {kept.record.subnet} for {grace} s, --restart-grace: peers keep "
+                "the routes to this node's pods until then; `overlayctl uninstall` releases "
+                "it now)")
 
     async def leave(self) -> None:
         """Graceful leave: tell the peers, give the subnet back and remove our devices."""

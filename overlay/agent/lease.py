@@ -6,6 +6,13 @@ next candidate (flannel exits instead).
 A node that finds its own key (by node name) after a restart takes it over
 in place, and a node whose lease expired asks for its old subnet first and
 moves, saying so, only if somebody else took it meanwhile.
+
+The TTL is how long a node that dies keeps its subnet (and its peers' routes
+to it). A stop is not a death: the agent is restarted, upgraded or its pod
+replaced while the node's pods keep running, and that can take longer than
+the TTL (a DaemonSet update pulls the new image after the old pod is gone).
+So a stop that is not a leave hands the key to an etcd lease of the restart
+grace (`keep_for_restart`), which nobody renews; the next start takes it over.
 """
 
 from __future__ import annotations
@@ -170,6 +177,12 @@ class LeaseManager:
                 if mod is None:
                     raise TemporaryError(f"lease {keep.record.key_subnet} changed while taking "
                                          "it over")
+                # The last run's etcd lease (its restart grace, or a crashed run's TTL):
+                # no key is on it any more; gone now rather than when it runs out.
+                for old in {e.lease_id for e in (*mine, *snap.claims.values())
+                            if e.record.node == me} - {0, self.lease_id}:
+                    with contextlib.suppress(TemporaryError):
+                        await self.store.revoke(old)
                 for e in mine[1:]:
                     log.warning("removed duplicate lease %s also held by node %s",
                                 e.record.key_subnet, e.record.node)
@@ -290,6 +303,36 @@ class LeaseManager:
                         " and ".join(map(str, entry.record.subnets)))
         if self.on_change is not None:
             await self.on_change(entry)
+
+    async def keep_for_restart(self, grace: int) -> LeaseEntry | None:
+        """On a stop that is not a leave: move our keys to a new etcd lease of `grace`
+        seconds that nobody renews, so the subnet stays this node's (and programmed on
+        every peer) for that long instead of the TTL. The next start takes them over.
+
+        None when there is nothing to keep (no lease held in etcd, or `grace` is not
+        longer than the TTL) or the key changed meanwhile; TemporaryError when etcd does
+        not answer. Either way the key then expires after the TTL, as after a crash.
+        """
+        cur = self.current
+        if cur is None or self._assumed or not self.lease_id or grace <= self.ttl:
+            return None
+        grace_id = await self.store.grant(grace)
+        try:
+            # Every key of the record (a dual-stack node's IPv6 claim too), written in one
+            # transaction with it: all at its revision.
+            mod = await self.store.replace_lease(
+                cur.record, grace_id, dict.fromkeys(cur.record.lease_keys, cur.mod_revision))
+        except TemporaryError:
+            with contextlib.suppress(TemporaryError):
+                await self.store.revoke(grace_id)
+            raise
+        if mod is None:
+            with contextlib.suppress(TemporaryError):
+                await self.store.revoke(grace_id)
+            return None
+        await self._revoke_quietly()  # the TTL lease: no key on it any more
+        self.current = LeaseEntry(cur.record, mod, grace_id)
+        return self.current
 
     async def release(self) -> None:
         """Graceful leave: give the subnet back now instead of after the TTL."""

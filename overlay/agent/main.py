@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lease-ttl", type=cli.int_range(5), default=60, metavar="SECONDS",
                    help="TTL of the subnet lease in etcd, 5 or more: how long a dead node "
                         "keeps its subnet (default: %(default)s)")
+    g.add_argument("--restart-grace", type=cli.int_range(0), default=300, metavar="SECONDS",
+                   help="on a stop that is not a leave (SIGTERM: a restart, an upgrade, a "
+                        "replaced pod), keep the subnet lease this long instead of the TTL, "
+                        "so peers keep the routes to this node's pods until overlayd is "
+                        "back; 0 or not above --lease-ttl: it expires after the TTL as after "
+                        "a crash; `overlayctl uninstall` releases it at once "
+                        "(default: %(default)s)")
     g.add_argument("--reconcile-interval", type=cli.seconds, default=10.0, metavar="SECONDS",
                    help="period of the full pass that compares the kernel with the leases "
                         "(default: %(default)s); entries or devices changed by hand are "
@@ -190,6 +197,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
         grpc_listen=args.grpc_listen, grpc_advertise=args.grpc_advertise,
         underlay_family={"ipv4": 4, "ipv6": 6}.get(args.underlay_family or ""),
         run_dir=args.run_dir, state_dir=args.state_dir, lease_ttl=args.lease_ttl,
+        restart_grace=args.restart_grace,
         reconcile_interval=args.reconcile_interval, health_addr=args.health_addr,
         metrics_addr=args.metrics_addr, ip_masq=args.ip_masq, vxlan_filter=args.vxlan_filter,
         membership=swim,

@@ -25,6 +25,7 @@ class AgentOptions:
     run_dir: Path = Path("/run/overlay")
     state_dir: Path = Path("/var/lib/overlay")
     lease_ttl: int = 60
+    restart_grace: int = 300
     reconcile_interval: float = 10.0
     health_addr: str | None = None
     metrics_addr: str | None = None

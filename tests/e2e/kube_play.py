@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -64,19 +65,44 @@ for url in sys.argv[1:]:
         bad.append(f"{url} ({exc})")
 print("ok" if not bad else "fail " + "; ".join(bad))
 """
-# Fetches one URL every 0.2 s until /tmp/stop exists; prints "sent N failed M".
+# Fetches one URL every 0.2 s until /tmp/stop exists; prints "sent N failed M", then
+# one line per failure: the wall-clock time it started and why.
 LOOP = """
 import os, sys, time, urllib.request
 sent = failed = 0
+fails = []
 while not os.path.exists("/tmp/stop"):
     sent += 1
+    t = time.time()
     try:
         urllib.request.urlopen(sys.argv[1], timeout=2).read()
-    except Exception:
+    except Exception as exc:
         failed += 1
+        fails.append(f"{t:.2f} {time.time() - t:.2f}s {exc!r}")
     time.sleep(0.2)
 print(f"sent {sent} failed {failed}")
+print("\\n".join(fails))
 """
+
+
+EVENTS: list[tuple[float, str]] = []  # (wall-clock time, what the script did)
+# Where to keep every overlayd container's log before its pod is removed (diagnosis).
+LOG_DIR = os.environ.get("E2E_LOG_DIR")
+
+
+def event(what: str) -> None:
+    EVENTS.append((time.time(), what))
+
+
+def timeline(failures: list[str]) -> list[str]:
+    """The failed requests ("<time> <took> <why>") among what the script did meanwhile."""
+    rows = [(t, f"   {w}") for t, w in EVENTS]
+    for line in failures:
+        t, _, rest = line.partition(" ")
+        rows.append((float(t), f"!! request failed after {rest}"))
+    rows.sort()
+    t0 = rows[0][0] if rows else 0.0
+    return [f"  {t - t0:7.2f}s {w}" for t, w in rows]
 
 
 def node_dir(node: str, what: str) -> Path:
@@ -151,12 +177,25 @@ def play(node: str, pod: Path, cm: Path, replace: bool = False) -> None:
     if replace:
         # As the kubelet replaces a pod: the old one goes, then the new one starts. podman
         # keeps a ConfigMap as a named volume: removed too, so the edit is seen.
+        keep_log(node)
+        event(f"{node}: podman pod rm")
         pm("pod", "rm", "-f", "-t", "10", f"overlay-{RUN_ID}-{node}")
+        event(f"{node}: pod removed")
         pm("volume", "rm", "-f", cm_name(node))
+    event(f"{node}: podman kube play")
     try:
         pm(*args, str(pod), timeout=600)
     except CheckFailed as exc:
         raise CheckFailed(f"{exc}\n{pod_logs(pm, f'overlay-{RUN_ID}-{node}')}") from None
+    event(f"{node}: kube play returned")
+
+
+def keep_log(node: str) -> None:
+    if LOG_DIR:
+        name = f"overlay-{RUN_ID}-{node}-overlayd"
+        log = podman_for(node)("logs", "-t", name, check=False)
+        n = len(list(Path(LOG_DIR).glob(f"{node}-*.log")))
+        (Path(LOG_DIR) / f"{node}-{n}.log").write_text(log.stdout + log.stderr)
 
 
 def pod_logs(pm: Podman, pod: str) -> str:
@@ -295,18 +334,25 @@ def body(c: Checks) -> None:
         src, dst = f"w{RUN_ID}-n1-1", f"w{RUN_ID}-n2-1"
         pm = made_ctrs[src]
         pm("exec", src, "rm", "-f", "/tmp/stop")
+        EVENTS.clear()
+        event(f"HTTP loop {src} -> {dst} ({urls[dst]})")
         loop = pm.popen("exec", src, "python3", "-c", LOOP, urls[dst])
         time.sleep(2)
         action()
         time.sleep(2)
         pm("exec", src, "touch", "/tmp/stop")
-        out = (loop.communicate(timeout=60)[0] or b"").decode().strip()
+        lines = (loop.communicate(timeout=60)[0] or b"").decode().strip().splitlines()
+        out = lines[0] if lines else ""
         parts = out.split()
         ok = len(parts) == 4 and parts[0] == "sent" and int(parts[1]) > 10 and parts[3] == "0"
-        c.check(ok, f"{what}: HTTP n1 -> n2 every 0.2 s meanwhile, none failed ({out})", out)
+        c.check(ok, f"{what}: HTTP n1 -> n2 every 0.2 s meanwhile, none failed ({out})",
+                "\n".join([out, *timeline(lines[1:])]))
 
     def restart_agent() -> None:
+        keep_log("n2")
+        event("n2: podman restart overlayd")
         podman_for("n2")("restart", f"overlay-{RUN_ID}-n2-overlayd")
+        event("n2: restarted")
         c.wait(lambda: readyz("n2"), "n2: overlayd container restarted, ready again", 120)
 
     traffic_during("agent container on n2 restarted", restart_agent)
@@ -326,6 +372,7 @@ def body(c: Checks) -> None:
                  replace=True)
             c.wait(lambda n=n: readyz(n), f"{n}: pod replaced with the edited ConfigMap, "
                    "init containers done, agent ready (not stuck in Init)", 120)
+            event(f"{n}: /readyz 200")
 
     traffic_during("ConfigMap edit rolled out to every node", roll_out)
     for n in NODES:

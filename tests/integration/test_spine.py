@@ -6,6 +6,7 @@ running the CNI conflist the way a runtime does.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -148,6 +149,71 @@ def test_agent_restart_keeps_subnet_and_pod_connectivity(make_sandbox):
     assert subnet_of(sb, "n2") == before
     log = Path(sb.node("n2").log).read_text()
     assert "this node's lease was" in log
+
+
+def _entries_for(sb, node, st):
+    e = sb.kernel_entries(node)
+    return ((st.subnet, st.subnet.split("/")[0]) in e["route"]
+            and (st.vtep_mac, st.underlay_ip) in e["fdb"])
+
+
+def _key_lease(sb, key):
+    """(lease ID in hex, granted TTL) of the etcd lease `key` is on, or None."""
+    doc = json.loads(sb.etcdctl("get", key, "-w", "json").stdout)
+    if not doc.get("kvs"):
+        return None
+    lease = f"{int(doc['kvs'][0]['lease']):x}"
+    ttl = sb.etcdctl("lease", "timetolive", lease).stdout.decode()
+    m = re.search(r"granted with TTL\((\d+)s\)", ttl)
+    return lease, int(m.group(1)) if m else None
+
+
+def test_an_agent_stopped_longer_than_the_lease_ttl_keeps_its_pods_reachable(make_sandbox):
+    """A stop (SIGTERM) is a restart, not a death: the lease is kept for --restart-grace,
+    so peers keep the routes to the node's pods while overlayd is down for longer than the
+    TTL (a DaemonSet update pulling the new image, say). With --restart-grace 0 it
+    expires after the TTL, as after a crash, and the peers drop the node."""
+    sb = make_sandbox(2, 1, agent_args=["--lease-ttl", "5", "--restart-grace", "60"])
+    src = next(p for p in sb.st.pods if p.node == "n1")
+    dst = next(p for p in sb.st.pods if p.node == "n2")
+    st = sb.status("n2").self
+    key = f"/overlay/subnets/{st.subnet.replace('/', '-')}"
+    ttl_lease = _key_lease(sb, key)
+    assert ttl_lease is not None and ttl_lease[1] == 5
+    ping = subprocess.Popen(
+        [*sb.exec_prefix(src.netns), "ping", "-n", "-q", "-i", "0.05", "-c", "400", "-W", "1",
+         dst.ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    sb.stop_agent("n2")
+    log = Path(sb.node("n2").log).read_text()
+    assert "for 60 s, --restart-grace" in log, log[-2000:]
+    grace = _key_lease(sb, key)
+    assert grace is not None and grace[1] == 60 and grace[0] != ttl_lease[0]
+    time.sleep(12)  # more than twice the TTL
+    assert _key_lease(sb, key) == grace and _entries_for(sb, "n1", st)
+    sb.start_agent("n2")
+    sb.wait_ready("n2", 30)
+    out, _ = ping.communicate(timeout=60)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    sent, received = int(m.group(1)), int(m.group(2))
+    assert sent == 400 and received == sent, out
+    # Back on a TTL lease that is renewed; the grace lease is revoked, not left to run out.
+    back = _key_lease(sb, key)
+    assert back is not None and back[1] == 5 and subnet_of(sb, "n2") == st.subnet
+    gone = sb.etcdctl("lease", "timetolive", grace[0]).stdout.decode()
+    assert "already expired" in gone, gone
+
+    # --restart-grace 0: a stop is treated like a crash; the peers drop the node after
+    # the TTL.
+    sb.stop_agent("n2")
+    sb.start_agent("n2", ["--restart-grace", "0"])
+    sb.wait_ready("n2", 30)
+    sb.stop_agent("n2")
+    took = wait_until(lambda: not _entries_for(sb, "n1", st), timeout=30)
+    assert _key_lease(sb, key) is None
+    print(f"with --restart-grace 0 the peer dropped the stopped node after {took:.1f}s "
+          "(TTL 5 s)")
 
 
 def test_vtep_mac_change_replaces_neigh_and_fdb_without_stale_entries(make_sandbox):

@@ -48,6 +48,7 @@ class MemoryEtcd:
         self.events: list[LeaseEvent] = []
         self.rev = 10
         self.leases: set[int] = set()
+        self.ttls: dict[int, int] = {}
         self.down = False
 
     def _check(self) -> None:
@@ -97,8 +98,9 @@ class MemoryEtcd:
 
     async def grant(self, ttl: int) -> int:
         self._check()
-        lease_id = 100 + len(self.leases)
+        lease_id = 100 + len(self.ttls)
         self.leases.add(lease_id)
+        self.ttls[lease_id] = ttl
         return lease_id
 
     async def keepalive(self, lease_id: int) -> int:
@@ -301,10 +303,16 @@ def test_degraded_start_from_saved_state_then_normal_when_etcd_answers(tmp_path)
         a.refresh_metrics()
         alive = metrics.REGISTRY.get_sample_value("overlay_peers", {"state": "alive"})
         assert alive == 2
+        ttl_lease = held.lease_id
         a.stop()
         assert await task == 0
-        # Stopping leaves the kernel and the lease for the next start.
+        # Stopping leaves the kernel and the lease for the next start: the key is on a
+        # lease of --restart-grace that nobody renews, not on the TTL lease (revoked).
         assert h.programmed(p2) and h.programmed(p3) and MINE in h.etcd.keys
+        kept = h.etcd.keys[MINE]
+        assert kept.record == held.record and kept.lease_id in h.etcd.leases
+        assert h.etcd.ttls[kept.lease_id] == h.opts.restart_grace > h.opts.lease_ttl
+        assert ttl_lease not in h.etcd.leases
 
     asyncio.run(go())
     # nftables only through the agent's runner: the stale VXLAN filter table is removed.

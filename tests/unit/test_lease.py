@@ -18,6 +18,7 @@ class FakeStore:
         self.rev = 0
         self.next_lease = 100
         self.alive: set[int] = set()
+        self.ttls: dict[int, int] = {}
         self.steal_next = 0  # another node takes the subnets we try, just before us
         self.down = False
 
@@ -38,6 +39,7 @@ class FakeStore:
         self._check()
         self.next_lease += 1
         self.alive.add(self.next_lease)
+        self.ttls[self.next_lease] = ttl
         return self.next_lease
 
     async def keepalive(self, lease_id):
@@ -77,6 +79,7 @@ class FakeStore:
         return any([self.kv.pop(k, None) is not None for k in keys])
 
     async def revoke(self, lease_id):
+        self._check()
         self.expire(lease_id)
 
     def expire(self, lease_id):
@@ -281,3 +284,64 @@ def test_release_removes_every_key():
     run(m.acquire())
     run(m.release())
     assert store.kv == {}
+
+
+def test_a_stop_hands_the_key_to_a_lease_of_the_restart_grace_and_the_next_start_takes_it():
+    store = FakeStore()
+    m = mgr(store)
+    held = run(m.acquire())
+    ttl_lease = m.lease_id
+    kept = run(m.keep_for_restart(600))
+    assert kept is not None and kept.record == held.record
+    entry = store.keys[held.record.subnet]
+    # The same record, now on a lease of 600 s that nobody renews; the TTL lease is gone.
+    assert entry.record == held.record and store.ttls[entry.lease_id] == 600
+    assert entry.lease_id in store.alive and ttl_lease not in store.alive
+    # The next start takes the key over in place and revokes the grace lease.
+    again = run(mgr(store).acquire())
+    assert again.record.subnet == held.record.subnet and len(store.keys) == 1
+    assert store.keys[held.record.subnet].lease_id == again.lease_id
+    assert entry.lease_id not in store.alive
+
+
+def test_nothing_is_kept_without_a_lease_in_etcd_or_with_a_grace_not_above_the_ttl():
+    store = FakeStore()
+    m = mgr(store)
+    assert run(m.keep_for_restart(600)) is None  # nothing held yet
+    held = run(m.acquire())
+    assert run(m.keep_for_restart(30)) is None  # the TTL is 30: nothing to gain
+    assert run(m.keep_for_restart(0)) is None
+    assert store.keys[held.record.subnet].lease_id == m.lease_id
+    degraded = mgr(store)
+    degraded.assume(held)  # only the lease saved on disk: nothing of ours to move
+    assert run(degraded.keep_for_restart(600)) is None
+
+
+def test_a_key_changed_meanwhile_or_etcd_down_is_left_to_expire_after_the_ttl():
+    store = FakeStore()
+    m = mgr(store)
+    held = run(m.acquire())
+    store.rev += 1  # somebody rewrote the key since we took it
+    store.kv[held.record.subnet] = LeaseEntry(held.record, store.rev, m.lease_id)
+    before = set(store.alive)
+    assert run(m.keep_for_restart(600)) is None
+    assert store.keys[held.record.subnet].lease_id == m.lease_id
+    assert store.alive == before  # the grace lease it took was given back
+    store.down = True
+    with pytest.raises(TemporaryError):
+        run(m.keep_for_restart(600))
+    store.down = False
+    assert store.keys[held.record.subnet].lease_id == m.lease_id
+
+def test_a_dual_stack_stop_keeps_both_keys_and_the_next_start_takes_both():
+    store = FakeStore()
+    m = mgr_for(DUAL, store)
+    held = run(m.acquire())
+    assert run(m.keep_for_restart(600)) is not None
+    grace = {e.lease_id for e in store.kv.values()}
+    assert len(store.kv) == 2 and len(grace) == 1 and store.ttls[next(iter(grace))] == 600
+    again = run(mgr_for(DUAL, store).acquire())
+    assert (again.record.subnet, again.record.subnet6) == (held.record.subnet,
+                                                           held.record.subnet6)
+    assert {e.lease_id for e in store.kv.values()} == {again.lease_id}
+    assert not grace & store.alive
