@@ -235,8 +235,19 @@ def node_leftovers(node: str) -> dict[str, list[str]]:
     tables = [t for t in run(["ip", "netns", "exec", ns, "nft", "list", "tables"]).stdout
               .splitlines() if "overlay" in t]
     files = sorted(str(p.relative_to(work)) for d in HOST_DIRS
-                   for p in node_dir(node, d).glob("*"))
+                   for p in node_dir(node, d).glob("*") if not runtimes(p))
     return {"links": ours, "nft": tables, "files": files}
+
+
+def runtimes(p: Path) -> bool:
+    """A file of the container runtime's in the node's CNI config dir (podman's lock and
+    the network `kube play` makes), not overlay's: uninstall must leave it."""
+    return p.parent.name == "etc-cni-net.d" and (
+        p.name == "cni.lock" or (p.name.startswith("podman") and p.suffix == ".conflist"))
+
+
+def runtime_files(node: str) -> list[str]:
+    return sorted(p.name for p in node_dir(node, "/etc/cni/net.d").glob("*") if runtimes(p))
 
 
 def body(c: Checks) -> None:
@@ -405,7 +416,7 @@ def body(c: Checks) -> None:
         pm("pod", "rm", "-f", "-t", "5", pod)
         del made_pods[pod]
     for n in NODES:
-        before = node_leftovers(n)
+        before, theirs = node_leftovers(n), runtime_files(n)
         mounts = []
         for d in HOST_DIRS:
             mounts += ["-v", f"{node_dir(n, d)}:/host{d}"]
@@ -416,10 +427,12 @@ def body(c: Checks) -> None:
             "--state-dir", "/host/var/lib/overlay", "--etcd-endpoints", endpoint)
         after = node_leftovers(n)
         removed = [line for line in out.stdout.splitlines() if line.startswith("removed")]
-        c.check(after == {"links": [], "nft": [], "files": []},
+        kept = runtime_files(n)
+        c.check(after == {"links": [], "nft": [], "files": []} and set(theirs) <= set(kept),
                 f"{n}: `overlayctl uninstall` in the image removed {len(removed)} things "
                 f"({', '.join(before['links'])}; {len(before['nft'])} nft tables; "
-                f"{len(before['files'])} files): nothing left", after)
+                f"{len(before['files'])} files): nothing of overlay left, the runtime's "
+                f"files kept ({', '.join(theirs) or 'none'})", (after, theirs, kept, out.stdout))
     leases = sb.etcdctl("get", "--prefix", "--keys-only", "/overlay/subnets/").stdout.decode()
     c.check(not leases.strip(), "no subnet lease left in etcd", leases)
 

@@ -15,6 +15,9 @@ it back. Exits non-zero on the first failed check; removes everything it made.
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -118,9 +121,18 @@ def body(c: Checks) -> None:
     c.check(unit("ActiveState") == "inactive", "systemctl stop: inactive")
     result = loss(pinger)
     c.check(" 0% packet loss" in result, f"pod traffic with overlayd stopped: {result}")
-    keys = sb.etcdctl("get", "--prefix", "/overlay/subnets/").stdout.decode()
-    c.check('"node": "n2"' in keys or '"node":"n2"' in keys,
-            "n2's lease is still in etcd after the stop", keys)
+    doc = json.loads(sb.etcdctl("get", "--prefix", "/overlay/subnets/", "-w", "json").stdout)
+    mine = [kv for kv in doc.get("kvs", [])
+            if json.loads(base64.b64decode(kv["value"])).get("node") == "n2"]
+    granted = None
+    if mine:
+        ttl = sb.etcdctl("lease", "timetolive", f"{int(mine[0]['lease']):x}").stdout.decode()
+        m = re.search(r"granted with TTL\((\d+)s\)", ttl)
+        granted = int(m.group(1)) if m else None
+    # overlayd's default --restart-grace: the peers keep the node's routes for 5 minutes
+    # (not the 60 s lease TTL) while it is stopped.
+    c.check(granted == 300, "n2's lease is still in etcd after the stop, on an etcd lease "
+            "of the restart grace (300 s), not the 60 s TTL", (doc, granted))
     pm("exec", CTR, "systemctl", "start", "overlayd")
     c.check(unit("ActiveState") == "active", "systemctl start: active again (returns when ready)")
     made.append("passed")
