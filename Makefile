@@ -33,8 +33,9 @@ all: install
 
 .stamp-apt: Makefile
 	@command -v apt-get >/dev/null || { echo "apt-get not found: this Makefile targets Debian 12"; exit 1; }
-	apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PKGS)
+	apt-get update -q -o DPkg::Lock::Timeout=600
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 \
+	  --no-install-recommends $(APT_PKGS)
 	@touch $@
 
 $(VENV)/.stamp-deps: pyproject.toml
@@ -101,9 +102,12 @@ e2e: install image
 	$(E2E_ENV) $(PY) tests/e2e/kube_play.py
 	$(E2E_ENV) $(PY) tests/e2e/systemd_unit.py
 
-# Removes this checkout's podman storage, the cached base image included.
+# Removes this checkout's podman storage, the cached base image included. `system
+# reset` also deletes every network in podman's network config dir: an empty one of
+# its own, so that the machine's /etc/cni/net.d stays as it is.
 image-clean:
-	-$(PODMAN) system reset --force
+	mkdir -p $(PODMAN_RUN)/no-networks
+	-$(PODMAN) --network-config-dir $(PODMAN_RUN)/no-networks system reset --force
 	rm -rf $(PODMAN_ROOT) $(PODMAN_RUN)
 
 clean:
