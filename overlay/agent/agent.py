@@ -443,7 +443,7 @@ class Agent:
             return ""
         if kept is None:
             return ""
-        return (f" (subnet {kept.record.subnet} for {grace} s, --restart-grace: peers keep "
+        return (f" (subnet {self.lease.describe()} for {grace} s, --restart-grace: peers keep "
                 "the routes to this node's pods until then; `overlayctl uninstall` releases "
                 "it now)")
 
