@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "uninstall", help="remove everything overlay left on this node",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Remove, on this node: the VXLAN device overlay.<VNI>, the bridge cni0 "
-        "and pods' host veths; the nftables tables 'ip overlay' and 'ip overlay_vxlan'; "
+        "and pods' host veths; the nftables tables overlay and overlay_vxlan (ip and ip6); "
         "the plugin <bin-dir>/overlay and <conf-dir>/10-overlay.conflist; the DELs the plugin "
         "recorded while overlayd was down (cni-pending/ beside its agentSocket); the run and "
         "state dirs; and this node's subnet lease in etcd. Refuses while overlayd runs (stop it "

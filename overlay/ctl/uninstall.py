@@ -6,8 +6,9 @@ a restart must not disturb pods) is, all of it:
 - devices: the VXLAN device `overlay.<VNI>` (with its routes, neighbour and
   FDB entries), the pod bridge `cni0`, and the host ends of pods' veths
   (`veth` + 11 hex digits, our naming) that are still there;
-- nftables: the tables `ip overlay` (masquerading) and `ip overlay_vxlan`
-  (the VXLAN filter, which keeps dropping UDP 8472 from non-members);
+- nftables: the tables `overlay` (masquerading) and `overlay_vxlan` (the
+  VXLAN filter, which keeps dropping UDP 8472 from non-members), of family
+  `ip`, and `ip6` for IPv6 pods or an IPv6 underlay;
 - files: the plugin `<bin-dir>/overlay` (the static executable),
   `<conf-dir>/10-overlay.conflist`, the DELs and GCs the plugin recorded
   while the agent was down (`cni-pending/` next to the conflist's
@@ -49,7 +50,8 @@ from overlay.cni.wire import DEFAULT_SOCKET, PENDING_DIR
 from overlay.devnames import BRIDGE_NAME, HOST_VETH_RE, is_vxlan_device
 from overlay.errors import PermanentError, TemporaryError
 
-NFT_TABLES = (masq.TABLE, vxlanfilter.TABLE)  # family ip
+NFT_TABLES = (masq.TABLE, vxlanfilter.TABLE)
+NFT_FAMILIES = ("ip", "ip6")  # IPv4, IPv6 (a dual-stack node has both)
 
 
 @dataclass(frozen=True)
@@ -107,17 +109,22 @@ def _del_link(name: str) -> Callable[[], None]:
     return do
 
 
-def _nft_tables() -> set[str]:
-    p = subprocess.run(["nft", "list", "tables", "ip"], capture_output=True)
+def _nft_tables() -> set[tuple[str, str]]:
+    """(family, name) of every nftables table of family ip or ip6."""
+    p = subprocess.run(["nft", "list", "tables"], capture_output=True)
     if p.returncode != 0:
         return set()
-    return {line.split()[-1] for line in p.stdout.decode().splitlines()
-            if line.startswith("table ip ")}
+    out = set()
+    for line in p.stdout.decode().splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "table" and words[1] in NFT_FAMILIES:
+            out.add((words[1], words[2]))
+    return out
 
 
-def _del_table(name: str) -> Callable[[], None]:
+def _del_table(family: str, name: str) -> Callable[[], None]:
     def do() -> None:
-        p = subprocess.run(["nft", "delete", "table", "ip", name], capture_output=True)
+        p = subprocess.run(["nft", "delete", "table", family, name], capture_output=True)
         if p.returncode != 0:
             raise OSError(p.stderr.decode(errors="replace").strip())
     return do
@@ -241,9 +248,12 @@ def plan(opts: UninstallOptions) -> tuple[list[Action], list[str]]:
             actions.append(Action("link", f"pod bridge {name}", _del_link(name)))
         elif kind == "veth" and HOST_VETH_RE.match(name):
             actions.append(Action("link", f"pod veth {name}", _del_link(name)))
-    for table in NFT_TABLES:
-        if table in _nft_tables():
-            actions.append(Action("nft", f"nftables table ip {table}", _del_table(table)))
+    tables = _nft_tables()
+    for family in NFT_FAMILIES:
+        for table in NFT_TABLES:
+            if (family, table) in tables:
+                actions.append(Action("nft", f"nftables table {family} {table}",
+                                      _del_table(family, table)))
     pending = pending_dir(opts.conf_dir / CONFLIST_NAME)
     if pending.is_dir():
         n = sum(1 for _ in pending.glob("*.req"))

@@ -73,8 +73,12 @@ def test_uninstall_removes_everything_and_peers_forget_the_node(
     # The kernel destroys the pod's veth pair with its namespace, a moment later.
     veth = host_veth_name(gone.container_id, gone.ifname)
     wait_until(lambda: veth not in leftovers(sb, "n1", bin_dir)["links"], 15, 0.2)
+    # What a dual-stack node's masquerading leaves beside the IPv4 table (this sandbox
+    # is IPv4 only): the same table in family ip6.
+    sb.run_in(sb.node("n1").netns, "nft", "add", "table", "ip6", "overlay")
     before = leftovers(sb, "n1", bin_dir)
     print("before:", json.dumps(before, indent=1))
+    assert any(t.endswith("table ip6 overlay") for t in before["nft"])
     assert {"overlay.1", "cni0"} <= set(before["links"])
     assert any(name.startswith("veth") for name in before["links"])  # the pod's
     assert any("table ip overlay_vxlan" in t for t in before["nft"])
@@ -88,6 +92,7 @@ def test_uninstall_removes_everything_and_peers_forget_the_node(
     planned = dry.stdout.decode()
     for what in ("VXLAN device overlay.1", "pod bridge cni0", "pod veth veth",
                  "nftables table ip overlay_vxlan", "nftables table ip overlay\n",
+                 "nftables table ip6 overlay\n",
                  "10-overlay.conflist", "cni-pending/ (1 DEL/GC",
                  f"subnets/{n1_subnet.replace('/', '-')}"):
         assert what in planned, (what, planned)
