@@ -322,6 +322,10 @@ class LeaseManager:
             # transaction with it: all at its revision.
             mod = await self.store.replace_lease(
                 cur.record, grace_id, dict.fromkeys(cur.record.lease_keys, cur.mod_revision))
+            if mod is None:
+                # The TTL ran out while the tasks stopped (a short --lease-ttl on a busy
+                # host): the keys are gone, not taken; written again if still free.
+                mod = await self.store.create_lease(cur.record, grace_id)
         except TemporaryError:
             with contextlib.suppress(TemporaryError):
                 await self.store.revoke(grace_id)

@@ -345,3 +345,22 @@ def test_a_dual_stack_stop_keeps_both_keys_and_the_next_start_takes_both():
                                                            held.record.subnet6)
     assert {e.lease_id for e in store.kv.values()} == {again.lease_id}
     assert not grace & store.alive
+
+
+def test_keys_that_expired_while_stopping_are_written_again_on_the_grace_lease():
+    store = FakeStore()
+    m = mgr(store)
+    held = run(m.acquire())
+    store.expire(m.lease_id)  # the TTL ran out before the hand-over
+    kept = run(m.keep_for_restart(600))
+    assert kept is not None and store.keys[held.record.subnet].record == held.record
+    assert store.ttls[store.keys[held.record.subnet].lease_id] == 600
+    # Taken by another node meanwhile: not ours any more, nothing kept.
+    m = mgr(store)
+    held = run(m.acquire())
+    store.expire(m.lease_id)
+    other = run(mgr(store, name="n2", preferred=held.record.subnet).acquire())
+    assert other.record.subnet == held.record.subnet
+    alive = set(store.alive)
+    assert run(m.keep_for_restart(600)) is None
+    assert store.keys[held.record.subnet].record.node == "n2" and store.alive == alive
