@@ -630,6 +630,9 @@ class Membership:
             wanted.add((hostport(rec.vtep_ip, port), rec.node))
         for key in list(self._channels):
             if key not in wanted:
+                # The stub goes with its channel: a cached stub on a closed channel made
+                # every call to a node that came back fail ("Channel is closed") for good.
+                self._stubs.pop(key, None)
                 self._spawn(self._channels.pop(key).close())
 
 

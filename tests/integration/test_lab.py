@@ -185,6 +185,32 @@ def test_faults_partition_loss_bandwidth_heal(lab):
     assert "no underlay fault" in ok(ctl(sb, "fault", "heal"))
 
 
+def test_a_node_back_from_a_partition_longer_than_its_lease_is_alive_for_good(lab):
+    """Its lease expires, its peers forget it and close their channels to it; once healed
+    it comes back with a new lease, and every view must settle on alive and stay there
+    (a stub cached on the closed channel once failed every probe to it for good: suspect,
+    alive, suspect... while the data plane, following etcd, hid it)."""
+    import time
+
+    sb = lab
+    nodes = ("n1", "n2", "n3")
+
+    def views() -> dict[tuple[str, str], str]:
+        return {(o, p): peer_state(sb, o, p) for o in nodes for p in nodes if o != p}
+
+    try:
+        ok(ctl(sb, "fault", "partition", "n2"))
+        wait_until(lambda: peer_state(sb, "n1", "n2") == "", 60, 0.5)  # forgotten
+    finally:
+        ok(ctl(sb, "fault", "heal"))
+    wait_until(lambda: set(views().values()) == {"alive"}, 60, 0.5)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:  # and it stays so: no flapping
+        v = views()
+        assert set(v.values()) == {"alive"}, v
+        time.sleep(0.5)
+
+
 def test_etcd_kill_and_restart(lab):
     sb = lab
     try:
