@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import sandbox_up, wait_until
@@ -203,12 +204,27 @@ def test_a_node_back_from_a_partition_longer_than_its_lease_is_alive_for_good(la
         wait_until(lambda: peer_state(sb, "n1", "n2") == "", 60, 0.5)  # forgotten
     finally:
         ok(ctl(sb, "fault", "heal"))
-    wait_until(lambda: set(views().values()) == {"alive"}, 60, 0.5)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:  # and it stays so: no flapping
+    logs = {n: Path(sb.node(n).log) for n in ("n1", "n3")}
+    start = {n: log.stat().st_size for n, log in logs.items()}
+    # Every view alive for 5 s in a row, within 90 s. The flapping never gave more than
+    # about a second in a row; a busy machine may still cost a passing suspicion.
+    deadline, since, v = time.monotonic() + 90, None, views()
+    while time.monotonic() < deadline:
         v = views()
-        assert set(v.values()) == {"alive"}, v
-        time.sleep(0.5)
+        if set(v.values()) != {"alive"}:
+            since = None
+        elif since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since >= 5:
+            break
+        time.sleep(0.25)
+    else:
+        raise AssertionError(f"views never all alive for 5 s in a row within 90 s: {v}")
+    # The cause itself: calls through a stub whose channel was closed (dozens a second).
+    for n, log in logs.items():
+        with log.open(errors="replace") as f:
+            f.seek(start[n])
+            assert f.read().count("Channel is closed") < 3, n
 
 
 def test_etcd_kill_and_restart(lab):
