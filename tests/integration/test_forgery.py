@@ -374,6 +374,9 @@ def test_replayed_statements_lose_to_the_newer_ones(make_sandbox):
     wait_until(lambda: peer_row(sb, "n1", "n2")["state"] == "alive", 15, 0.2)
     a = Attacker(sb, outside.netns, "n1")
     try:
+        # n1 knows n2 from etcd at once; n2's own signed statement comes by gossip, which
+        # may take a few rounds on a busy machine.
+        wait_until(lambda: genuine_statements(a, "n2"), 30, 0.5)
         old_alive = genuine_statements(a, "n2")
         assert old_alive, "n1 relays n2's statement"
         # n2 comes back with a new VTEP MAC
@@ -387,8 +390,12 @@ def test_replayed_statements_lose_to_the_newer_ones(make_sandbox):
         local_leave(sb.agent_socket("n2"))
         wait_until(lambda: not pid_alive(pid), 15)
         wait_until(lambda: peer_row(sb, "n1", "n2")["state"] == "left", 10, 0.1)
-        old_left = [m for m in genuine_statements(a, "n2")
+        def left_statements() -> list:
+            return [m for m in genuine_statements(a, "n2")
                     if pb.Statement.FromString(m.signed.statement).state == LEFT]
+
+        wait_until(left_statements, 30, 0.5)
+        old_left = left_statements()
         assert old_left, "n1 relays n2's LEFT"
         sb.start_agent("n2")
         sb.wait_ready("n2")
