@@ -16,7 +16,7 @@ from overlay.ctl import render
 from overlay.errors import ConfigError
 from overlay.sandbox import lab
 from overlay.sandbox.observe import agent_state
-from overlay.sandbox.sandbox import Sandbox, SandboxError
+from overlay.sandbox.sandbox import Pod, Sandbox, SandboxError
 
 LAB_COMMANDS = ("node", "pod", "fault", "etcd", "exec", "iperf", "watch", "chaos")
 
@@ -48,6 +48,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def subnets(sb: Sandbox, node: str) -> str:
+    """The node's subnets in a sentence (the raw `subnet` is empty on an IPv6-only node)."""
+    me = sb.status(node).self
+    return render.subnets_text(me.subnet, me.subnet6, " and ")
+
+
+def addresses(p: Pod) -> str:
+    """A pod's addresses: IPv4, IPv6 or both on a dual-stack cluster."""
+    return render.subnets_text(p.ip, p.ip6, " and ")
+
+
 def cmd_node(sb: Sandbox, args: argparse.Namespace) -> int:
     name, action = args.node, args.action
     if name is None and action != "add":
@@ -59,7 +70,7 @@ def cmd_node(sb: Sandbox, args: argparse.Namespace) -> int:
             raise SandboxError("node", f"node name {name!r} must be letters and digits")
         h = sb.add_node(name)
         print(f"node {h.name} added (underlay {h.underlay_ip}, namespace {h.netns}): ready, "
-              f"subnet {sb.status(h.name).self.subnet}; add pods with `overlayctl sandbox pod "
+              f"subnet {subnets(sb, h.name)}; add pods with `overlayctl sandbox pod "
               f"add {h.name} --name {sb.name}`")
         return 0
     sb.node(name)
@@ -74,7 +85,7 @@ def cmd_node(sb: Sandbox, args: argparse.Namespace) -> int:
         was = agent_state(sb, name)
         pid = lab.restart_agent(sb, name)
         print(f"agent on {name} {'restarted' if was != 'not running' else 'started'} "
-              f"(pid {pid}) and ready, subnet {sb.status(name).self.subnet}")
+              f"(pid {pid}) and ready, subnet {subnets(sb, name)}")
     elif action in ("stop", "cont"):
         pid = lab.pause_agent(sb, name, action == "stop")
         print(f"agent on {name} (pid {pid}) " + (
@@ -85,16 +96,16 @@ def cmd_node(sb: Sandbox, args: argparse.Namespace) -> int:
         pods = lab.reboot(sb, name)
         print(f"node {name} rebooted in {time.monotonic() - t0:.1f}s: namespace, devices and "
               f"runtime state recreated, persisted state kept; agent ready (pid "
-              f"{sb.node(name).pid}), subnet {sb.status(name).self.subnet}; "
+              f"{sb.node(name).pid}), subnet {subnets(sb, name)}; "
               f"{len(pods)} pod(s) attached again: "
-              + (", ".join(f"{p.name} {p.ip}" for p in pods) or "none"))
+              + (", ".join(f"{p.name} {addresses(p)}" for p in pods) or "none"))
     return 0
 
 
 def cmd_pod(sb: Sandbox, args: argparse.Namespace) -> int:
     if args.action == "add":
         p = lab.add_pod(sb, args.target, args.pod)
-        print(f"pod {p.name} added on {p.node}: {p.ip} (namespace {p.netns}, container "
+        print(f"pod {p.name} added on {p.node}: {addresses(p)} (namespace {p.netns}, container "
               f"{p.container_id})")
     else:
         p = sb.pod(args.target)

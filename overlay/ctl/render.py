@@ -47,8 +47,10 @@ def peer_rows(peers: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     return [PEER_HEADER, *(peer_row(p) for p in peers)]
 
 
-def subnets_text(subnet: str | None, subnet6: str | None, sep: str = " ") -> str:
-    """A node's subnets for a table: "10.244.7.0/24 fd00:10:244:7::/64", or one of them."""
+def subnets_text(subnet: str | None, subnet6: str | None, sep: str = ", ") -> str:
+    """A node's subnets (or a pod's addresses) for a table: "10.244.7.0/24,
+    fd00:10:244:7::/64", or one of them, "-" for none. The status documents' "subnet" is
+    the IPv6 one on an IPv6-only node, hence the dedup."""
     return sep.join(dict.fromkeys(x for x in (subnet, subnet6) if x)) or "-"
 
 
@@ -104,7 +106,8 @@ def watch_frame(doc: Mapping[str, Any]) -> str:
                              + ("" if p.get("inEtcd", True) else " (no lease)"))
         agent = n["process"] if not n["error"] else "no answer"
         ready = "yes" if n["ready"] else ("-" if agent != "running" else "no")
-        rows.append((n["name"], agent, ready, n["subnet"] or "-", *cells))
+        rows.append((n["name"], agent, ready, subnets_text(n["subnet"], n.get("ipv6Subnet")),
+                     *cells))
     out = io.StringIO()
     print(head, file=out)
     print_table(rows, out)

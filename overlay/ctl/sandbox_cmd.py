@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from overlay import cli
 from overlay.ctl import render
@@ -144,7 +145,7 @@ def status_doc(sb: Sandbox) -> dict[str, Any]:
             "name": h.name, "namespace": h.netns, "underlayIP": h.underlay_ip, "pid": h.pid,
             "conflist": str(sb.conflist_path(h.name)), "cniPath": sb.cni_path(),
             "agentSocket": str(sb.agent_socket(h.name)), "cniSocket": str(sb.cni_socket(h.name)),
-            "log": h.log, "subnet": None, "ready": False, "peers": [],
+            "log": h.log, "subnet": None, "ipv6Subnet": None, "ready": False, "peers": [],
         }
         try:
             s = status_json(sb.status(h.name))
@@ -175,8 +176,16 @@ def status(sb: Sandbox, as_json: bool) -> int:
     doc = status_doc(sb)
     if as_json:
         print(json.dumps(doc, indent=2))
-        return 0
-    print(f"sandbox {doc['name']}: etcd {doc['etcdEndpoints']}, cluster {doc['clusterCIDR']}")
+    else:
+        print_status(doc)
+    return 0
+
+
+def print_status(doc: Mapping[str, Any], out: TextIO | None = None) -> None:
+    """The tables of `sandbox status`, from its --json document."""
+    out = out or sys.stdout
+    print(f"sandbox {doc['name']}: etcd {doc['etcdEndpoints']}, cluster {doc['clusterCIDR']}",
+          file=out)
     rows: list[tuple[str, ...]] = [
         ("NODE", "NAMESPACE", "UNDERLAY", "SUBNET", "READY", "PEERS (programmed)")]
     for n in doc["nodes"]:
@@ -184,20 +193,19 @@ def status(sb: Sandbox, as_json: bool) -> int:
         subnets = render.subnets_text(n["subnet"], n.get("ipv6Subnet"))
         rows.append((n["name"], n["namespace"], n["underlayIP"], subnets,
                      "yes" if n["ready"] else "no", f"{len(n['peers'])} ({prog})"))
-    render.print_table(rows)
+    render.print_table(rows, out)
     for n in doc["nodes"]:
         if n.get("error"):
-            print(f"{n['name']}: {n['error']} (log: {n['log']}, last lines below)")
-            print(tail(Path(n["log"]), 5))
-    print()
+            print(f"{n['name']}: {n['error']} (log: {n['log']}, last lines below)", file=out)
+            print(tail(Path(n["log"]), 5), file=out)
+    print(file=out)
     rows = [("PEERS SEEN FROM", *render.PEER_HEADER)]
     for n in doc["nodes"]:
         for p in n["peers"]:
             rows.append((n["name"], *render.peer_row(p)))
-    render.print_table(rows)
-    print()
+    render.print_table(rows, out)
+    print(file=out)
     rows = [("POD", "NODE", "IP", "NAMESPACE")]
-    rows += [(p["name"], p["node"], " ".join(dict.fromkeys(x for x in (p["ip"], p["ipv6"]) if x)),
-              p["namespace"]) for p in doc["pods"]]
-    render.print_table(rows)
-    return 0
+    rows += [(p["name"], p["node"], render.subnets_text(p["ip"], p["ipv6"]), p["namespace"])
+             for p in doc["pods"]]
+    render.print_table(rows, out)

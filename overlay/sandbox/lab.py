@@ -371,7 +371,7 @@ def views(sb: Sandbox, timeout: float = 1.0) -> dict[str, Any]:
 
     def one(node: str) -> dict[str, Any]:
         d: dict[str, Any] = {"name": node, "process": agent_state(sb, node), "ready": False,
-                             "subnet": None, "peers": {}, "error": None}
+                             "subnet": None, "ipv6Subnet": None, "peers": {}, "error": None}
         if d["process"] != "running":
             return d
         try:
@@ -379,7 +379,8 @@ def views(sb: Sandbox, timeout: float = 1.0) -> dict[str, Any]:
         except Exception as exc:
             d["error"] = str(exc).splitlines()[0][:120] or type(exc).__name__
             return d
-        d.update(ready=s["ready"], subnet=s["node"]["subnet"], degraded=s["degraded"],
+        d.update(ready=s["ready"], subnet=s["node"]["subnet"],
+                 ipv6Subnet=s["node"]["ipv6Subnet"], degraded=s["degraded"],
                  peers={p["name"]: {"state": p["state"], "programmed": p["programmed"],
                                     "inEtcd": p.get("inEtcd", True)} for p in s["peers"]})
         return d

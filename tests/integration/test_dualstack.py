@@ -9,7 +9,9 @@ share it and leave it as they found it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
 import subprocess
 import time
@@ -122,6 +124,45 @@ def test_nodes_and_pods_reach_each_other_in_both_families(dual):
                 if not (dual.ping(pod.netns, dst) or dual.ping(pod.netns, dst)):
                     bad.append(f"{pod.name} -> {node.name} {dst}")
     assert not bad, f"unreachable: {bad}"
+
+
+def test_status_and_watch_show_both_subnets_of_each_node(dual):
+    """A dual-stack user reads both subnets of each node, not the IPv4 one alone."""
+    want = {}
+    for n in dual.st.nodes:
+        me = dual.status(n.name).self
+        assert IPv4Network(me.subnet).subnet_of(IPv4Network("172.16.0.0/16"))
+        assert IPv6Network(me.subnet6).subnet_of(IPv6Network("fc00::/48"))
+        want[n.name] = f"{me.subnet}, {me.subnet6}"
+
+    def run(*args: str) -> str:
+        p = subprocess.run([tool("overlayctl"), "sandbox", *args, "--name", dual.name],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    def rows(text: str) -> list[list[str]]:
+        return [re.split(r"\s{2,}", line) for line in text.splitlines()]
+
+    status = rows(run("status"))
+    for name, cell in want.items():
+        assert [name, dual.node(name).netns, dual.node(name).underlay_ip, cell] in [
+            r[:4] for r in status], status
+        seen_as = [r for r in status if r[0] in want and r[1:2] == [name]]  # peer rows
+        assert len(seen_as) == 2 and all(r[2] == cell for r in seen_as), status
+    # One frame where every agent answered (it has 1 s to, which a busy machine may miss).
+    want_rows = [[name, "running", "yes", cell] for name, cell in want.items()]
+    frames: list[list[list[str]]] = []
+
+    def a_full_frame() -> bool:
+        frames.append([r[:4] for r in rows(run("watch", "--count", "1"))])
+        return all(r in frames[-1] for r in want_rows)
+
+    with contextlib.suppress(AssertionError):
+        wait_until(a_full_frame, 30, 0.5)
+    assert all(r in frames[-1] for r in want_rows), frames[-1]
+    doc = json.loads(run("status", "--json"))  # the JSON keeps "subnet" the IPv4 one
+    assert {n["name"]: f"{n['subnet']}, {n['ipv6Subnet']}" for n in doc["nodes"]} == want
 
 
 def test_ipv6_entries_and_addresses_deleted_by_hand_come_back(dual):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,32 @@ def test_ipv6_only_over_an_ipv6_underlay_30_of_30(v6):
     assert st.mtu == 1500 - 70
     assert all(":" in p.ip and p.ip == p.ip6 for p in v6.st.pods)
     assert v6.etcd_endpoints().startswith("http://[fd30::")
+
+
+def test_status_and_watch_show_the_ipv6_subnet_of_each_node(v6):
+    want = {n.name: v6.status(n.name).self.subnet6 for n in v6.st.nodes}
+    assert all(ip_network(s).version == 6 for s in want.values()), want
+
+    def rows(*args: str) -> list[list[str]]:
+        p = subprocess.run([tool("overlayctl"), "sandbox", *args, "--name", v6.name],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return [re.split(r"\s{2,}", line) for line in p.stdout.splitlines()]
+
+    status = [r[:4] for r in rows("status")]
+    for name, subnet in want.items():
+        assert [name, v6.node(name).netns, v6.node(name).underlay_ip, subnet] in status, status
+    # One frame where every agent answered (it has 1 s to, which a busy machine may miss).
+    want_rows = [[name, "running", "yes", subnet] for name, subnet in want.items()]
+    frames: list[list[list[str]]] = []
+
+    def a_full_frame() -> bool:
+        frames.append([r[:4] for r in rows("watch", "--count", "1")])
+        return all(r in frames[-1] for r in want_rows)
+
+    with contextlib.suppress(AssertionError):
+        wait_until(a_full_frame, 30, 0.5)
+    assert all(r in frames[-1] for r in want_rows), frames[-1]
 
 
 def test_nodes_and_pods_reach_each_other(v6):
