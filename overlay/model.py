@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import (
     IPv4Address,
@@ -38,7 +39,7 @@ from ipaddress import (
     ip_address,
     ip_network,
 )
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from overlay.errors import ConfigError
 
@@ -298,6 +299,65 @@ class Pool:
                 and (not self.max_explicit or i <= self.index(self.last)))
 
 
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
+_Addr = TypeVar("_Addr", IPv4Address, IPv6Address)
+
+
+@dataclass(frozen=True)
+class _Family(Generic[_Net, _Addr]):
+    """One address family's keys in flannel's net-conf, and how to read them."""
+
+    network: str  # Network
+    subnet_len: str
+    subnet_min: str
+    subnet_max: str
+    parse_network: Callable[[object, str], _Net]
+    address: type[_Addr]
+    missing: str  # the error when the family is enabled and `network` absent
+    disabled: str  # why its keys are ignored when the family is not enabled
+
+    @property
+    def keys(self) -> tuple[str, str, str, str]:
+        return self.network, self.subnet_len, self.subnet_min, self.subnet_max
+
+
+_V4: _Family[IPv4Network, IPv4Address] = _Family(
+    "Network", "SubnetLen", "SubnetMin", "SubnetMax", parse_cidr, IPv4Address,
+    "missing; set the cluster CIDR, e.g. 10.244.0.0/16 (or \"EnableIPv4\": false for an "
+    "IPv6-only cluster)", "\"EnableIPv4\" is false")
+_V6: _Family[IPv6Network, IPv6Address] = _Family(
+    "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", parse_cidr6, IPv6Address,
+    "missing; \"EnableIPv6\": true needs the IPv6 pod network, e.g. fd00:10:244::/56",
+    "\"EnableIPv6\" is not true")
+_FAMILIES: dict[int, _Family[Any, Any]] = {4: _V4, 6: _V6}
+
+
+def _parse_family(doc: dict[str, Any], fam: _Family[_Net, _Addr], enabled: bool,
+                  notes: list[str]) -> tuple[_Net, int, _Addr | None, _Addr | None] | None:
+    """One family's network, subnet length, SubnetMin and SubnetMax; None when the family
+    is not enabled (its keys are then ignored, as flannel does, with a note each)."""
+    if not enabled:
+        notes += [f"{k} is ignored: {fam.disabled}" for k in fam.keys if k in doc]
+        return None
+    if fam.network not in doc:
+        raise ConfigError(fam.network, fam.missing)
+    network = fam.parse_network(doc[fam.network], fam.network)
+    length = _int(doc.get(fam.subnet_len, default_subnet_len(network)), fam.subnet_len,
+                  0, network.max_prefixlen)
+    return (network, length, _address(doc.get(fam.subnet_min), fam.subnet_min, fam),
+            _address(doc.get(fam.subnet_max), fam.subnet_max, fam))
+
+
+def _address(value: object, field: str, fam: _Family[_Net, _Addr]) -> _Addr | None:
+    if value is None:
+        return None
+    addr = parse_ip(value, field)
+    if not isinstance(addr, fam.address):
+        raise ConfigError(field, f"{value} is IPv{addr.version}; {field} is an address of "
+                          f"{fam.network}")
+    return addr
+
+
 def default_subnet_len(network: IPNet) -> int:
     """flannel's: a /24 (IPv6: /64) per node, or a quarter of a smaller network."""
     if isinstance(network, IPv4Network):
@@ -429,33 +489,9 @@ class NetworkConfig:
         if not enable4 and not enable6:
             raise ConfigError("EnableIPv4", "both EnableIPv4 and EnableIPv6 are false: enable "
                               "at least one family")
-        network = subnet_len = smin = smax = None
-        if enable4:
-            if "Network" not in doc:
-                raise ConfigError("Network", "missing; set the cluster CIDR, e.g. 10.244.0.0/16 "
-                                  "(or \"EnableIPv4\": false for an IPv6-only cluster)")
-            network = parse_cidr(doc["Network"])
-            subnet_len = _int(doc.get("SubnetLen", default_subnet_len(network)), "SubnetLen",
-                              0, 32)
-            smin = _addr4(doc.get("SubnetMin"), "SubnetMin")
-            smax = _addr4(doc.get("SubnetMax"), "SubnetMax")
-        else:
-            notes += [f"{k} is ignored: \"EnableIPv4\" is false"
-                      for k in ("Network", "SubnetLen", "SubnetMin", "SubnetMax") if k in doc]
-        net6 = len6 = min6 = max6 = None
-        if enable6:
-            if "IPv6Network" not in doc:
-                raise ConfigError("IPv6Network", "missing; \"EnableIPv6\": true needs the IPv6 "
-                                  "pod network, e.g. fd00:10:244::/56")
-            net6 = parse_cidr6(doc["IPv6Network"])
-            len6 = _int(doc.get("IPv6SubnetLen", default_subnet_len(net6)), "IPv6SubnetLen",
-                        0, 128)
-            min6 = _addr6(doc.get("IPv6SubnetMin"), "IPv6SubnetMin")
-            max6 = _addr6(doc.get("IPv6SubnetMax"), "IPv6SubnetMax")
-        else:
-            notes += [f"{k} is ignored: \"EnableIPv6\" is not true"
-                      for k in ("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin",
-                                "IPv6SubnetMax") if k in doc]
+        network, subnet_len, smin, smax = (_parse_family(doc, _V4, enable4, notes)
+                                           or (None, 24, None, None))
+        net6, len6, min6, max6 = _parse_family(doc, _V6, enable6, notes) or (None, 64, None, None)
         backend = doc.get("Backend", {})
         if not isinstance(backend, dict):
             raise ConfigError("Backend", f"expected an object, got {backend!r}")
@@ -479,29 +515,10 @@ class NetworkConfig:
         mtu = backend.get("MTU")
         if mtu is not None:
             mtu = _int(mtu, "Backend.MTU", MIN_MTU + 50, 65535)
-        return cls(network=network, subnet_len=subnet_len if subnet_len is not None else 24,
-                   vni=vni, port=port, ipv6_network=net6,
-                   ipv6_subnet_len=len6 if len6 is not None else 64,
+        return cls(network=network, subnet_len=subnet_len, vni=vni, port=port,
+                   ipv6_network=net6, ipv6_subnet_len=len6,
                    subnet_min=smin, subnet_max=smax, ipv6_subnet_min=min6, ipv6_subnet_max=max6,
                    direct_routing=direct, mtu=mtu, notes=tuple(notes))
-
-
-def _addr4(value: object, field: str) -> IPv4Address | None:
-    if value is None:
-        return None
-    addr = parse_ip(value, field)
-    if not isinstance(addr, IPv4Address):
-        raise ConfigError(field, f"{value} is IPv6; {field} is an address of Network")
-    return addr
-
-
-def _addr6(value: object, field: str) -> IPv6Address | None:
-    if value is None:
-        return None
-    addr = parse_ip(value, field)
-    if not isinstance(addr, IPv6Address):
-        raise ConfigError(field, f"{value} is IPv4; {field} is an address of IPv6Network")
-    return addr
 
 
 def _bound(pool_net: IPNet, length: int, value: IPAddr | None, default: IPNet,
@@ -519,16 +536,17 @@ def _bound(pool_net: IPNet, length: int, value: IPAddr | None, default: IPNet,
 
 def _pool(network: IPNet, length: int, smin: IPAddr | None, smax: IPAddr | None) -> Pool:
     v4 = isinstance(network, IPv4Network)
-    keys = ("Network", "SubnetLen", "SubnetMin", "SubnetMax") if v4 else \
-        ("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax")
+    fam = _FAMILIES[network.version]
     size = 1 << (network.max_prefixlen - length)
     count = 1 << (length - network.prefixlen)
     base = int(network.network_address)
     mk = (lambda i: IPv4Network((base + i * size, length))) if v4 else \
         (lambda i: IPv6Network((base + i * size, length)))
     # flannel skips the first subnet by default (its network address is the cluster's).
-    first = _bound(network, length, smin, mk(1 if count > 1 else 0), keys[2], keys[0], keys[1])
-    last = _bound(network, length, smax, mk(count - 1), keys[3], keys[0], keys[1])
+    first = _bound(network, length, smin, mk(1 if count > 1 else 0), fam.subnet_min,
+                   fam.network, fam.subnet_len)
+    last = _bound(network, length, smax, mk(count - 1), fam.subnet_max, fam.network,
+                  fam.subnet_len)
     return Pool(network, length, first, last, smin is not None, smax is not None)
 
 
@@ -575,9 +593,8 @@ def validate_network(cfg: NetworkConfig, avoid: tuple[IPNet, ...] = ()) -> None:
     for family in (4, 6):
         pool = cfg.pool(family)  # checks SubnetMin/SubnetMax
         if pool is not None and pool.index(pool.first) > pool.index(pool.last):
-            key = "SubnetMin" if family == 4 else "IPv6SubnetMin"
-            raise ConfigError(key, f"{pool.first.network_address} is above the subnet range's "
-                              f"end {pool.last.network_address}")
+            raise ConfigError(_FAMILIES[family].subnet_min, f"{pool.first.network_address} is "
+                              f"above the subnet range's end {pool.last.network_address}")
     _int(cfg.vni, "Backend.VNI", 1, VNI_MAX)
     _int(cfg.port, "Backend.Port", 1, 65535)
     if cfg.mtu is not None:
