@@ -33,6 +33,8 @@ import signal
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
+from ipaddress import ip_network
 from typing import Any
 
 from common import (
@@ -49,19 +51,43 @@ from common import (
 
 from overlay.sandbox.sandbox import Sandbox, kill_and_wait
 
-REF_CIDR = "10.250.{i}.0"
-REF_CIDR6 = "fd50:0:0:{i}::"
 PORT = 5201
 
 
-def build_reference6(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
-    """The same by hand for IPv6 pods (flannel-v6.1's layout): /128 VTEP address, route
-    onlink via the peer's VTEP, permanent NDP entry, FDB entry to the peer host."""
+@dataclass(frozen=True)
+class RefFamily:
+    """What the hand-built reference does differently per pod family (flannel.1's layout
+    and flannel-v6.1's): addresses, prefix lengths, `ip -6`, no DAD, the forwarding knob."""
+
+    subnet: str  # host i's pod subnet; its network address is the VTEP's address
+    vtep_len: int  # the VTEP's own address: a /32 or /128
+    ip: tuple[str, ...]  # `ip` options for routes and neighbours
+    nodad: tuple[str, ...]  # `ip addr add` options
+    forwarding: str
+
+    @property
+    def subnet_len(self) -> int:
+        return ip_network(self.subnet.format(i=1)).prefixlen
+
+    def addresses(self, i: int) -> tuple[str, str, str]:
+        """Host i's VTEP address, its bridge gateway and its pod's address."""
+        net = ip_network(self.subnet.format(i=i))
+        return str(net.network_address), str(net[1]), str(net[2])
+
+
+REF4 = RefFamily("10.250.{i}.0/24", 32, (), (), "net.ipv4.ip_forward=1")
+REF6 = RefFamily("fd50:0:0:{i}::/64", 128, ("-6",), ("nodad",), "net.ipv6.conf.all.forwarding=1")
+
+
+def build_reference(sb: Sandbox, mtu: int, fam: RefFamily) -> dict[str, dict[str, str]]:
+    """Two hosts with one pod each, joined by a VXLAN overlay made with plain `ip` commands
+    as flannel lays it out: VTEP address on the vxlan device, route onlink via the peer's
+    VTEP, permanent neighbour entry, FDB entry to the peer host."""
     hosts = [sb.add_outside_host(f"r{i}") for i in (1, 2)]
     info: dict[str, dict[str, str]] = {}
+    nodad = "".join(f" {o}" for o in fam.nodad)
     for i, h in enumerate(hosts, start=1):
-        vtep = REF_CIDR6.format(i=i)
-        gw, pod_ip = f"{vtep}1", f"{vtep}2"
+        vtep_ip, gw, pod_ip = fam.addresses(i)
         mac = f"02:bb:00:00:00:0{i}"
         pod_ns = sb.ns(f"r{i}-p1")
         n = h.netns
@@ -69,58 +95,11 @@ def build_reference6(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
             f"link add flannel.1 type vxlan id 1 local {h.underlay_ip} dev eth0 dstport 8472 "
             "nolearning",
             f"link set flannel.1 address {mac} mtu {mtu}",
-            f"addr add {vtep}/128 dev flannel.1 nodad",
+            f"addr add {vtep_ip}/{fam.vtep_len} dev flannel.1{nodad}",
             "link set flannel.1 up",
             "link add cni0 type bridge",
             f"link set cni0 mtu {mtu}",
-            f"addr add {gw}/64 dev cni0 nodad",
-            "link set cni0 up",
-        ):
-            sh("ip", "-n", n, *cmd.split())
-        sh("ip", "netns", "add", pod_ns)
-        sh("ip", "-n", pod_ns, "link", "set", "lo", "up")
-        sh("ip", "-n", n, "link", "add", "vethr1", "mtu", str(mtu), "type", "veth", "peer",
-           "name", "eth0", "netns", pod_ns, "mtu", str(mtu))
-        sh("ip", "-n", n, "link", "set", "vethr1", "master", "cni0", "up")
-        sh("ip", "-n", n, "link", "set", "vethr1", "type", "bridge_slave", "hairpin", "on")
-        sh("ip", "-n", pod_ns, "addr", "add", f"{pod_ip}/64", "dev", "eth0", "nodad")
-        sh("ip", "-n", pod_ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", pod_ns, "-6", "route", "add", "default", "via", gw)
-        sb.run_in(n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        info[f"r{i}"] = {"host_ns": n, "pod_ns": pod_ns, "pod_ip": pod_ip, "vtep_ip": vtep,
-                         "mac": mac, "underlay_ip": h.underlay_ip}
-    for me, peer in (("r1", "r2"), ("r2", "r1")):
-        n, p = info[me]["host_ns"], info[peer]
-        sh("ip", "-n", n, "-6", "route", "add", f"{p['vtep_ip']}/64", "via", p["vtep_ip"],
-           "dev", "flannel.1", "onlink")
-        sh("ip", "-n", n, "-6", "neigh", "add", p["vtep_ip"], "lladdr", p["mac"], "dev",
-           "flannel.1", "nud", "permanent")
-        sh("bridge", "-n", n, "fdb", "append", p["mac"], "dev", "flannel.1", "dst",
-           p["underlay_ip"], "self", "permanent")
-    return info
-
-
-def build_reference(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
-    """Two hosts with one pod each, joined by a VXLAN overlay made with plain `ip` commands."""
-    hosts = [sb.add_outside_host(f"r{i}") for i in (1, 2)]
-    info: dict[str, dict[str, str]] = {}
-    for i, h in enumerate(hosts, start=1):
-        subnet = REF_CIDR.format(i=i)
-        vtep_ip = subnet
-        gw = REF_CIDR.format(i=i)[:-1] + "1"
-        pod_ip = REF_CIDR.format(i=i)[:-1] + "2"
-        mac = f"02:bb:00:00:00:0{i}"
-        pod_ns = sb.ns(f"r{i}-p1")
-        n = h.netns
-        for cmd in (
-            f"link add flannel.1 type vxlan id 1 local {h.underlay_ip} dev eth0 dstport 8472 "
-            "nolearning",
-            f"link set flannel.1 address {mac} mtu {mtu}",
-            f"addr add {vtep_ip}/32 dev flannel.1",
-            "link set flannel.1 up",
-            "link add cni0 type bridge",
-            f"link set cni0 mtu {mtu}",
-            f"addr add {gw}/24 dev cni0",
+            f"addr add {gw}/{fam.subnet_len} dev cni0{nodad}",
             "link set cni0 up",
         ):
             sh("ip", "-n", n, *cmd.split())
@@ -131,19 +110,19 @@ def build_reference(sb: Sandbox, mtu: int) -> dict[str, dict[str, str]]:
         sh("ip", "-n", n, "link", "set", "vethr1", "master", "cni0", "up")
         # flannel's CNI config turns hairpin mode on (a pod reaching itself via a service)
         sh("ip", "-n", n, "link", "set", "vethr1", "type", "bridge_slave", "hairpin", "on")
-        sh("ip", "-n", pod_ns, "addr", "add", f"{pod_ip}/24", "dev", "eth0")
+        sh("ip", "-n", pod_ns, "addr", "add", f"{pod_ip}/{fam.subnet_len}", "dev", "eth0",
+           *fam.nodad)
         sh("ip", "-n", pod_ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", pod_ns, "route", "add", "default", "via", gw)
-        sb.run_in(n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh("ip", "-n", pod_ns, *fam.ip, "route", "add", "default", "via", gw)
+        sb.run_in(n, "sysctl", "-qw", fam.forwarding)
         info[f"r{i}"] = {"host_ns": n, "pod_ns": pod_ns, "pod_ip": pod_ip, "vtep_ip": vtep_ip,
                          "mac": mac, "underlay_ip": h.underlay_ip}
     for me, peer in (("r1", "r2"), ("r2", "r1")):
         n, p = info[me]["host_ns"], info[peer]
-        subnet = p["vtep_ip"]
-        sh("ip", "-n", n, "route", "add", f"{subnet}/24", "via", p["vtep_ip"], "dev", "flannel.1",
-           "onlink")
-        sh("ip", "-n", n, "neigh", "add", p["vtep_ip"], "lladdr", p["mac"], "dev", "flannel.1",
-           "nud", "permanent")
+        sh("ip", "-n", n, *fam.ip, "route", "add", f"{p['vtep_ip']}/{fam.subnet_len}", "via",
+           p["vtep_ip"], "dev", "flannel.1", "onlink")
+        sh("ip", "-n", n, *fam.ip, "neigh", "add", p["vtep_ip"], "lladdr", p["mac"], "dev",
+           "flannel.1", "nud", "permanent")
         sh("bridge", "-n", n, "fdb", "append", p["mac"], "dev", "flannel.1", "dst",
            p["underlay_ip"], "self", "permanent")
     return info
@@ -315,7 +294,7 @@ def main() -> None:
         st = sb.st
         pods = {p.node: p for p in st.pods}
         mtu = int(sb.status("n1").mtu)
-        ref = build_reference6(sb, mtu) if v6 else build_reference(sb, mtu)
+        ref = build_reference(sb, mtu, REF6 if v6 else REF4)
         n1, n2 = sb.node("n1"), sb.node("n2")
         paths = {
             "underlay": (n1.netns, n2.netns, n2.underlay_ip),

@@ -85,6 +85,52 @@ def test_device_differences_name_the_role_and_both_values():
     assert dataplane.differences(ours, ours) == []
 
 
+class _RefSandbox:
+    """Enough of a Sandbox for dataplane.build_reference; its commands recorded."""
+
+    def __init__(self, calls: list[tuple[str, ...]]) -> None:
+        self.calls = calls
+
+    def add_outside_host(self, name: str) -> object:
+        return type("Host", (), {"netns": f"x-{name}", "underlay_ip": f"172.30.9.{name[-1]}"})
+
+    def ns(self, name: str) -> str:
+        return f"x-{name}"
+
+    def run_in(self, ns: str, *cmd: str, **_kw: object) -> None:
+        self.calls.append((ns, *cmd))
+
+
+@pytest.mark.parametrize(("fam", "want"), [
+    ("REF4", ["ip -n x-r1 addr add 10.250.1.0/32 dev flannel.1",
+              "ip -n x-r1 addr add 10.250.1.1/24 dev cni0",
+              "ip -n x-r1-p1 addr add 10.250.1.2/24 dev eth0",
+              "ip -n x-r1-p1 route add default via 10.250.1.1",
+              "x-r1 sysctl -qw net.ipv4.ip_forward=1",
+              "ip -n x-r1 route add 10.250.2.0/24 via 10.250.2.0 dev flannel.1 onlink",
+              "ip -n x-r1 neigh add 10.250.2.0 lladdr 02:bb:00:00:00:02 dev flannel.1 nud "
+              "permanent"]),
+    ("REF6", ["ip -n x-r1 addr add fd50:0:0:1::/128 dev flannel.1 nodad",
+              "ip -n x-r1 addr add fd50:0:0:1::1/64 dev cni0 nodad",
+              "ip -n x-r1-p1 addr add fd50:0:0:1::2/64 dev eth0 nodad",
+              "ip -n x-r1-p1 -6 route add default via fd50:0:0:1::1",
+              "x-r1 sysctl -qw net.ipv6.conf.all.forwarding=1",
+              "ip -n x-r1 -6 route add fd50:0:0:2::/64 via fd50:0:0:2:: dev flannel.1 onlink",
+              "ip -n x-r1 -6 neigh add fd50:0:0:2:: lladdr 02:bb:00:00:00:02 dev flannel.1 nud "
+              "permanent"]),
+])
+def test_the_reference_overlay_is_flannels_layout_in_each_family(monkeypatch, fam, want):
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(dataplane, "sh", lambda *a, **_kw: calls.append(a))
+    info = dataplane.build_reference(_RefSandbox(calls), 1450, getattr(dataplane, fam))
+    lines = [" ".join(c) for c in calls]
+    for line in want:
+        assert line in lines, (line, lines)
+    assert "bridge -n x-r1 fdb append 02:bb:00:00:00:02 dev flannel.1 dst 172.30.9.2 self " \
+        "permanent" in lines
+    assert info["r2"]["pod_ip"] == {"REF4": "10.250.2.2", "REF6": "fd50:0:0:2::2"}[fam]
+
+
 def test_prometheus_parser_sums_matching_label_sets():
     text = """# HELP x
 etcd_network_client_grpc_received_bytes_total 1200
