@@ -60,6 +60,20 @@ log = logging.getLogger("overlay.membership")
 # bandwidth-delay probing (a PING after every message: more wire bytes than
 # the small messages themselves, for windows they never fill).
 COMMON_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+# A peer whose host vanished without a FIN (a reboot or power loss while its
+# link was down) leaves a half-open connection that the server, which only
+# answers, would hold for good: ping every connection, idle ones too, and drop
+# it when the ping goes unanswered. Live peers answer within milliseconds.
+SERVER_KEEPALIVE_S = 20.0
+SERVER_KEEPALIVE_TIMEOUT_S = 10.0
+SERVER_OPTIONS = [
+    *COMMON_OPTIONS,
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", int(SERVER_KEEPALIVE_S * 1000)),
+    ("grpc.keepalive_timeout_ms", int(SERVER_KEEPALIVE_TIMEOUT_S * 1000)),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection that went quiet
+]
 CHANNEL_OPTIONS = [
     *COMMON_OPTIONS,
     ("grpc.enable_http_proxy", 0),
@@ -217,7 +231,7 @@ class Membership:
 
     async def start(self) -> None:
         """Serve the Membership service on the listen address."""
-        server = grpc.aio.server(options=[*COMMON_OPTIONS, ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         add_membership_servicer(_Servicer(self), server)
         try:
             if self.tls is not None:

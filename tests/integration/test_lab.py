@@ -227,6 +227,47 @@ def test_a_node_back_from_a_partition_longer_than_its_lease_is_alive_for_good(la
             assert f.read().count("Channel is closed") < 3, n
 
 
+def tcp_connections(sb: Sandbox, node: str, port: int) -> set[tuple[str, str]]:
+    """(local, remote) of the node's established TCP connections to or from `port`."""
+    out = sb.run_in(sb.node(node).netns, "ss", "-tnH", "state", "established").stdout.decode()
+    conns = set()
+    for line in out.splitlines():
+        local, remote = (a.replace("[::ffff:", "").replace("]", "") for a in line.split()[-2:])
+        if local.endswith(f":{port}") or remote.endswith(f":{port}"):
+            conns.add((local, remote))
+    return conns
+
+
+def test_a_peer_that_vanished_without_a_word_leaves_no_connection_behind(lab):
+    """n2 is rebooted while partitioned: its namespace goes before any FIN gets through,
+    so n1 and n3 are left holding the server end of its old membership connections, which
+    only answer and would never learn the other end is gone (a few per reboot, kept for
+    good: the soak's fd growth). They must be closed within the keepalive bound."""
+    from overlay.sandbox import lab as labmod
+
+    sb = lab
+    try:
+        ok(ctl(sb, "fault", "partition", "n2"))
+        labmod.power_off(sb, "n2")
+    finally:
+        ok(ctl(sb, "fault", "heal"))
+        if "n2" in sb.st.powered_off:
+            labmod.power_on(sb, "n2")
+
+    def half_open() -> list[tuple[str, str, str]]:
+        # A connection is half-open when no live node holds its other end.
+        ends = {(n, c) for n in ("n1", "n2", "n3") for c in tcp_connections(sb, n, 7946)}
+        held = {c for _, c in ends}
+        return sorted((n, loc, rem) for n, (loc, rem) in ends if (rem, loc) not in held)
+
+    # Keepalive: 20 s idle, then 10 s for the answer; 90 s leaves room for a busy machine.
+    try:
+        wait_until(lambda: not half_open(), 90, 1)
+    except AssertionError:
+        raise AssertionError(f"still half-open after 90 s (node, local, remote): "
+                             f"{half_open()}") from None
+
+
 def test_etcd_kill_and_restart(lab):
     sb = lab
     try:
