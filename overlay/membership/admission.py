@@ -120,12 +120,22 @@ class Gate:
         self.rate, self.burst, self.cache_size = rate, burst, cache_size
         self._tokens = float(burst)
         self._refilled: float | None = None
+        # One statement per node, its newest: an older one is stale news, never admitted
+        # again, so caching it would only grow with every restart and refutation.
         self._verified: dict[bytes, _Verified] = {}
+        self._newest: dict[str, bytes] = {}
         self._rejected: dict[tuple[bytes, bytes], str] = {}
         self.verifications = 0
 
     def set_keys(self, keys: Mapping[str, str]) -> None:
         self.keys = dict(keys)
+        for name in [n for n in self._newest if n not in self.keys]:
+            self._verified.pop(self._newest.pop(name), None)
+
+    @property
+    def cached(self) -> int:
+        """Verified statements kept (at most one per lease holder)."""
+        return len(self._verified)
 
     def admit(self, claims: Iterable[Claim], sender: str, members: Mapping[str, Member],
               now: float) -> tuple[list[Update], list[Refusal]]:
@@ -180,7 +190,7 @@ class Gate:
             rec = Record(st.record.node, st.record.lease_revision,
                          Proof(c.statement, c.signature, key))
             v = _Verified(name, rec, st.incarnation, st.state)
-            self._remember(self._verified, c.statement, v)
+            self._cache(c.statement, v)
         else:
             m = members.get(v.name)
             if m is not None and v.incarnation < m.incarnation:
@@ -235,6 +245,16 @@ class Gate:
             return False
         self._tokens -= 1
         return True
+
+    def _cache(self, statement: bytes, v: _Verified) -> None:
+        old = self._newest.get(v.name)
+        if old is not None:
+            prev = self._verified.get(old)
+            if prev is not None and prev.incarnation > v.incarnation:
+                return  # an older word verified late: admitted, not kept
+            self._verified.pop(old, None)
+        self._newest[v.name] = statement
+        self._remember(self._verified, statement, v)
 
     def _remember(self, cache: dict[Any, Any], key: Any, value: Any) -> None:
         if len(cache) >= max(self.cache_size, 2 * len(self.keys)):

@@ -291,6 +291,30 @@ def test_each_statement_is_verified_once():
     assert updates[0].record.proof.signature == rec.proof.signature and g.verifications == 1
 
 
+def test_the_cache_keeps_one_statement_per_node_and_none_of_departed_nodes():
+    """Every restart or refutation brings a new statement; only the newest matters (an
+    older one is stale news), so memory stays one statement per member however long a
+    node lives."""
+    g, s = keyed_gate(), core()
+    for inc in range(1, 201):
+        for node in (2, 3):
+            admit(g, s, [claim(statement(node, inc), State.ALIVE, "n3")])
+    assert g.verifications == 400 and g.cached == 2
+    # the newest is still a cache hit
+    admit(g, s, [claim(statement(2, 200), State.SUSPECT, "n3")])
+    assert g.verifications == 400
+    # an older word verified late (its subject unknown here) is admitted but not kept
+    g2 = keyed_gate()
+    g2.admit([claim(statement(2, 9), State.ALIVE, "n3")], "n3", {}, 0.0)
+    updates, _ = g2.admit([claim(statement(2, 4), State.ALIVE, "n3")], "n3", {}, 0.0)
+    assert [u.incarnation for u in updates] == [4] and g2.cached == 1
+    updates, _ = g2.admit([claim(statement(2, 9), State.ALIVE, "n3")], "n3", {}, 0.0)
+    assert [u.incarnation for u in updates] == [9] and g2.verifications == 2
+    # a node whose lease is gone takes its statement with it
+    g.set_keys({n: k.public for n, k in KEYS.items() if n != "n2"})
+    assert g.cached == 1
+
+
 def test_a_repeated_bad_signature_is_verified_once():
     g, s = keyed_gate(), core()
     forged = claim(statement(2, 50, key=ATTACKER), State.ALIVE)
