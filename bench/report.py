@@ -774,6 +774,14 @@ def soak_section(sk: dict[str, Any] | None, img: str | None) -> str:
             f"{floor['fds']:g} fd/h.", "",
             table(["process", "metric", "median", "incarnations fitted", "growth",
                    "95% interval", "beyond noise"], rows)]
+    tr = sk.get("trend") or {}
+    if tr:
+        bin_min = sk.get("trend_bin_s", 300) / 60
+        out += ["", f"Means of each {bin_min:g}-minute window of the spared processes (a leak "
+                "climbs window after window; a warm-up flattens out):", ""]
+        out += [f"- {host}: RSS " + ", ".join(f"{v / 2**20:.1f}" for v in m["rss_bytes"])
+                + " MiB; open fds " + ", ".join(f"{v:g}" for v in m["fds"])
+                for host, m in tr.items()]
     return "\n".join(out)
 
 

@@ -135,6 +135,23 @@ def growth(samples: Sequence[dict[str, Any]], warmup: float, min_life: float = 0
     return out
 
 
+def trend(samples: Sequence[dict[str, Any]], hosts: Sequence[str], bin_s: float = 300
+          ) -> dict[str, dict[str, list[float]]]:
+    """Per host and metric, the mean of each `bin_s` window: a leak climbs window after
+    window, a warm-up flattens out."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for host in hosts:
+        rows = [s for s in samples if s["host"] == host]
+        if not rows:
+            continue
+        bins: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            bins[int(r["t"] // bin_s)].append(r)
+        out[host] = {m: [round(sum(float(r[m]) for r in bins[b]) / len(bins[b]), 1)
+                         for b in sorted(bins)] for m in ("rss_bytes", "fds")}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1800)
@@ -175,7 +192,8 @@ def main() -> None:
         "rounds": len(doc["rounds"]), "faults": len(doc["faults"]),
         "kinds_seen": doc["kinds_seen"], "heal": doc["heal"], "heal_times_s": heals,
         "heal_by_kind_s": dict(by_kind), "duration_s": doc["duration_s"],
-        "growth": g, "beyond_noise": leaks, "samples": sampler.samples, "chaos": doc,
+        "growth": g, "beyond_noise": leaks, "trend_bin_s": 300,
+        "trend": trend(sampler.samples, SPARED), "samples": sampler.samples, "chaos": doc,
     }
     h = doc["heal"]
     worst = h.get("max_s")

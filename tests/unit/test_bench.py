@@ -340,3 +340,8 @@ def test_the_soak_section_names_the_verdicts_and_the_leaking_process():
     row = next(line for line in text.splitlines() if line.startswith("| n1 (spared) | RSS"))
     assert "+50.00 MiB/h" in row and row.endswith("**yes** |")
     assert "_Not run._" in report.soak_section(None, None)
+    doc["trend"] = soak.trend(leak, ["n1", "etcd1"])
+    assert doc["trend"]["n1"]["fds"] == [25.0] * 6 and "etcd1" not in doc["trend"]
+    rss = doc["trend"]["n1"]["rss_bytes"]
+    assert rss == sorted(rss) and len(set(rss)) == 6
+    assert "- n1: RSS 59.3, 63.4, 67.6," in report.soak_section(doc, None)
