@@ -253,8 +253,9 @@ class Gate:
             if prev is not None and prev.incarnation > v.incarnation:
                 return  # an older word verified late: admitted, not kept
             self._verified.pop(old, None)
+        # No size cap needed: one entry per lease holder, departed ones dropped in set_keys.
         self._newest[v.name] = statement
-        self._remember(self._verified, statement, v)
+        self._verified[statement] = v
 
     def _remember(self, cache: dict[Any, Any], key: Any, value: Any) -> None:
         if len(cache) >= max(self.cache_size, 2 * len(self.keys)):
