@@ -24,6 +24,7 @@ from typing import Any
 
 from overlay.cni import podlink
 from overlay.devnames import HOST_VETH_RE, host_veth_name
+from overlay.linkget import get_link
 from overlay.model import IPAddr, IPIface
 from overlay.netns import netlink_socket, run_in_netns
 
@@ -90,19 +91,9 @@ async def container_netlink(ns_fd: int) -> AsyncIterator[Any]:
         sock.close()
 
 
-async def _first(res: Any) -> Any:
-    if hasattr(res, "__aiter__"):
-        async for m in res:
-            return m
-        return None
-    for m in res:
-        return m
-    return None
-
-
 async def link_index(ipr: Any, name: str) -> int | None:
     try:
-        msg = await _first(await ipr.link("get", ifname=name))
+        msg = await get_link(ipr, ifname=name)
     except Exception as exc:
         if _code(exc) == errno.ENODEV:
             return None
@@ -405,7 +396,7 @@ class PodWiring:
                 idx = await link_index(cipr, ifname)
                 if idx is None:
                     return False
-                msg = await _first(await cipr.link("get", index=idx))
+                msg = await get_link(cipr, index=idx)
                 li = msg.get("IFLA_LINKINFO") if msg is not None else None
                 if li is None or li.get("IFLA_INFO_KIND") != "veth":
                     return False
@@ -424,7 +415,7 @@ class PodWiring:
         host = host_veth_name(container_id, ifname)
         msg = None
         try:
-            msg = await _first(await self.ipr.link("get", ifname=host))
+            msg = await get_link(self.ipr, ifname=host)
         except Exception as exc:
             if _code(exc) != errno.ENODEV:
                 raise
@@ -446,7 +437,7 @@ class PodWiring:
         moved = []
         for name in names:
             try:
-                msg = await _first(await self.ipr.link("get", ifname=name))
+                msg = await get_link(self.ipr, ifname=name)
                 if msg is None or msg.get("IFLA_MASTER") == br:
                     continue
                 await self.ipr.link("set", index=int(msg["index"]), master=br)
@@ -475,7 +466,7 @@ class PodWiring:
             idx = await link_index(cipr, ifname)
             if idx is None:
                 return ContainerView(False)
-            msg = await _first(await cipr.link("get", index=idx))
+            msg = await get_link(cipr, index=idx)
             li = msg.get("IFLA_LINKINFO")
             addrs: set[IPIface] = set()
             async for a in await cipr.addr("dump", index=idx):

@@ -27,6 +27,7 @@ from overlay.dataplane.desired import Entries, Fdb, Op
 from overlay.dataplane.devices import BridgeSpec, DeviceOp, LinkInfo, VxlanSpec
 from overlay.devnames import is_node_device
 from overlay.errors import ConfigError, TemporaryError
+from overlay.linkget import get_link
 from overlay.model import IPAddr, IPIface, IPNet
 
 log = logging.getLogger(__name__)
@@ -184,15 +185,14 @@ class NetlinkKernel:
 
     async def link(self, name: str) -> LinkInfo | None:
         try:
-            msgs = await collect(await self._ipr.link("get", ifname=name))
+            msg = await get_link(self._ipr, ifname=name)
         except Exception as exc:
             code = _nl_code(exc)
             if code == errno.ENODEV:
                 return None
             raise KernelError(f"read link {name}", code) from exc
-        if not msgs:
+        if msg is None:
             return None
-        msg = msgs[0]
         return link_info(msg, await self._addresses(msg["index"]))
 
     async def _addresses(self, index: int) -> frozenset[IPIface]:
@@ -206,10 +206,13 @@ class NetlinkKernel:
         return frozenset(out)
 
     async def _index(self, name: str) -> int:
-        found = await self._ipr.link_lookup(ifname=name)
-        if not found:
+        try:
+            msg = await get_link(self._ipr, ifname=name)
+        except Exception as exc:
+            raise KernelError(f"find link {name}", _nl_code(exc)) from exc
+        if msg is None:
             raise KernelError(f"find link {name}", errno.ENODEV)
-        return int(found[0])
+        return int(msg["index"])
 
     async def apply_device_ops(self, ops: Sequence[DeviceOp]) -> None:
         for op in ops:

@@ -7,7 +7,8 @@ Layers, bottom to top; a module may import its own layer and those below, never 
             (standard library and prometheus-client only)
   core      model, subnets, dataplane.desired/devices/rtnl,
             membership.swim/effective/admission, cni.spec: records and decisions
-  adapters  etcdstore, netns, dataplane.kernel/fake/reconciler, membership.wire/tls/service,
+  adapters  etcdstore, netns, linkget, dataplane.kernel/fake/reconciler,
+            membership.wire/tls/service,
             cni.ipam/wiring/podlink/install, v1 (generated): one outside thing each
   agent     overlay.agent.*   the node agent (overlayd) and the client of its local API
   sandbox   overlay.sandbox.* a cluster of namespaces on one machine
@@ -43,7 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "overlay.dataplane.desired", "overlay.dataplane.devices", "overlay.dataplane.rtnl",
               "overlay.membership", "overlay.membership.swim", "overlay.membership.effective",
               "overlay.membership.admission", "overlay.cni.spec")),
-    ("adapters", ("overlay.etcdstore", "overlay.netns", "overlay.dataplane.*",
+    ("adapters", ("overlay.etcdstore", "overlay.netns", "overlay.linkget", "overlay.dataplane.*",
                   "overlay.membership.*", "overlay.cni.*", "overlay.v1", "overlay.v1.*")),
     ("agent", ("overlay.agent", "overlay.agent.*")),
     ("sandbox", ("overlay.sandbox", "overlay.sandbox.*")),
