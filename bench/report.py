@@ -764,7 +764,11 @@ def soak_section(sk: dict[str, Any] | None, img: str | None) -> str:
                      "**yes**" if g["beyond_noise"] else
                      "n/a" if g["beyond_noise"] is None else "no"])
     floor = sk["floor_per_hour"]
-    out += [f"Growth per hour, fitted within each process incarnation (the chaos restarts "
+    settle = sk.get("settle_s", 0)
+    out += [(f"Growth per hour over the soak's last {(sk['seconds'] - settle) / 60:.0f} "
+             f"minutes (the first {settle / 60:.0f}, where the allocators' high-water marks "
+             "climb, are left out; see bench/soak.py), " if settle else "Growth per hour, ")
+            + f"fitted within each process incarnation (the chaos restarts "
             f"them), the first {sk['warmup_s']:.0f} s of each left out, and incarnations "
             f"seen for less than {sk.get('min_life_s', 0):.0f} s after that (n/a: none lived "
             f"that long); {', '.join(sk.get('spared', [])) or 'none'} spared the kills, stops "

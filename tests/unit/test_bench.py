@@ -324,6 +324,19 @@ def test_soak_growth_is_fitted_within_incarnations_with_an_interval():
     assert lo < 20 * 2**20 < hi and g["rss_bytes"]["beyond_noise"]
     assert g["fds"]["beyond_noise"] and 3 < g["fds"]["per_hour"] < 5
     assert soak.within_slope([[(0, 1), (1, 2)]]) is None  # too few samples to say
+    # The settle window: a climb that flattens after 15 minutes is left out, and the
+    # same leak is still found in the 30 minutes after it.
+    rng = random.Random(0)
+    warm = [{"t": t, "host": "n1", "role": "agent", "pid": 8, "fds": 20,
+             "rss_bytes": 75e6 + min(t, 900) * 4e6 / 900 + rng.gauss(0, 2e5)}
+            for t in range(0, 2700, 5)]
+    assert soak.growth(warm, warmup=120)[0]["beyond_noise"]
+    settled = soak.growth(warm, warmup=120, settle=900)[0]
+    assert settled["metric"] == "rss_bytes" and settled["beyond_noise"] is False
+    long_leak = [{**s, "t": s["t"] + 900} for s in leak]
+    g = {x["metric"]: x for x in soak.growth(long_leak, warmup=60, settle=900)}
+    lo, hi = g["rss_bytes"]["ci95"]
+    assert lo < 20 * 2**20 < hi and g["rss_bytes"]["beyond_noise"]
 
 
 def test_the_soak_section_names_the_verdicts_and_the_leaking_process():
@@ -345,3 +358,5 @@ def test_the_soak_section_names_the_verdicts_and_the_leaking_process():
     rss = doc["trend"]["n1"]["rss_bytes"]
     assert rss == sorted(rss) and len(set(rss)) == 6
     assert "- n1: RSS 59.3, 63.4, 67.6," in report.soak_section(doc, None)
+    doc.update(seconds=2700, settle_s=900)
+    assert "over the soak's last 30 minutes (the first 15," in report.soak_section(doc, None)
