@@ -13,6 +13,7 @@ a large receive buffer, which pins heap pages; found with the chaos soak). Every
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -32,11 +33,16 @@ def drop_strays(ipr: Any) -> int:
 
 async def get_link(ipr: Any, **match: Any) -> Any:
     """The RTM_NEWLINK message of the link `match` names (ifname= or index=), or
-    None; pyroute2's NetlinkError (ENODEV...) as `ipr.link("get")` raises it."""
+    None if there is no such link; any other error as `ipr.link("get")` raises it."""
     # The ACK of this call arrives after its reply: the next call drops it, so at
     # most one waits at any time.
     drop_strays(ipr)
-    res = await ipr.link("get", **match)
+    try:
+        res = await ipr.link("get", **match)
+    except Exception as exc:
+        if getattr(exc, "code", None) == errno.ENODEV:
+            return None
+        raise
     if hasattr(res, "__aiter__"):
         async for m in res:
             return m

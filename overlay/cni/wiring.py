@@ -92,12 +92,7 @@ async def container_netlink(ns_fd: int) -> AsyncIterator[Any]:
 
 
 async def link_index(ipr: Any, name: str) -> int | None:
-    try:
-        msg = await get_link(ipr, ifname=name)
-    except Exception as exc:
-        if _code(exc) == errno.ENODEV:
-            return None
-        raise
+    msg = await get_link(ipr, ifname=name)
     return None if msg is None else int(msg["index"])
 
 
@@ -393,13 +388,11 @@ class PodWiring:
             return False
         try:
             async with container_netlink(ns_fd) as cipr:
-                idx = await link_index(cipr, ifname)
-                if idx is None:
-                    return False
-                msg = await get_link(cipr, index=idx)
+                msg = await get_link(cipr, ifname=ifname)
                 li = msg.get("IFLA_LINKINFO") if msg is not None else None
                 if li is None or li.get("IFLA_INFO_KIND") != "veth":
                     return False
+                idx = int(msg["index"])
                 ours = False
                 async for a in await cipr.addr("dump", index=idx):
                     ours = ours or (a["index"] == idx and a.get("IFA_ADDRESS") == str(address))
@@ -413,12 +406,7 @@ class PodWiring:
     async def host_view(self, container_id: str, ifname: str) -> tuple[str, int | None, int | None]:
         """(host veth name, its index or None, its master's index or None) for CHECK."""
         host = host_veth_name(container_id, ifname)
-        msg = None
-        try:
-            msg = await get_link(self.ipr, ifname=host)
-        except Exception as exc:
-            if _code(exc) != errno.ENODEV:
-                raise
+        msg = await get_link(self.ipr, ifname=host)
         if msg is None:
             return host, None, None
         return host, int(msg["index"]), msg.get("IFLA_MASTER")
@@ -463,10 +451,10 @@ class PodWiring:
 
     async def container_view(self, ns_fd: int, ifname: str) -> ContainerView:
         async with container_netlink(ns_fd) as cipr:
-            idx = await link_index(cipr, ifname)
-            if idx is None:
+            msg = await get_link(cipr, ifname=ifname)
+            if msg is None:
                 return ContainerView(False)
-            msg = await get_link(cipr, index=idx)
+            idx = int(msg["index"])
             li = msg.get("IFLA_LINKINFO")
             addrs: set[IPIface] = set()
             async for a in await cipr.addr("dump", index=idx):

@@ -104,13 +104,6 @@ def harmless(op: Op, code: int) -> bool:
     return isinstance(op.entry, Fdb) and code == errno.EEXIST
 
 
-async def collect(res: Any) -> list[Any]:
-    """pyroute2 0.9 returns lists for single requests and async generators for dumps."""
-    if hasattr(res, "__aiter__"):
-        return [m async for m in res]
-    return list(res)
-
-
 def link_info(msg: Any, addresses: frozenset[IPIface] = frozenset()) -> LinkInfo:
     """Decode an RTM_NEWLINK message into LinkInfo."""
     li = msg.get("IFLA_LINKINFO")
@@ -187,10 +180,7 @@ class NetlinkKernel:
         try:
             msg = await get_link(self._ipr, ifname=name)
         except Exception as exc:
-            code = _nl_code(exc)
-            if code == errno.ENODEV:
-                return None
-            raise KernelError(f"read link {name}", code) from exc
+            raise KernelError(f"read link {name}", _nl_code(exc)) from exc
         if msg is None:
             return None
         return link_info(msg, await self._addresses(msg["index"]))

@@ -52,3 +52,29 @@ def test_get_link_returns_the_first_reply_and_keeps_at_most_one_ack_parked():
 def test_drop_strays_leaves_sockets_without_a_queue_alone():
     assert drop_strays(SimpleNamespace()) == 0       # no request made yet: no queue
     assert drop_strays(SimpleNamespace(local=SimpleNamespace())) == 0
+
+
+def test_no_such_link_is_none_and_other_errors_pass_through():
+    class NetlinkError(Exception):
+        def __init__(self, code: int) -> None:
+            super().__init__(code)
+            self.code = code
+
+    class Failing(FakeIPR):
+        def __init__(self, code: int) -> None:
+            super().__init__([])
+            self.code = code
+
+        async def link(self, command: str, **match: Any) -> Any:
+            raise NetlinkError(self.code)
+
+    async def run() -> None:
+        assert await get_link(Failing(19), ifname="gone0") is None  # ENODEV
+        try:
+            await get_link(Failing(1), ifname="x")                   # EPERM
+        except NetlinkError as exc:
+            assert exc.code == 1
+        else:
+            raise AssertionError("EPERM swallowed")
+
+    asyncio.run(run())
