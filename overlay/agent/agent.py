@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import time
@@ -188,8 +189,16 @@ class Agent:
                     if isinstance(res, Awaitable):
                         await res
 
+    # A supervisor SIGKILLs a stop that outlasts its timeout (podman's 10 s), and what
+    # held it up dies unseen: past this, every thread's stack goes to stderr and the
+    # process exits (status 1). A stop normally takes well under a second.
+    STOP_WATCHDOG = 9.0
+
     def _on_signal(self, sig: int) -> None:
         log.info("received %s, stopping", signal.Signals(sig).name)
+        # Armed until the process is gone: interpreter teardown (thread joins, grpc's
+        # shutdown) is covered too.
+        faulthandler.dump_traceback_later(self.STOP_WATCHDOG, exit=True)
         self.stop(f"stopping on {signal.Signals(sig).name}")
 
     def stop(self, why: str = "stopping") -> None:

@@ -37,7 +37,8 @@ environment: OVERLAYD_ETCD_ENDPOINTS and OVERLAYD_NODE_NAME supply defaults
 for --etcd-endpoints and --node-name.
 
 exit status: 0 after SIGTERM/SIGINT or a graceful leave, 1 on a failure it
-cannot wait out, 2 on invalid configuration, 70 on a bug (logged with its
+cannot wait out or a stop that took over 9 s (every thread's stack is written
+to stderr first), 2 on invalid configuration, 70 on a bug (logged with its
 traceback).
 """
 

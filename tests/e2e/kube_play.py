@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,9 @@ def play(node: str, pod: Path, cm: Path, replace: bool = False) -> None:
     pm = made_pods.setdefault(f"overlay-{RUN_ID}-{node}", podman_for(node))
     args = ["kube", "play", "--configmap", str(cm)]
     if replace:
-        # As the kubelet replaces a pod: the old one goes, then the new one starts. podman
-        # keeps a ConfigMap as a named volume: removed too, so the edit is seen.
-        keep_log(node)
+        # As the kubelet replaces a pod: the old one goes (stopped first: stop_pod), then
+        # the new one starts. podman keeps a ConfigMap as a named volume: removed too, so
+        # the edit is seen.
         event(f"{node}: podman pod rm")
         pm("pod", "rm", "-f", "-t", "10", f"overlay-{RUN_ID}-{node}")
         event(f"{node}: pod removed")
@@ -188,6 +189,38 @@ def play(node: str, pod: Path, cm: Path, replace: bool = False) -> None:
     except CheckFailed as exc:
         raise CheckFailed(f"{exc}\n{pod_logs(pm, f'overlay-{RUN_ID}-{node}')}") from None
     event(f"{node}: kube play returned")
+
+
+def stop_pod(c: Checks, node: str) -> None:
+    """As the kubelet stops a pod: SIGTERM, SIGKILL after the grace period (10 s here,
+    30 in the manifest). The agent must be gone well within it, timed from its own
+    "received SIGTERM" line to the container's exit, and not by its stop watchdog."""
+    pm = podman_for(node)
+    pod, agent = f"overlay-{RUN_ID}-{node}", f"overlay-{RUN_ID}-{node}-overlayd"
+    keep_log(node)
+    event(f"{node}: podman pod stop")
+    stopped = pm("pod", "stop", "-t", "10", pod, check=False)
+    event(f"{node}: pod stopped")
+    log = pm("logs", "-t", agent, check=False)
+    lines = (log.stdout + log.stderr).splitlines()
+    term = [ln.split()[0] for ln in lines if "received SIGTERM" in ln]
+    end = pm("inspect", "--format", "{{.State.FinishedAt.UnixNano}}", agent, check=False)
+    took = None
+    if term and end.returncode == 0 and int(end.stdout.strip() or 0) > 0:
+        # podman's log stamps are RFC 3339 with nanoseconds; Python takes microseconds
+        stamp = term[-1].rstrip("Z")
+        sent = datetime.fromisoformat(stamp[:26]).replace(tzinfo=UTC).timestamp()
+        took = int(end.stdout) / 1e9 - sent
+    evidence = "\n".join([f"`pod stop` exited {stopped.returncode}: {stopped.stderr.strip()}",
+                          *lines[-40:]])
+    c.check(took is not None and took < 10 and not any("Timeout (" in ln for ln in lines),
+            f"{node}: overlayd stopped {took or 0:.2f}s after SIGTERM (podman's grace 10 s)",
+            evidence)
+    # podman 4.3 can lose a race with a container that exits just as the grace ends
+    # (`runc kill` finds it gone); the agent was timed above, so this is podman's alone.
+    if stopped.returncode != 0:
+        print(f"  note: `podman pod stop` on {node} exited {stopped.returncode}, the agent "
+              f"had stopped: {stopped.stderr.strip()[-300:]}", flush=True)
 
 
 def keep_log(node: str) -> None:
@@ -379,6 +412,7 @@ def body(c: Checks) -> None:
 
     def roll_out() -> None:
         for n in NODES:
+            stop_pod(c, n)
             play(n, work / n / "pod.yaml", configmap_yaml(edited, n, "configmap-edited.yaml"),
                  replace=True)
             c.wait(lambda n=n: readyz(n), f"{n}: pod replaced with the edited ConfigMap, "
