@@ -316,7 +316,7 @@ def _deadline_only(svc: Any) -> None:
 
     async def rpc(call: Any, request: Any, *, operation: str, timeout: float | None = None,
                   max_attempts: int | None = None) -> Any:
-        attempts = max_attempts or svc._max_attempts
+        attempts = svc._max_attempts if max_attempts is None else max_attempts
         end = None if timeout is None else time.monotonic() + timeout
         backoff = svc._initial_backoff_seconds
         for attempt in range(1, attempts + 1):
