@@ -176,7 +176,7 @@ def play(node: str, pod: Path, cm: Path, replace: bool = False) -> None:
     pm = made_pods.setdefault(f"overlay-{RUN_ID}-{node}", podman_for(node))
     args = ["kube", "play", "--configmap", str(cm)]
     if replace:
-        # As the kubelet replaces a pod: the old one goes (stopped first: stop_pod), then
+        # As the kubelet replaces a pod: the old one goes (stopped first: stop_agent), then
         # the new one starts. podman keeps a ConfigMap as a named volume: removed too, so
         # the edit is seen.
         event(f"{node}: podman pod rm")
@@ -191,16 +191,18 @@ def play(node: str, pod: Path, cm: Path, replace: bool = False) -> None:
     event(f"{node}: kube play returned")
 
 
-def stop_pod(c: Checks, node: str) -> None:
-    """As the kubelet stops a pod: SIGTERM, SIGKILL after the grace period (10 s here,
-    30 in the manifest). The agent must be gone well within it, timed from its own
-    "received SIGTERM" line to the container's exit, and not by its stop watchdog."""
+def stop_agent(c: Checks, node: str, whole_pod: bool = True) -> None:
+    """As the kubelet stops a pod (or one container of it): SIGTERM, SIGKILL after the
+    grace period (10 s here, 30 in the manifest). The agent must be gone well within
+    it, timed from its own "received SIGTERM" line to the container's exit, and not by
+    its stop watchdog."""
     pm = podman_for(node)
     pod, agent = f"overlay-{RUN_ID}-{node}", f"overlay-{RUN_ID}-{node}-overlayd"
     keep_log(node)
-    event(f"{node}: podman pod stop")
-    stopped = pm("pod", "stop", "-t", "10", pod, check=False)
-    event(f"{node}: pod stopped")
+    event(f"{node}: podman stop {pod if whole_pod else agent}")
+    stopped = pm(*(("pod", "stop", "-t", "10", pod) if whole_pod else
+                   ("stop", "-t", "10", agent)), check=False)
+    event(f"{node}: stopped")
     log = pm("logs", "-t", agent, check=False)
     lines = (log.stdout + log.stderr).splitlines()
     term = [ln.split()[0] for ln in lines if "received SIGTERM" in ln]
@@ -219,7 +221,7 @@ def stop_pod(c: Checks, node: str) -> None:
     # podman 4.3 can lose a race with a container that exits just as the grace ends
     # (`runc kill` finds it gone); the agent was timed above, so this is podman's alone.
     if stopped.returncode != 0:
-        print(f"  note: `podman pod stop` on {node} exited {stopped.returncode}, the agent "
+        print(f"  note: `podman stop` on {node} exited {stopped.returncode}, the agent "
               f"had stopped: {stopped.stderr.strip()[-300:]}", flush=True)
 
 
@@ -393,10 +395,10 @@ def body(c: Checks) -> None:
                 "\n".join([out, *timeline(lines[1:])]))
 
     def restart_agent() -> None:
-        keep_log("n2")
-        event("n2: podman restart overlayd")
-        podman_for("n2")("restart", f"overlay-{RUN_ID}-n2-overlayd")
-        event("n2: restarted")
+        stop_agent(c, "n2", whole_pod=False)
+        event("n2: podman start overlayd")
+        podman_for("n2")("start", f"overlay-{RUN_ID}-n2-overlayd")
+        event("n2: started")
         c.wait(lambda: readyz("n2"), "n2: overlayd container restarted, ready again", 120)
 
     traffic_during("agent container on n2 restarted", restart_agent)
@@ -412,7 +414,7 @@ def body(c: Checks) -> None:
 
     def roll_out() -> None:
         for n in NODES:
-            stop_pod(c, n)
+            stop_agent(c, n)
             play(n, work / n / "pod.yaml", configmap_yaml(edited, n, "configmap-edited.yaml"),
                  replace=True)
             c.wait(lambda n=n: readyz(n), f"{n}: pod replaced with the edited ConfigMap, "
