@@ -1,14 +1,14 @@
 """One link by name or index through a pyroute2 socket, without leaking its ACK.
 
-pyroute2 (0.9.7, the newest; older 0.9 releases not checked) sends RTM_GETLINK
-with NLM_F_ACK and returns at the reply; the kernel's ACK that follows finds no
-one waiting for its sequence number and is
-parked in the socket's catch-all queue (sequence 0), which nothing reads unless the
-socket is bound to multicast groups, and ours never are. One message per call for
-the life of the socket: the agent asks for links every reconcile, so under churn
-its memory grew by about 5 MiB/h (each parked ACK is a small bytes object cut from
-a large receive buffer, which pins heap pages; found with the chaos soak). Every
-`link("get")` and `link_lookup` of a long-lived socket goes through `get_link`.
+pyroute2 (0.9.7, the newest; older 0.9 releases not checked) sends RTM_GETLINK with
+NLM_F_ACK and returns at the reply; the kernel's ACK that follows finds no one
+waiting for its sequence number and is parked in the socket's catch-all queue
+(sequence 0), which nothing reads unless the socket is bound to multicast groups,
+and ours never are. One message per call for the life of the socket: the agent
+asks for links every reconcile, so under churn its memory grew by about 5 MiB/h
+(each parked ACK is a small bytes object cut from a large receive buffer, which
+pins heap pages; found with the chaos soak). Every `link("get")` and
+`link_lookup` of a long-lived socket goes through `get_link`.
 """
 
 from __future__ import annotations

@@ -213,8 +213,8 @@ def stop_agent(c: Checks, node: str, whole_pod: bool = True) -> None:
         stamp = term[-1].rstrip("Z")
         sent = datetime.fromisoformat(stamp[:26]).replace(tzinfo=UTC).timestamp()
         took = int(end.stdout) / 1e9 - sent
-    evidence = "\n".join([f"`pod stop` exited {stopped.returncode}: {stopped.stderr.strip()}",
-                          *lines[-40:]])
+    evidence = "\n".join([f"`podman stop` exited {stopped.returncode}: "
+                          f"{stopped.stderr.strip()}", *lines[-40:]])
     c.check(took is not None and took < 10 and not any("Timeout (" in ln for ln in lines),
             f"{node}: overlayd stopped {took or 0:.2f}s after SIGTERM (podman's grace 10 s)",
             evidence)

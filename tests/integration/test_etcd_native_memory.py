@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -82,8 +83,8 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4
 
 
 def test_renewals_and_timed_out_requests_leave_no_native_memory(
-        make_sandbox: object) -> None:
-    sb: Sandbox = make_sandbox(1, 0)  # type: ignore[operator]
+        make_sandbox: Callable[..., Sandbox]) -> None:
+    sb = make_sandbox(1, 0)
     etcd = sb.st.etcd[0]
     endpoint = sb.etcd_endpoints().split(",")[0].split("://")[-1]
     try:
