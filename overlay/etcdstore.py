@@ -457,24 +457,46 @@ class EtcdStore:
 
     async def _watch(self, key: str, range_end: bytes | None, start_revision: int
                      ) -> AsyncGenerator[Any, None]:
-        """Watch responses; WatchLost when the history is gone or the server cancelled."""
+        """Watch responses from one stream. WatchLost when the history is gone, the
+        server cancelled, or the stream broke after etcd accepted the watch (the caller
+        relists: a snapshot, then a new watch); TemporaryError if it never did.
+
+        Our own stream, not etcd3aio's watch(): that one feeds its request stream from a
+        generator that never ends and reconnects inside, and each stream that broke
+        left grpc's task consuming the old generator pending for good, holding the old
+        call: about 3 KB of native memory per etcd restart or failover, measured.
+        Here the create request is written once and nothing is left behind.
+        """
         await self.connect()
-        gen: Any = self._client.watch.watch(
-            key, range_end=range_end, start_revision=start_revision)
+        import grpc
+        from etcd3aio._protobuf import WatchCreateRequest, WatchRequest
+
+        svc = self._client.watch
+        call = svc._stub.Watch(metadata=svc._metadata or None)
+        created = False
         try:
+            with self._errors("watch"):
+                await call.write(WatchRequest(create_request=WatchCreateRequest(
+                    key=key.encode(), range_end=range_end or b"",
+                    start_revision=start_revision)))
             while True:
-                with self._errors("watch"):
-                    try:
-                        resp = await gen.__anext__()
-                    except StopAsyncIteration:
-                        raise WatchLost("watch stream ended") from None
+                try:
+                    with self._errors("watch"):
+                        resp = await call.read()
+                except TemporaryError as exc:
+                    if created:
+                        raise WatchLost(f"watch stream broke: {exc}") from exc
+                    raise
+                if resp is grpc.aio.EOF:
+                    raise WatchLost("watch stream ended")
                 if resp.compact_revision:
                     raise WatchLost(f"history compacted up to {resp.compact_revision}")
                 if resp.canceled:
                     raise WatchLost(f"watch cancelled: {resp.cancel_reason or 'no reason'}")
+                created = True
                 yield resp
         finally:
-            await gen.aclose()
+            call.cancel()
 
     async def put_config(self, cfg: NetworkConfig, *, overwrite: bool = False) -> bool:
         """Write the config; without `overwrite`, only if none exists. True if written."""
