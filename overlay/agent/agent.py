@@ -34,6 +34,7 @@ from overlay.agent.http import serve_probes
 from overlay.agent.lease import LeaseManager, Template
 from overlay.agent.localapi import start_local_api
 from overlay.agent.masq import NftMasquerade
+from overlay.agent.memtrim import glibc_trim, trim_forever
 from overlay.agent.nodekernel import NodeKernel
 from overlay.agent.options import AgentOptions
 from overlay.agent.parts import AgentStore, MembershipPort, Parts
@@ -370,6 +371,7 @@ class Agent:
                            name="conditions")
             tg.create_task(self.membership.run(), name="membership")
             tg.create_task(self.degraded.persist_peers(self.peers), name="persist-peers")
+            tg.create_task(trim_forever(glibc_trim()), name="malloc-trim")
 
     async def _keep_lease(self) -> None:
         assert self.lease is not None
