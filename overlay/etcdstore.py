@@ -508,8 +508,13 @@ class EtcdStore:
                 raise
             except TemporaryError as exc:
                 if created:
+                    # gRPC's own words: the hints for a first connection (https?) mislead
+                    # about one that worked until now.
+                    cause = exc.__cause__
+                    why = (f"{cause.code().name}: {cause.details()}"
+                           if isinstance(cause, grpc.aio.AioRpcError) else str(exc))
                     log.info("etcd watch of %s broke (%s); resuming from revision %d",
-                             key, exc, next_revision)
+                             key, why, next_revision)
                     resume_until = time.monotonic() + self.opts.timeout
                 elif resume_until is None or time.monotonic() > resume_until:
                     raise  # etcd takes no watch at all (for --etcd-timeout after a break)

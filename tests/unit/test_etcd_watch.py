@@ -88,13 +88,18 @@ async def collect(st: EtcdStore, n: int) -> list[int]:
     return got
 
 
-def test_a_broken_stream_resumes_after_the_last_event_unseen_by_the_caller() -> None:
+def test_a_broken_stream_resumes_after_the_last_event_unseen_by_the_caller(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", "overlay.etcdstore")
     stub = Stub([created(), events(6), events(7, 8), BROKEN],
                 [BROKEN],  # the first try to resume lands on a member going down
                 [created(), events(9)])
     assert asyncio.run(collect(store(stub), 3)) == [6, 8, 9]
     assert [s.start for s in stub.streams] == [5, 9, 9]
     assert all(s.cancelled for s in stub.streams)
+    assert [r.getMessage() for r in caplog.records] == [
+        "etcd watch of /overlay/network/config broke (UNAVAILABLE: Socket closed); "
+        "resuming from revision 9"]
 
 
 def test_a_watch_etcd_never_accepted_fails_at_once() -> None:
