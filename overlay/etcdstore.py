@@ -337,6 +337,19 @@ def _deadline_only(svc: Any) -> None:
     svc._rpc = rpc
 
 
+def _grpc_words(exc: BaseException) -> str:
+    """gRPC's own words for why a call failed (the hints for a first connection, such
+    as https?, mislead about one that worked until now). A function, not inline: a
+    local holding the error in a suspended generator would keep its traceback, and
+    the failed call with it, alive."""
+    import grpc
+
+    cause = exc.__cause__
+    if isinstance(cause, grpc.aio.AioRpcError):
+        return f"{cause.code().name}: {cause.details()}"
+    return str(exc)
+
+
 class EtcdStore:
     WATCH_BACKOFF = 0.2  # before resuming a broken watch; doubles while streams keep breaking
     WATCH_BACKOFF_MAX = 2.0
@@ -508,13 +521,8 @@ class EtcdStore:
                 raise
             except TemporaryError as exc:
                 if created:
-                    # gRPC's own words: the hints for a first connection (https?) mislead
-                    # about one that worked until now.
-                    cause = exc.__cause__
-                    why = (f"{cause.code().name}: {cause.details()}"
-                           if isinstance(cause, grpc.aio.AioRpcError) else str(exc))
                     log.info("etcd watch of %s broke (%s); resuming from revision %d",
-                             key, why, next_revision)
+                             key, _grpc_words(exc), next_revision)
                     resume_until = time.monotonic() + self.opts.timeout
                 elif resume_until is None or time.monotonic() > resume_until:
                     raise  # etcd takes no watch at all (for --etcd-timeout after a break)
